@@ -1,0 +1,1 @@
+"""diffusion_jax: denoising diffusion models in JAX/Flax."""

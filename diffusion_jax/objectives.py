@@ -1,0 +1,125 @@
+"""Forward process q(x_t | x0), prediction-target conversions, the posterior
+q(x_{t-1} | x_t, x0) and the training loss.
+
+Notation (Ho et al. 2020; Salimans & Ho 2022 for v):
+  x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps
+  v   = sqrt(a_bar) eps - sqrt(1 - a_bar) x0
+Timesteps ``t`` are int32 arrays of shape [B] indexing the schedule (see schedules.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.schedules import NoiseSchedule, at
+
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def check_choice(kind: str, value: str, valid) -> None:
+    """Raise a ValueError naming the valid choices (used for every string option)."""
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {list(valid)}")
+
+
+def q_sample(schedule: NoiseSchedule, x0: jnp.ndarray, t: jnp.ndarray,
+             noise: jnp.ndarray) -> jnp.ndarray:
+    """Sample x_t ~ q(x_t | x0) using the given standard-normal ``noise``."""
+    return (at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+
+def v_from_x0_eps(schedule: NoiseSchedule, x0, eps, t):
+    """The v-prediction target."""
+    return (at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
+            - at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+
+def target(schedule: NoiseSchedule, prediction: str, x0, eps, t):
+    """What a model trained with ``prediction`` should output for (x0, eps, t)."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    return v_from_x0_eps(schedule, x0, eps, t)
+
+
+def x0_eps_from_prediction(schedule: NoiseSchedule, prediction: str, x_t, t, model_output):
+    """(x0, eps) implied by a model output of kind ``prediction`` at (x_t, t).
+
+    The eps -> x0 conversion divides by sqrt(a_bar_t), which is 0 at a zero-terminal-SNR
+    step; use v or x0 prediction with such schedules (Lin et al. 2024).
+    """
+    check_choice("prediction", prediction, PREDICTIONS)
+    a = at(schedule.sqrt_alphas_cumprod, t, x_t.ndim)
+    s = at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    if prediction == "eps":
+        eps = model_output
+        x0 = (x_t - s * eps) / a
+    elif prediction == "x0":
+        x0 = model_output
+        eps = (x_t - a * x0) / s
+    else:  # v; uses a^2 + s^2 = 1
+        x0 = a * x_t - s * model_output
+        eps = s * x_t + a * model_output
+    return x0, eps
+
+
+def q_posterior(schedule: NoiseSchedule, x0, x_t, t):
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
+    mean = (at(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
+            + at(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
+    return (mean, at(schedule.posterior_variance, t, x_t.ndim),
+            at(schedule.posterior_log_variance_clipped, t, x_t.ndim))
+
+
+def loss_weight(schedule: NoiseSchedule, t, prediction: str, weighting: str,
+                min_snr_gamma: float = 5.0):
+    """Per-example weight [B] of the MSE in ``prediction`` space.
+
+    min_snr (Hang et al. 2023) weights the x0-space error by min(SNR, gamma); since
+    eps-MSE = SNR * x0-MSE and v-MSE = (SNR + 1) * x0-MSE this is min(SNR, gamma)/SNR for
+    eps, min(SNR, gamma) for x0 and min(SNR, gamma)/(SNR + 1) for v.
+    """
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    if weighting == "uniform":
+        return jnp.ones(t.shape, jnp.float32)
+    snr = jnp.exp(jnp.take(schedule.log_snr, t))
+    clipped = jnp.minimum(snr, min_snr_gamma)
+    if prediction == "eps":  # min(snr, g)/snr, written to stay finite at snr = 0
+        return jnp.where(snr <= min_snr_gamma, 1.0, min_snr_gamma / snr)
+    if prediction == "x0":
+        return clipped
+    return clipped / (snr + 1.0)
+
+
+# apply_fn(params, x_t, t, y, rng) -> model output with the shape of x_t.
+ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray], jax.Array], jnp.ndarray]
+
+
+def diffusion_loss(apply_fn: ApplyFn, params, schedule: NoiseSchedule, batch: dict, rng,
+                   *, prediction: str = "eps", weighting: str = "uniform",
+                   min_snr_gamma: float = 5.0):
+    """Weighted MSE between the model output and its ``prediction`` target.
+
+    ``batch["image"]`` holds x0 [B, ...] in [-1, 1]; ``batch.get("label")`` is passed to
+    the model as its condition. t ~ U{0..T-1} per example. With eps prediction and
+    uniform weighting this is Ho et al.'s L_simple.
+
+    Returns ``(loss, aux)`` with aux = {"t": [B], "loss_per_example": [B] (weighted)}.
+    """
+    x0 = batch["image"]
+    rng_t, rng_eps, rng_model = jax.random.split(rng, 3)
+    t = jax.random.randint(rng_t, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+    eps = jax.random.normal(rng_eps, x0.shape, jnp.float32).astype(x0.dtype)
+    x_t = q_sample(schedule, x0, t, eps)
+    out = apply_fn(params, x_t, t, batch.get("label"), rng_model)
+    err = jnp.square(out.astype(jnp.float32) - target(schedule, prediction, x0, eps, t))
+    per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    per_example = per_example * loss_weight(schedule, t, prediction, weighting, min_snr_gamma)
+    return jnp.mean(per_example), {"t": t, "loss_per_example": per_example}
