@@ -1,0 +1,132 @@
+"""Model registry: ``build_model(config.model)`` and helpers around it.
+
+``config.model`` is a mapping (ConfigDict or dict) with keys
+  name           "unet" | "dit"
+  num_classes    0 = unconditional; else a label table with one extra "null" row
+  compute_dtype  "float32" | "bfloat16" (parameters stay float32)
+  unet, dit      one sub-mapping per architecture with that constructor's kwargs only
+                 (see UNET_PRESETS / DIT_PRESETS for values).
+The model receives only its own block: it never sees the schedule or the objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Mapping, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.dit import DIT_PRESETS, DiT
+from diffusion_jax.models.unet import UNET_PRESETS, UNet
+
+MODELS = {"unet": UNet, "dit": DiT}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype") + tuple(MODELS)
+# Set at the top level of config.model (or fixed), never in the architecture block.
+_RESERVED = ("num_classes", "dtype", "param_dtype", "parent", "name")
+
+
+def _to_dict(cfg: Any) -> Dict[str, Any]:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
+        return cfg.to_dict()
+    return dict(cfg)
+
+
+def constructor_kwargs(cls: type) -> Tuple[str, ...]:
+    """The kwargs an architecture block may set for ``cls`` (its dataclass fields minus
+    the ones build_model fills in)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in _RESERVED)
+
+
+def build_model(model_cfg: Mapping[str, Any]):
+    """``MODELS[name](num_classes=..., dtype=..., **model_cfg[name])`` with every key checked.
+
+    Raises ValueError (never a raw TypeError) for an unknown name, top-level key,
+    compute dtype or architecture kwarg, naming the valid choices.
+    """
+    cfg = _to_dict(model_cfg)
+    unknown_top = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
+    if unknown_top:
+        raise ValueError(f"unknown key(s) {unknown_top} in config.model; valid keys: "
+                         f"{list(TOP_LEVEL_KEYS)}")
+    name = cfg.get("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; valid names: {sorted(MODELS)}")
+    cls = MODELS[name]
+    dtype_name = cfg.get("compute_dtype", "float32")
+    if dtype_name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {dtype_name!r}; valid: {list(COMPUTE_DTYPES)}")
+    num_classes = int(cfg.get("num_classes", 0))
+    if num_classes < 0:
+        raise ValueError(f"model.num_classes must be >= 0, got {num_classes}")
+
+    kwargs = _to_dict(cfg.get(name))
+    valid = constructor_kwargs(cls)
+    for key in kwargs:
+        if key not in valid:
+            hint = (" (set it at the top level of config.model)" if key == "num_classes" else
+                    " (use model.compute_dtype)" if key in ("dtype", "param_dtype") else "")
+            raise ValueError(f"config.model.{name}.{key} is not a {cls.__name__} argument"
+                             f"{hint}; valid keys: {list(valid)}")
+    # ConfigDicts may hold lists; module attributes should be hashable tuples.
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(num_classes=num_classes, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
+
+
+def check_input_shape(model_cfg: Mapping[str, Any], image_size: Union[int, Sequence[int]],
+                      channels: int) -> None:
+    """Validate an image size / channel count for a model config before anything compiles.
+
+    ``image_size`` is an int (square) or (height, width). Raises ValueError naming the fix
+    (UNet: size divisible by 2**(levels-1); DiT: divisible by the patch size).
+    """
+    if isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = (int(s) for s in image_size)
+    build_model(model_cfg).check_input_shape(height, width, int(channels))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (works on jax.ShapeDtypeStruct leaves)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]):
+    """ShapeDtypeStructs (x, t, y) for a model: y only for class-conditional models."""
+    x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if model.num_classes > 0 else None
+    return x, t, y
+
+
+def abstract_params(model, image_shape: Sequence[int]):
+    """Parameter shapes via ``jax.eval_shape`` — no memory, no compile."""
+    x, t, y = abstract_inputs(model, 1, image_shape)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+
+
+def xla_forward_flops(model, image_shape: Sequence[int], batch_size: int = 1,
+                      params: Any = None) -> float:
+    """XLA's cost-analysis FLOP count of one forward pass (eval mode) at ``batch_size``.
+
+    Lowers with abstract parameters, so even DiT-XL costs no memory and no compile.
+    XLA counts a multiply-add as 2 FLOPs (and elementwise ops as 1 per element;
+    transcendentals separately): divide by 2 to compare with papers that count
+    multiply-accumulates (e.g. DiT's "Gflops").
+    """
+    if params is None:
+        params = abstract_params(model, image_shape)
+    x, t, y = abstract_inputs(model, batch_size, image_shape)
+    cost = jax.jit(model.apply).lower(params, x, t, y).cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+__all__ = ("MODELS", "UNet", "DiT", "UNET_PRESETS", "DIT_PRESETS", "build_model",
+           "check_input_shape", "constructor_kwargs", "count_params", "abstract_params",
+           "abstract_inputs", "xla_forward_flops", "COMPUTE_DTYPES")

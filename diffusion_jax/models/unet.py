@@ -1,0 +1,194 @@
+"""Convolutional UNet noise-prediction network (NHWC), DDPM and ADM style.
+
+DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", App. B): ResBlocks with
+additive timestep conditioning, conv down/up-sampling, single-head attention at chosen
+resolutions. ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs") options:
+scale-shift (FiLM) norm, several heads / fixed head width, ResBlock up/down-sampling,
+class conditioning. The model knows nothing of diffusion: it maps (x_t, t, y) to an
+output with the shape of x_t (or ``out_channels`` channels).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import (AttentionBlock, Downsample, LabelEmbedding, ResBlock,
+                                         TimestepEmbedding, Upsample, xavier_uniform, zeros)
+
+Dtype = Any
+
+
+class UNet(nn.Module):
+    """UNet over NHWC images.
+
+    Attributes:
+      base_channels: channels of the first level (DDPM "ch"); the timestep sinusoid has
+        this width and the embedding MLP 4x it.
+      channel_mult: per-level channel multipliers; ``len(channel_mult)`` levels, so the
+        input side must be divisible by ``2 ** (len(channel_mult) - 1)``.
+      num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+      attn_resolutions: feature-map sizes (height, in pixels) where self-attention follows
+        each ResBlock, as in DDPM (e.g. (16,) for CIFAR-10). The middle block always has
+        attention.
+      num_heads: attention heads, unless ``num_head_channels`` is set, in which case
+        heads = channels // num_head_channels (ADM).
+      dropout: dropout rate inside ResBlocks (active only with ``train=True``; uses the
+        'dropout' rng collection).
+      use_scale_shift_norm: FiLM conditioning (ADM) instead of additive (DDPM).
+      resblock_updown: resample with ResBlocks (ADM) instead of Down/Upsample layers.
+      conv_resample: Down/Upsample layers use a 3x3 conv (DDPM) rather than avg-pool /
+        nearest only. Ignored when ``resblock_updown``.
+      norm_groups: GroupNorm groups (32 in DDPM and ADM).
+      num_classes: 0 = unconditional; else a label table of num_classes + 1 rows, the
+        last being the null label for classifier-free guidance.
+      out_channels: output channels; None = input channels.
+      dtype / param_dtype: compute / parameter dtypes. The output is float32.
+    """
+
+    base_channels: int = 128
+    channel_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    num_head_channels: Optional[int] = None
+    dropout: float = 0.1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    norm_groups: int = 32
+    num_classes: int = 0
+    out_channels: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.nowrap
+    def check_input_shape(self, height: int, width: int, channels: int) -> None:
+        """Raise a ValueError naming the fix if an input of this size cannot be used."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if height % factor or width % factor:
+            fix_h = max(factor, round(height / factor) * factor)
+            fix_w = max(factor, round(width / factor) * factor)
+            raise ValueError(
+                f"UNet with channel_mult={tuple(self.channel_mult)} ({len(self.channel_mult)} "
+                f"levels) halves the image {len(self.channel_mult) - 1} times, so height and "
+                f"width must be divisible by {factor}; got {height}x{width}. Resize/pad the "
+                f"images (e.g. to {fix_h}x{fix_w}) or use fewer channel_mult levels.")
+        if channels < 1:
+            raise ValueError(f"UNet input needs at least one channel, got {channels}")
+        for level, mult in enumerate(self.channel_mult):
+            width_ch = self.base_channels * mult
+            if width_ch % self.norm_groups:
+                raise ValueError(
+                    f"UNet level width base_channels*mult = {self.base_channels}*{mult} = "
+                    f"{width_ch} is not divisible by norm_groups={self.norm_groups}; change "
+                    f"base_channels or norm_groups.")
+            has_attn = (level == len(self.channel_mult) - 1  # the middle block
+                        or height // 2 ** level in tuple(self.attn_resolutions))
+            heads = self._heads(width_ch)
+            if has_attn and (heads < 1 or width_ch % heads):
+                raise ValueError(
+                    f"UNet attention width {width_ch} is not divisible into heads (num_heads="
+                    f"{self.num_heads}, num_head_channels={self.num_head_channels}).")
+
+    @nn.nowrap
+    def _heads(self, channels: int) -> int:
+        if self.num_head_channels:
+            return channels // self.num_head_channels
+        return self.num_heads
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None,
+                 train: bool = False) -> jnp.ndarray:
+        batch, height, width, channels = x.shape
+        self.check_input_shape(height, width, channels)
+        out_channels = self.out_channels or channels
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ch = self.base_channels
+        levels = len(self.channel_mult)
+
+        def res_block(name, out_ch, resample=None):
+            return ResBlock(out_ch, dropout=self.dropout,
+                            use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
+                            norm_groups=self.norm_groups, name=name, **kw)
+
+        def maybe_attn(name, h):
+            if h.shape[1] in tuple(self.attn_resolutions):
+                h = AttentionBlock(self._heads(h.shape[-1]), self.norm_groups, name=name, **kw)(h)
+            return h
+
+        # Conditioning vector emb [B, 4ch]: timestep MLP (+ class embedding).
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        emb = TimestepEmbedding(ch, 4 * ch, name="time_embed", **kw)(t)
+        if self.num_classes > 0:
+            # ADM's label table uses PyTorch's nn.Embedding default init, N(0, 1).
+            emb = emb + LabelEmbedding(self.num_classes, 4 * ch,
+                                       embedding_init=nn.initializers.normal(1.0),
+                                       name="label_embed", **kw)(y, batch)
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (num_classes=0) but labels y were "
+                             "given; pass y=None or set model.num_classes.")
+
+        # Down path: keep every activation for the skip connections.
+        h = nn.Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in",
+                    **kw)(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = res_block(f"down{level}_res{i}", mult * ch)(h, emb, train)
+                h = maybe_attn(f"down{level}_attn{i}", h)
+                skips.append(h)
+            if level != levels - 1:
+                if self.resblock_updown:
+                    h = res_block(f"down{level}_resample", h.shape[-1], "down")(h, emb, train)
+                else:
+                    h = Downsample(self.conv_resample, name=f"down{level}_resample", **kw)(h)
+                skips.append(h)
+
+        # Middle.
+        h = res_block("mid_res0", h.shape[-1])(h, emb, train)
+        h = AttentionBlock(self._heads(h.shape[-1]), self.norm_groups, name="mid_attn", **kw)(h)
+        h = res_block("mid_res1", h.shape[-1])(h, emb, train)
+
+        # Up path: one more ResBlock per level, each eating one skip.
+        for level in reversed(range(levels)):
+            mult = self.channel_mult[level]
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res_block(f"up{level}_res{i}", mult * ch)(h, emb, train)
+                h = maybe_attn(f"up{level}_attn{i}", h)
+            if level != 0:
+                if self.resblock_updown:
+                    h = res_block(f"up{level}_resample", h.shape[-1], "up")(h, emb, train)
+                else:
+                    h = Upsample(self.conv_resample, name=f"up{level}_resample", **kw)(h)
+        assert not skips
+
+        h = nn.silu(nn.GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
+        h = nn.Conv(out_channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_out",
+                    **kw)(h)
+        return h.astype(jnp.float32)
+
+
+UNET_PRESETS: Dict[str, Dict[str, Any]] = {
+    # Ho et al. 2020, CIFAR-10 32x32 (App. B; the official diffusion_tf code): 35.7M params.
+    "ddpm_cifar10": dict(
+        base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+        num_heads=1, num_head_channels=None, dropout=0.1, use_scale_shift_norm=False,
+        resblock_updown=False, conv_resample=True, norm_groups=32),
+    # Small model for the bundled 8x8x1 digits (sklearn load_digits): levels 8x8 and 4x4,
+    # attention at 4x4; 2.80M parameters with 10 classes, ~0.05 GFLOPs per image.
+    "digits": dict(
+        base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+        num_heads=1, num_head_channels=None, dropout=0.1, use_scale_shift_norm=False,
+        resblock_updown=False, conv_resample=True, norm_groups=32),
+    # ADM-flavoured small model (scale-shift norm, ResBlock resampling, 64-ch heads), e.g.
+    # for class-conditional 32x32 experiments. Not a published size.
+    "adm_small": dict(
+        base_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
+        num_heads=1, num_head_channels=64, dropout=0.1, use_scale_shift_norm=True,
+        resblock_updown=True, conv_resample=True, norm_groups=32),
+}
+
+__all__: Tuple[str, ...] = ("UNet", "UNET_PRESETS")
