@@ -102,21 +102,36 @@ def loss_weight(schedule: NoiseSchedule, t, prediction: str, weighting: str,
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray], jax.Array], jnp.ndarray]
 
 
+def per_example_keys(rng, example_ids: jnp.ndarray):
+    """One key per example, ``fold_in(rng, id)``: what an example draws depends only on its
+    global id, never on how the batch is split over devices or processes."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
+
+
 def diffusion_loss(apply_fn: ApplyFn, params, schedule: NoiseSchedule, batch: dict, rng,
                    *, prediction: str = "eps", weighting: str = "uniform",
-                   min_snr_gamma: float = 5.0):
+                   min_snr_gamma: float = 5.0, example_ids: Optional[jnp.ndarray] = None):
     """Weighted MSE between the model output and its ``prediction`` target.
 
     ``batch["image"]`` holds x0 [B, ...] in [-1, 1]; ``batch.get("label")`` is passed to
     the model as its condition. t ~ U{0..T-1} per example. With eps prediction and
     uniform weighting this is Ho et al.'s L_simple.
 
+    t and eps of example i are drawn from ``fold_in(rng, example_ids[i])`` (default ids
+    0..B-1), so a data-parallel caller that passes global example ids gets the same draws
+    on 1 or N devices; the model's own randomness (dropout) uses a separate key.
+
     Returns ``(loss, aux)`` with aux = {"t": [B], "loss_per_example": [B] (weighted)}.
     """
     x0 = batch["image"]
-    rng_t, rng_eps, rng_model = jax.random.split(rng, 3)
-    t = jax.random.randint(rng_t, (x0.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
-    eps = jax.random.normal(rng_eps, x0.shape, jnp.float32).astype(x0.dtype)
+    if example_ids is None:
+        example_ids = jnp.arange(x0.shape[0])
+    rng_examples, rng_model = jax.random.split(rng)
+    keys = per_example_keys(rng_examples, example_ids)
+    t = jax.vmap(lambda k: jax.random.randint(
+        jax.random.fold_in(k, 0), (), 0, schedule.num_timesteps, dtype=jnp.int32))(keys)
+    eps = jax.vmap(lambda k: jax.random.normal(
+        jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32))(keys).astype(x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     out = apply_fn(params, x_t, t, batch.get("label"), rng_model)
     err = jnp.square(out.astype(jnp.float32) - target(schedule, prediction, x0, eps, t))

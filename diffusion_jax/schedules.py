@@ -67,6 +67,9 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np
     """Ho et al. 2020. The endpoints are given for T=1000 and scaled by 1000/T, so the
     total noise is (approximately) the same for every T (Nichol & Dhariwal 2021)."""
     scale = 1000.0 / T
+    if scale * beta_end >= 1.0:
+        raise ValueError(f"linear schedule with T={T}: beta_end * 1000/T = {scale * beta_end:g} "
+                         f">= 1; use T > {int(1000 * beta_end)} or another schedule")
     return np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64)
 
 
