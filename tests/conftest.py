@@ -9,3 +9,9 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402  (import after XLA_FLAGS on purpose)
 
 jax.config.update("jax_platforms", "cpu")
+# Same persistent cache as training runs (train.setup_compilation_cache): a second test
+# run skips most XLA compilation.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,86 @@
+"""Every config key of diffusion_jax, with defaults. Other configs import this and override
+values; they never add keys (the config is locked, so a typo in an override is an error).
+
+Run:  python -m diffusion_jax.main --config=configs/base.py --workdir=runs/base
+(equivalent to configs/digits_unet.py's defaults but with a longer run.)
+"""
+import ml_collections
+
+from diffusion_jax.models.dit import DIT_PRESETS
+from diffusion_jax.models.unet import UNET_PRESETS
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # model: `name` picks the architecture; only model[name] goes to its constructor,
+    # plus num_classes and compute dtype (see diffusion_jax/models/__init__.py).
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"  # unet | dit
+    c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
+    c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+    # Defaults copied from the presets (one source of truth for architecture numbers).
+    c.model.unet = ml_collections.ConfigDict(dict(UNET_PRESETS["digits"], out_channels=None))
+    c.model.dit = ml_collections.ConfigDict(dict(DIT_PRESETS["DiT-S/2"], freq_embed_dim=256,
+                                                 out_channels=None))
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES
+    c.schedule.num_timesteps = 1000
+    c.schedule.zero_terminal_snr = False
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.prediction = "eps"  # eps | x0 | v
+    c.objective.weighting = "uniform"  # uniform | min_snr
+    c.objective.min_snr_gamma = 5.0
+    c.objective.label_dropout = 0.1  # classifier-free guidance (class-conditional models)
+
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.name = "ddim"  # ddim | ddpm
+    c.sampler.num_steps = 50  # ddim only; ddpm always uses all T steps
+    c.sampler.eta = 0.0
+    c.sampler.spacing = "leading"  # leading | trailing | linspace
+    c.sampler.variance = "fixedlarge"  # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde)
+    c.sampler.clip_x0 = True
+    c.sampler.guidance_scale = 1.0  # 1 = plain conditional; 0 = unconditional
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # digits (bundled, offline) or any tfds dataset name
+    c.data.data_dir = ""  # "" = ~/.cache/diffusion_jax/tensorflow_datasets
+    c.data.split = "train"
+    c.data.image_size = 8
+    c.data.random_flip = False
+    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 100
+    c.optim.decay = "constant"  # constant | cosine
+    c.optim.final_lr_fraction = 0.0  # cosine decay ends at learning_rate * this
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 1.0  # 0 disables
+    c.optim.ema_decay = 0.999
+    c.optim.ema_warmup = True  # decay ramps as (1+step)/(10+step) up to ema_decay
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 3000
+    c.train.batch_size = 128  # global, over all devices and processes
+    c.train.parallel = "jit"  # jit | pmap
+    c.train.steps_per_dispatch = 1  # >1: lax.scan over several steps per call
+    c.train.log_every_steps = 50
+    c.train.quiet = False  # plain log lines instead of a redrawn progress bar
+    c.train.compilation_cache_dir = ""  # "" = ~/.cache/diffusion_jax/xla; "off" disables
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 1000  # sample grid from EMA params (0 = only at the end)
+    c.eval.num_samples = 64
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every_steps = 1000
+    c.ckpt.keep = 3
+    c.ckpt.async_save = True
+    return c

@@ -1,0 +1,169 @@
+"""Data parallelism over all devices of all processes, two ways from one pure step:
+
+* ``jit``  (default): global arrays on a ('data',) mesh; the batch is sharded along its
+  first axis, the state replicated; XLA inserts the gradient all-reduce. Extends to
+  sharding parameters of big models by changing the state sharding.
+* ``pmap``: the classic per-device program with explicit ``lax.pmean``; the state carries
+  a leading device axis.
+
+The rest of the code sees one canonical state (global arrays replicated on the mesh),
+converted at the boundary by ``DataParallel``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from flax import jax_utils
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+MODES = ("jit", "pmap")
+
+
+# Environment variables that mark a cluster where jax.distributed.initialize() can find
+# its coordinator, process count and id by itself (TPU pod slices, SLURM, Open MPI).
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, mode: str = "auto") -> None:
+    """Start JAX's multi-controller runtime (one Python process per host).
+
+    mode "off": single process. "on": always call jax.distributed.initialize, with the
+    given address/count/id or, if not given, auto-detected (TPU, SLURM, MPI). "auto": like
+    "on" when an address is given or a known cluster environment is detected, else off.
+    Must run before anything touches a device.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"unknown multihost mode {mode!r}; valid: ['auto', 'on', 'off']")
+    detected = [k for k in _CLUSTER_ENV if k in os.environ]
+    if mode == "off" or (mode == "auto" and not coordinator_address and not detected):
+        return
+    kwargs = {}
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices%s",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), f" (detected {detected})" if detected else "")
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D ('data',) mesh over ``devices`` (default: all devices of all processes).
+    Auto axis type: explicit-mode sharding breaks linen Dropout (see jax-notes.md)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """Shard axis ``leading_axes`` (0: [B, ...]; 1: [k, B, ...] for scanned steps)."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), AXIS))
+
+
+def check_batch_size(global_batch: int, num_devices: int) -> None:
+    if global_batch % num_devices:
+        raise ValueError(
+            f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
+            f"set --config.train.batch_size to a multiple of {num_devices}")
+
+
+def replicate_host_value(value: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host value that every process holds identically -> a global replicated array."""
+    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda idx: value[idx])
+
+
+@dataclasses.dataclass
+class DataParallel:
+    """Moves states and batches between the canonical form and the ``mode``'s form and
+    compiles the step for it."""
+
+    mode: str
+    mesh: Mesh
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown train.parallel {self.mode!r}; valid: {list(MODES)}")
+
+    @property
+    def state_sharding(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def compile(self, make_step: Callable[..., Callable], steps_per_dispatch: int = 1):
+        """``make_step(axis_name)`` -> pure step; returns the compiled, state-donating one.
+        With ``steps_per_dispatch > 1`` the step is scanned over a stack of batches."""
+        from diffusion_jax.steps import scan_steps  # steps imports nothing from here
+
+        scanned = steps_per_dispatch > 1
+        if self.mode == "jit":
+            step = make_step(None)
+            step = scan_steps(step) if scanned else step
+            return jax.jit(step, in_shardings=(self.state_sharding,
+                                               batch_sharding(self.mesh, int(scanned))),
+                           out_shardings=(self.state_sharding, self.state_sharding),
+                           donate_argnums=0)
+        step = make_step(AXIS)
+        step = scan_steps(step) if scanned else step
+        return jax.pmap(step, axis_name=AXIS, donate_argnums=0)
+
+    def put_state(self, state):
+        if self.mode == "jit":
+            return jax.device_put(state, self.state_sharding)
+        # pmap: this process's copy, stacked over its local devices
+        local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+        return jax_utils.replicate(local, devices=jax.local_devices())
+
+    def get_state(self, state):
+        """Canonical (replicated global) state, for checkpoints and sampling."""
+        if self.mode == "jit":
+            return state
+        return jax.tree.map(lambda x: replicate_host_value(np.asarray(x), self.mesh),
+                            jax_utils.unreplicate(state))
+
+    def put_batch(self, local_batch: dict, steps_per_dispatch: int = 1):
+        """This process's rows -> the mode's global batch. ``local_batch`` arrays are
+        [b, ...] or, scanned, [k, b, ...]."""
+        scanned = steps_per_dispatch > 1
+        if self.mode == "jit":
+            sharding = batch_sharding(self.mesh, int(scanned))
+
+            def put(x):
+                shape = list(x.shape)
+                shape[int(scanned)] *= jax.process_count()
+                return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+            return jax.tree.map(put, local_batch)
+        n = jax.local_device_count()
+
+        def split(x):  # [b, ...] -> [n, b/n, ...]; scanned [k, b, ...] -> [n, k, b/n, ...]
+            if scanned:
+                k, b = x.shape[:2]
+                return np.swapaxes(x.reshape(k, n, b // n, *x.shape[2:]), 0, 1)
+            return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+        return jax.tree.map(split, local_batch)
+
+    def gather(self, x) -> np.ndarray:
+        """A global (possibly multi-process) array as one host numpy array on every process."""
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def get_metrics(self, metrics):
+        """Metrics as host numpy; pmap metrics are identical across devices (pmean/psum)."""
+        if self.mode == "pmap":
+            metrics = jax.tree.map(lambda x: x[0], metrics)
+        return jax.tree.map(np.asarray, jax.device_get(metrics))

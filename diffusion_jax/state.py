@@ -1,0 +1,76 @@
+"""Training state: one pytree holding everything a resume needs, and its creation.
+
+The state holds only arrays (no functions), so orbax can save it and restore it onto any
+sharding; the model and optimizer definitions live outside it and are rebuilt from the
+config.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 PRNG key; per-step keys are fold_in(rng, step)
+
+
+def make_lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then constant or cosine decay to ``final_lr_fraction``."""
+    lr, warmup = optim_cfg.learning_rate, int(optim_cfg.warmup_steps)
+    if optim_cfg.decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(num_steps, warmup + 1), end_value=lr * optim_cfg.final_lr_fraction)
+    if optim_cfg.decay == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    raise ValueError(f"unknown optim.decay {optim_cfg.decay!r}; valid: ['constant', 'cosine']")
+
+
+def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
+    """AdamW on the learning-rate schedule, after optional global-norm clipping."""
+    chain = []
+    if optim_cfg.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+    chain.append(optax.adamw(make_lr_schedule(optim_cfg, num_steps), b1=optim_cfg.b1,
+                             b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay))
+    return optax.chain(*chain)
+
+
+def ema_decay_at(decay: float, warmup: bool, step):
+    """EMA decay at ``step``: the configured one, ramped as (1 + step)/(10 + step) when
+    ``warmup`` so the EMA of a short run is not dominated by the random init."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, image_shape, seed: int,
+                       *, conditional: bool, out_sharding=None) -> TrainState:
+    """Initialize the state directly onto ``out_sharding`` (e.g. replicated over a mesh),
+    so no device ever holds an unsharded copy it doesn't need."""
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        x = jnp.zeros((1, *image_shape), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        y = jnp.zeros((1,), jnp.int32) if conditional else None
+        params = model.init({"params": init_rng}, x, t, y, train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=tx.init(params), rng=state_rng)
+
+    return jax.jit(init, out_shardings=out_sharding)(jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(model, tx, image_shape, seed: int, *, conditional: bool):
+    """Shapes/dtypes of the state without allocating it (for restores and param counts)."""
+    return jax.eval_shape(
+        lambda: create_train_state(model, tx, image_shape, seed, conditional=conditional))
