@@ -1,4 +1,10 @@
-"""Samplers: DDPM ancestral sampling, DDIM and DDIM inversion, each one ``lax.scan``.
+"""Samplers, guidance and editing, each one ``lax.scan`` in one jit.
+
+Samplers (``SAMPLERS``): DDPM ancestral sampling, DDIM, Euler and Heun in the sense of
+Karras et al. 2022 (EDM), and DPM-Solver++(2M) with its SDE variant (Lu et al. 2022),
+all on the discrete schedule of schedules.py. Editing: ``img2img`` (SDEdit), ``inpaint``
+(replacement, optional RePaint resampling) and ``ddim_edit`` (DDIM inversion under one
+condition, regeneration under another). Classifier-free guidance: ``guided_model_fn``.
 
 The model is any callable ``model_fn(x_t, t) -> output`` with ``t`` int32 [B] schedule
 indices and ``output`` of kind ``prediction`` (eps, x0 or v; see objectives.py), so a
@@ -6,13 +12,20 @@ network, a guided wrapper or an analytic oracle plug in the same way. Shapes are
 (NHWC images in practice).
 
 Compiling once. The visited timesteps are arrays passed to one jitted scan as traced
-arguments, like the schedule, x_T, the RNG and eta. A new ``num_steps`` changes only the
-scan length: the body is traced and compiled once whatever the length, so compile time
-does not grow with the number of steps, and a new eta, rng or x_T never recompiles.
-``model_fn`` is part of the jit cache key: a plain function counts by identity (reuse the
-same object), and anything it closes over is baked into the program as a constant. To
-pass network parameters as traced arrays (no recompile when they change), give
-``jax.tree_util.Partial(apply_fn, params)``; its arguments are pytree leaves.
+arguments, like the schedule, x_T, the RNG keys and eta. A new ``num_steps`` changes only
+the scan length: the body is traced and compiled once whatever the length, so compile
+time does not grow with the number of steps, and a new eta, rng, x_T, input image, mask
+or guidance scale never recompiles. ``model_fn`` is part of the jit cache key: a plain
+function counts by identity (reuse the same object), and anything it closes over is
+baked into the program as a constant. To pass network parameters as traced arrays (no
+recompile when they change), give ``jax.tree_util.Partial(apply_fn, params)``; its
+arguments are pytree leaves (``guided_model_fn`` returns such a Partial).
+
+One step rule per sampler, ``rule(predict, schedule, x, t, t_prev, key, aux, eta) ->
+(x, aux)``, from index t to t_prev; ``aux`` carries a multistep solver's history
+(DPM-Solver++ keeps its previous x0 prediction) and is () for one-step rules. Everything
+else (the scan, RNG, trajectories, inpainting's known-pixel replacement, RePaint's
+re-noising steps) is shared by all rules in ``_scan_sample``.
 
 RNG. ``rng`` splits into (rng_xT, rng_steps); x_T ~ N(0, I) is drawn from rng_xT unless
 given, and step i (in visiting order) draws its noise from ``split(rng_steps, n)[i]``.
@@ -20,25 +33,31 @@ DDPM and DDIM draw identically, so DDIM with eta=1 over all T steps reproduces D
 the posterior variance ("fixedsmall") sample by sample (Song et al. 2021, sec. 4.1).
 
 Schedule indexing follows schedules.py: index ``t`` in 0..T-1 is the paper's step t+1,
-and index -1 stands for the clean end of the chain, alpha_bar = 1.
+and index -1 stands for the clean end of the chain, alpha_bar = 1. Every sampler steps
+from its smallest visited index to -1 with a first-order (DDIM / x0-prediction) step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
 import operator
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.objectives import PREDICTIONS, check_choice, q_posterior, x0_eps_from_prediction
+from diffusion_jax.objectives import (PREDICTIONS, check_choice, q_posterior, q_sample, target,
+                                      x0_eps_from_prediction)
 from diffusion_jax.schedules import NoiseSchedule, at
 
-SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 VARIANCES = ("fixedlarge", "fixedsmall")
+# What the sample CLI / steps.make_sample_fn can do with a trained model.
+MODES = ("sample", "img2img", "inpaint", "invert")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -46,13 +65,16 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # --------------------------------------------------------------------------- timesteps
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
+                   log_snr=None) -> np.ndarray:
     """The schedule indices a ``num_steps`` DDIM sampler visits, strictly descending, int32.
 
     With T = num_timesteps and n = num_steps:
       leading:  arange(0, T, T // n)[:n], reversed          (DDIM paper code, diffusers)
       trailing: round(T - arange(n) * T / n) - 1            (Lin et al. 2024)
       linspace: round(linspace(0, T - 1, n)), reversed
+      logsnr:   uniform in lambda = log_snr / 2 from index T-1 to 0 (Lu et al. 2022,
+                DPM-Solver's "logSNR" steps); needs the schedule's ``log_snr`` table
     (round is numpy's, half to even). After the last (smallest) index the sampler steps to
     alpha_bar = 1, i.e. clean x0, for every spacing.
 
@@ -61,6 +83,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading")
     less noisy x_t than it is; "trailing" always starts at T-1 and fixes that. Trailing is often written
     round(arange(T, 0, -T/n)) - 1, but float arange can return n+1 points, the last one
     mapping to index -1 (T=1000: n = 61, 103, 121, ...); the closed form above always has n.
+    Time-uniform spacings end with a long step in lambda (the linear schedule's lambda
+    rises from 1.0 at index 111 to 4.6 at 0), where the multistep extrapolation of
+    dpmpp_2m overshoots at 10-20 steps; "logsnr" spaces the steps evenly in lambda.
     """
     check_choice("spacing", spacing, SPACINGS)
     try:
@@ -74,12 +99,91 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading")
         ts = np.arange(0, T, T // n)[:n][::-1]
     elif spacing == "trailing":
         ts = np.round(T - np.arange(n) * (T / n)) - 1
-    else:
+    elif spacing == "linspace":
         ts = np.round(np.linspace(0, T - 1, n))[::-1]
+    else:
+        ts = _logsnr_timesteps(log_snr, T, n)
     return np.ascontiguousarray(ts, dtype=np.int32)
 
 
-# --------------------------------------------------------------------------- step rules
+def _logsnr_timesteps(log_snr, T: int, n: int) -> np.ndarray:
+    """The (rounded) indices at which lambda, linear between indices, takes n values
+    uniform from lambda(T-1) to lambda(0), made strictly descending: near index 0 lambda
+    changes by ~0.3 per index (linear schedule), so for large n several targets round to
+    one index; they are pushed apart by one index at a time, first upwards from 0, then
+    downwards from T-1 (both possible as n <= T)."""
+    if log_snr is None:
+        raise ValueError('spacing "logsnr" needs the schedule\'s log_snr table')
+    try:
+        lam = 0.5 * np.asarray(log_snr, np.float64)
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError('spacing "logsnr" needs a concrete (not traced) schedule') from None
+    if lam.shape != (T,):
+        raise ValueError(f"log_snr has shape {lam.shape}, expected ({T},)")
+    # Only finite lambdas: a zero-terminal-SNR step (lambda = -inf) is visited first anyway.
+    finite = np.isfinite(lam)
+    lam_f, idx_f = lam[finite], np.arange(T)[finite]  # lambda descending in the index
+    targets = np.linspace(lam_f[-1], lam_f[0], n)
+    ts = np.round(np.interp(targets, lam_f[::-1], idx_f[::-1])).astype(np.int64)
+    ts[0] = T - 1
+    for i in range(n - 2, -1, -1):
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    ts[0] = min(ts[0], T - 1)
+    for i in range(1, n):
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    return ts
+
+
+def sampler_timesteps(sampler: str, num_timesteps: int, num_steps: int,
+                      spacing: str = "leading", log_snr=None) -> np.ndarray:
+    """The descending indices ``sampler`` visits: all T for ddpm, else ddim_timesteps."""
+    check_choice("sampler", sampler, SAMPLERS)
+    if sampler == "ddpm":
+        return np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
+    return ddim_timesteps(num_timesteps, num_steps, spacing, log_snr)
+
+
+def num_function_evals(sampler: str, num_steps: int, num_timesteps: int) -> int:
+    """Network evaluations (NFE) of one sample: Heun evaluates twice per step except the
+    last (which ends at alpha_bar = 1 and is an Euler step); the others once per step.
+    Guidance doubles the batch of each evaluation, not the count."""
+    check_choice("sampler", sampler, SAMPLERS)
+    n = num_timesteps if sampler == "ddpm" else num_steps
+    return 2 * n - 1 if sampler == "heun" else n
+
+
+def repaint_timesteps(ts: np.ndarray, jump_length: int, jump_n_sample: int):
+    """RePaint's resampling schedule (Lugmayr et al. 2022, sec. 4.2) on the grid ``ts``.
+
+    Positions p = n-1 .. 0 stand for ts[0] .. ts[n-1] and p = -1 for the clean end. The
+    walk goes down one position at a time; the first jump_n_sample - 1 times it reaches
+    each of p = 0, L, 2L, .. (L = jump_length, p < n - L) it jumps back up L positions
+    (re-noising one interval at a time) and denoises them again. Returns
+    (ts_from, ts_to) int32 [m]: a step denoises if ts_to < ts_from, else re-noises.
+    jump_n_sample = 1 gives the plain schedule.
+    """
+    jump_length, jump_n_sample = operator.index(jump_length), operator.index(jump_n_sample)
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} "
+                         f"and {jump_n_sample}")
+    n = len(ts)
+    jumps = {p: jump_n_sample - 1 for p in range(0, n - jump_length, jump_length)}
+    p, walk = n - 1, [n - 1]
+    while p >= 0:
+        p -= 1
+        walk.append(p)
+        if jumps.get(p, 0) > 0:
+            jumps[p] -= 1
+            for _ in range(jump_length):
+                p += 1
+                walk.append(p)
+    level = np.append(np.asarray(ts, np.int32)[::-1], -1)  # level[p] = ts[n-1-p]; [-1] = -1
+    idx = np.asarray(walk)
+    return (np.ascontiguousarray(level[idx[:-1]], dtype=np.int32),
+            np.ascontiguousarray(level[idx[1:]], dtype=np.int32))
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _normal(key, shape, dtype=jnp.float32) -> jnp.ndarray:
@@ -98,9 +202,23 @@ def _sqrt_alpha_bar(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
             jnp.where(clean, 0.0, at(schedule.sqrt_one_minus_alphas_cumprod, i, ndim)))
 
 
+def _lambda(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
+    """DPM-Solver's lambda = log(alpha / sigma) = log_snr / 2 at indices t [B], broadcast
+    to rank ndim; +inf at the clean end (t = -1), -inf at a zero-terminal-SNR step."""
+    lam = 0.5 * at(schedule.log_snr, jnp.maximum(t, 0), ndim)
+    return jnp.where((t < 0).reshape(lam.shape), jnp.inf, lam)
+
+
+def _ratio_var(a, s, a_to, s_to):
+    """1 - ab_to / ab = (ab - ab_to) / ab for a step to a noisier level (ab_to < ab). In
+    float32 the difference is taken between the smaller pair, (1 - ab_to) - (1 - ab) while
+    ab > 1/2, else ab - ab_to: a plain 1 - ab_to / ab loses ~4 digits at both ends."""
+    return jnp.where(a > s, s_to**2 - s**2, a**2 - a_to**2) / a**2
+
+
 def _predict(model_fn, schedule, prediction, clip_x0, x_t, t):
     """(x0, eps) implied by the model at (x_t, t). With clip_x0, x0 is clipped to [-1, 1]
-    and eps recomputed from it, so both samplers see the same consistent pair."""
+    and eps recomputed from it, so every rule sees the same consistent pair."""
     out = model_fn(x_t, t).astype(x_t.dtype)
     x0, eps = x0_eps_from_prediction(schedule, prediction, x_t, t, out)
     if clip_x0:
@@ -109,80 +227,200 @@ def _predict(model_fn, schedule, prediction, clip_x0, x_t, t):
     return x0, eps
 
 
-def _ddpm_update(schedule, x_t, t, t_prev, x0, eps, noise, eta, variance):
+# --------------------------------------------------------------------------- step rules
+# rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x_prev, aux); t, t_prev int32
+# [B]; predict(x, t) -> (x0, eps). Step noise is _normal(key, ...) so that DDPM and DDIM
+# draw identically (see the module docstring).
+
+
+def _ddpm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, variance):
     """x_{t-1} ~ N(posterior mean(x0, x_t), sigma_t^2) (Ho et al. 2020, Alg. 2), no noise
     at index 0. fixedsmall: sigma^2 = beta_tilde_t; fixedlarge: sigma^2 = beta_t, with
     beta_tilde at index 1 in the log for index 0 (as Ho et al.'s code; unused there since
     index 0 adds no noise). t_prev and eta are unused: DDPM always steps t -> t-1."""
-    del t_prev, eps, eta
+    del t_prev, eta
+    x0, _ = predict(x_t, t)
+    noise = _normal(key, x_t.shape, x_t.dtype)
     mean, _, log_var = q_posterior(schedule, x0, x_t, t)
     if variance == "fixedlarge":
         large = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
         log_var = at(large, t, x_t.ndim)
     noisy = (t > 0).reshape(log_var.shape)
-    return mean + jnp.where(noisy, jnp.exp(0.5 * log_var), 0.0) * noise
+    return mean + jnp.where(noisy, jnp.exp(0.5 * log_var), 0.0) * noise, aux
 
 
-def _ddim_update(schedule, x_t, t, t_prev, x0, eps, noise, eta, variance):
+def _ddim_step(predict, schedule, x_t, t, t_prev, key, aux, eta):
     """Song et al. 2021, eq. 12 and 16, from index t to t_prev (alpha_bar = 1 at -1):
     x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
     sigma^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)."""
-    del variance
+    x0, eps = predict(x_t, t)
+    noise = _normal(key, x_t.shape, x_t.dtype)
     a, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
     a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
-    # 1 - ab / ab_prev = (ab_prev - ab) / ab_prev. In float32 the difference is taken
-    # between the smaller pair, (1 - ab) - (1 - ab_prev) while ab_prev > 1/2, else
-    # ab_prev - ab: a plain 1 - ab / ab_prev loses ~4 digits at both ends of the chain.
-    diff = jnp.where(a_prev > s_prev, s**2 - s_prev**2, a_prev**2 - a**2)
-    var = eta**2 * (s_prev / s) ** 2 * diff / a_prev**2
+    # 1 - ab / ab_prev: the noisier-step variance of _ratio_var, seen from t_prev.
+    var = eta**2 * (s_prev / s) ** 2 * _ratio_var(a_prev, s_prev, a, s)
     # max(.., 0): float32 rounding can make 1 - ab_prev - sigma^2 = -1e-9 when eta = 1.
     dir_coef = jnp.sqrt(jnp.maximum(s_prev**2 - var, 0.0))
-    return a_prev * x0 + dir_coef * eps + jnp.sqrt(var) * noise
+    return a_prev * x0 + dir_coef * eps + jnp.sqrt(var) * noise, aux
 
 
-_UPDATES = {"ddim": _ddim_update, "fixedlarge": _ddpm_update, "fixedsmall": _ddpm_update}
+def _edm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, heun):
+    """Euler / Heun on the probability-flow ODE in EDM's variables (Karras et al. 2022,
+    Alg. 1 without churn): with x~ = x / alpha and sigma~ = sigma / alpha the ODE is
+    dx~/dsigma~ = (x~ - D(x~)) / sigma~ = eps(x, t), so
+
+      Euler: x~' = x~ + (sigma~' - sigma~) eps(x, t)
+      Heun:  x~' = x~ + (sigma~' - sigma~) (eps(x, t) + eps(alpha' x~'_Euler, t')) / 2,
+
+    and x' = alpha' x~'. The last step (to sigma~' = 0) is Euler, as in EDM. Euler is
+    algebraically DDIM with eta = 0 (tests check it). Needs alpha > 0 at every visited
+    index: not for zero-terminal-SNR schedules (use dpmpp_2m or ddim there)."""
+    del key, eta
+    a, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    dsigma = s_prev / a_prev - s / a
+    _, d = predict(x_t, t)
+    x_tilde = x_t / a
+    x_next = x_tilde + dsigma * d
+    if heun:
+        # t_prev = -1 has no model evaluation: evaluate at index 0 and keep Euler there.
+        _, d_prev = predict(a_prev * x_next, jnp.maximum(t_prev, 0))
+        x_heun = x_tilde + dsigma * 0.5 * (d + d_prev)
+        x_next = jnp.where((t_prev >= 0).reshape(dsigma.shape), x_heun, x_next)
+    return a_prev * x_next, aux
 
 
-# --------------------------------------------------------------------------- scans
+def _dpmpp_init(x):
+    """DPM-Solver++ history: (previous x0 prediction, previous step's h, have one)."""
+    return (jnp.zeros_like(x), jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype),
+            jnp.zeros((), bool))
 
 
-@functools.partial(jax.jit, static_argnames=("update", "prediction", "clip_x0", "return_every"))
-def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, rng, eta, *, update, prediction,
-                 clip_x0, return_every):
-    """Run ``update`` over the steps ts[i] -> ts_prev[i] (int32 [n], traced) from x_T.
+def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) and its SDE variant, in lambda =
+    log(alpha / sigma) with the data (x0) prediction. With h = lambda' - lambda and
+    D = x0 + (x0 - x0_last) / (2 r), r = h_last / h (the multistep linear extrapolation of
+    x0 in lambda; D = x0 on the first and last step):
+
+      ODE: x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D
+      SDE: x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z
+
+    The SDE line is the exact solution of the reverse SDE (in data-prediction form) over
+    the step with x0 held at D; with D = x0 both lines are first order (the ODE one is
+    DDIM). The step to alpha_bar = 1 (h = inf) is first order and returns x0. eta unused.
+    """
+    del eta
+    x0_last, h_last, have_last = aux
+    x0, _ = predict(x_t, t)
+    _, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    h = _lambda(schedule, t_prev, x_t.ndim) - _lambda(schedule, t, x_t.ndim)
+    second = have_last & (t_prev >= 0).reshape(h.shape)
+    r = jnp.where(second, h_last / h, 1.0)
+    d = x0 + jnp.where(second, 0.5 / r, 0.0) * (x0 - x0_last)
+    if sde:
+        noise = _normal(key, x_t.shape, x_t.dtype)
+        x = ((s_prev / s) * jnp.exp(-h) * x_t - a_prev * jnp.expm1(-2.0 * h) * d
+             + s_prev * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise)
+    else:
+        x = (s_prev / s) * x_t - a_prev * jnp.expm1(-h) * d
+    return x, (x0, h, jnp.ones((), bool))
+
+
+class _Rule(NamedTuple):
+    step: Callable  # rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x, aux)
+    init: Callable  # x_T -> aux (multistep history; () for one-step rules)
+
+
+def _no_history(x):
+    del x
+    return ()
+
+
+# Keys: the sampler names, plus DDPM's two variances (``update`` in _scan_sample).
+_RULES = {
+    "fixedlarge": _Rule(functools.partial(_ddpm_step, variance="fixedlarge"), _no_history),
+    "fixedsmall": _Rule(functools.partial(_ddpm_step, variance="fixedsmall"), _no_history),
+    "ddim": _Rule(_ddim_step, _no_history),
+    "euler": _Rule(functools.partial(_edm_step, heun=False), _no_history),
+    "heun": _Rule(functools.partial(_edm_step, heun=True), _no_history),
+    "dpmpp_2m": _Rule(functools.partial(_dpmpp_2m_step, sde=False), _dpmpp_init),
+    "dpmpp_2m_sde": _Rule(functools.partial(_dpmpp_2m_step, sde=True), _dpmpp_init),
+}
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def _renoise(schedule, x, t, t_up, key):
+    """x_{t_up} ~ q(x_{t_up} | x_t) = N(sqrt(ab_up / ab) x_t, (1 - ab_up / ab) I), t_up > t."""
+    a, s = _sqrt_alpha_bar(schedule, t, x.ndim)
+    a_up, s_up = _sqrt_alpha_bar(schedule, t_up, x.ndim)
+    return (a_up / a) * x + jnp.sqrt(_ratio_var(a, s, a_up, s_up)) * _normal(key, x.shape, x.dtype)
+
+
+def _replace_known(schedule, x, known, mask, t, key):
+    """Inpainting by replacement: the known pixels (mask = 1) become a fresh draw of
+    q(x_t | known); at t = -1 exactly ``known``."""
+    a, s = _sqrt_alpha_bar(schedule, t, x.ndim)
+    known_t = a * known + s * _normal(key, x.shape, x.dtype)
+    return mask * known_t + (1.0 - mask) * x
+
+
+@functools.partial(jax.jit, static_argnames=("update", "prediction", "clip_x0", "return_every",
+                                             "renoise"))
+def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, mask=None, *,
+                 update, prediction, clip_x0, return_every, renoise=False):
+    """Run rule ``update`` over the steps ts[i] -> ts_prev[i] (int32 [n], traced) from x_T,
+    step i drawing from keys[i].
 
     model_fn is a jax.tree_util.Partial (a pytree: its function is static, its bound
-    arguments traced). With return_every = k > 0 a nested scan (n // k chunks of k steps,
-    each emitting its last x, then the n % k remaining steps) returns the trajectory
-    [n // k, *x.shape] without storing every step.
+    arguments traced). With ``known`` and ``mask`` (inpainting) the known pixels are
+    replaced after every denoising step (noise from fold_in(keys[i], 1)). With renoise,
+    steps with ts_prev > ts re-noise instead (RePaint) and reset a multistep history. With
+    return_every = k > 0 a nested scan (n // k chunks of k steps, each emitting its last
+    x, then the n % k remaining steps) returns the trajectory [n // k, *x.shape] without
+    storing every step.
     """
-    batch = x_T.shape[0]
-    step_rule = functools.partial(_UPDATES[update], variance=update)
+    batch, rule = x_T.shape[0], _RULES[update]
+    predict = functools.partial(_predict, model_fn, schedule, prediction, clip_x0)
 
-    def step(x, inputs):
-        t, t_prev, key = inputs
-        t = jnp.full((batch,), t, jnp.int32)
-        t_prev = jnp.full((batch,), t_prev, jnp.int32)
-        x0, eps = _predict(model_fn, schedule, prediction, clip_x0, x, t)
-        noise = _normal(key, x.shape, x.dtype)
-        x = step_rule(schedule, x, t, t_prev, x0, eps, noise, eta)
-        return x.astype(x_T.dtype), None
+    def denoise(x, aux, t, t_prev, key):
+        x, aux = rule.step(predict, schedule, x, t, t_prev, key, aux, eta)
+        if known is not None:
+            x = _replace_known(schedule, x, known, mask, t_prev, jax.random.fold_in(key, 1))
+        return x.astype(x_T.dtype), aux
+
+    def up(x, aux, t, t_prev, key):
+        del aux
+        return _renoise(schedule, x, t, t_prev, key).astype(x_T.dtype), rule.init(x)
+
+    def step(carry, inputs):
+        t0, t_prev0, key = inputs
+        t = jnp.full((batch,), t0, jnp.int32)
+        t_prev = jnp.full((batch,), t_prev0, jnp.int32)
+        if renoise:
+            carry = jax.lax.cond(t_prev0 > t0, up, denoise, *carry, t, t_prev, key)
+        else:
+            carry = denoise(*carry, t, t_prev, key)
+        return carry, None
 
     n = ts.shape[0]
-    steps = (ts, ts_prev, jax.random.split(rng, n))
+    steps = (ts, ts_prev, keys)
+    carry = (x_T, rule.init(x_T))
     if not return_every:
-        return jax.lax.scan(step, x_T, steps)[0]
+        return jax.lax.scan(step, carry, steps)[0][0]
 
-    def chunk(x, inputs):
-        x = jax.lax.scan(step, x, inputs)[0]
-        return x, x
+    def chunk(carry, inputs):
+        carry = jax.lax.scan(step, carry, inputs)[0]
+        return carry, carry[0]
 
     m = n // return_every
     head = jax.tree.map(lambda a: a[:m * return_every].reshape((m, return_every) + a.shape[1:]),
                         steps)
     tail = jax.tree.map(lambda a: a[m * return_every:], steps)
-    x, traj = jax.lax.scan(chunk, x_T, head)
-    return jax.lax.scan(step, x, tail)[0], traj
+    carry, traj = jax.lax.scan(chunk, carry, head)
+    return jax.lax.scan(step, carry, tail)[0][0], traj
 
 
 @functools.partial(jax.jit, static_argnames=("prediction",))
@@ -205,6 +443,82 @@ def _scan_invert(model_fn, schedule, x0, ts_from, ts_to, *, prediction):
     return jax.lax.scan(step, x0, (ts_from, ts_to))[0]
 
 
+# --------------------------------------------------------------------------- guidance
+
+
+def _per_example(v, ndim):
+    """A scalar, or a [B] vector reshaped to broadcast against rank-ndim arrays."""
+    v = jnp.asarray(v, jnp.float32)
+    return v if v.ndim == 0 else v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Guided:
+    """The guided model_fn's function (static: equal instances share jit caches)."""
+
+    apply_fn: Callable
+    prediction: str
+
+    def __call__(self, params, cond, null_cond, scale, interval, rescale, schedule, x_t, t):
+        both = self.apply_fn(params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                             jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond))
+        out_cond, out_uncond = jnp.split(both.astype(x_t.dtype), 2)
+        w = _per_example(scale, x_t.ndim)
+        if interval is not None:
+            inside = (t >= interval[0]) & (t <= interval[1])
+            w = jnp.where(inside.reshape(t.shape + (1,) * (x_t.ndim - 1)), w, 1.0)
+        # w c + (1 - w) u, not u + w (c - u): exact at w = 0 (u) and w = 1 (c).
+        out = w * out_cond + (1.0 - w) * out_uncond
+        if rescale is None:
+            return out
+        # Lin et al. 2024, sec. 3.4: rescale the guided x0 to the conditional one's std
+        # (per example), then mix with the plain guided x0 by the factor ``rescale``.
+        x0_cond, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out_cond)
+        x0, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out)
+        axes = tuple(range(1, x_t.ndim))
+        ratio = jnp.std(x0_cond, axis=axes, keepdims=True) / jnp.maximum(
+            jnp.std(x0, axis=axes, keepdims=True), 1e-12)
+        phi = _per_example(rescale, x_t.ndim)
+        x0 = x0 * (phi * ratio + 1.0 - phi)
+        _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
+        return target(schedule, self.prediction, x0, eps, t)
+
+
+def guided_model_fn(apply_fn: Callable, params, cond, null_cond, guidance_scale, *,
+                    interval: Optional[Sequence[int]] = None, rescale=None,
+                    schedule: Optional[NoiseSchedule] = None,
+                    prediction: str = "eps") -> jax.tree_util.Partial:
+    """Classifier-free guidance (Ho & Salimans 2022) as a sampler model_fn.
+
+    ``apply_fn(params, x_t, t, cond) -> output`` is evaluated once on the doubled batch
+    [x_t; x_t] with conditions [cond; null_cond] (pytrees of [B, ...] arrays, e.g. labels
+    and the null label), and the output is w * cond_out + (1 - w) * uncond_out: w = 0 is
+    exactly the unconditional model, w = 1 exactly the conditional one, w > 1 guides.
+    Combining outputs is the same as combining eps (or x0) for any ``prediction``: the
+    conversions are affine in the output at fixed (x_t, t).
+
+    guidance_scale: scalar or per-example [B]; like params and cond it is a traced leaf,
+    so changing it never recompiles. interval = (t_lo, t_hi): guide only at schedule
+    indices t_lo <= t <= t_hi and use the conditional model (w = 1) elsewhere
+    (Kynkaanniemi et al. 2024, guidance in a limited interval); traced too. rescale = phi
+    in [0, 1] (needs ``schedule``): guidance rescale of Lin et al. 2024 (sec. 3.4) on the
+    x0 prediction. ``apply_fn`` is the static part of the jit key: pass the same object
+    each time (a new lambda per call recompiles).
+    """
+    check_choice("prediction", prediction, PREDICTIONS)
+    if rescale is not None and schedule is None:
+        raise ValueError("guidance rescale needs the schedule (to form x0 predictions)")
+    if interval is not None:
+        interval = jnp.asarray(interval, jnp.int32)
+        if interval.shape != (2,):
+            raise ValueError(f"interval must be (t_lo, t_hi), got shape {interval.shape}")
+    return jax.tree_util.Partial(
+        _Guided(apply_fn, prediction), params, cond, null_cond,
+        jnp.asarray(guidance_scale, jnp.float32), interval,
+        None if rescale is None else jnp.asarray(rescale, jnp.float32),
+        schedule if rescale is not None else None)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -212,11 +526,32 @@ def _as_pytree_fn(model_fn) -> jax.tree_util.Partial:
     return model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
 
 
-def _sample(model_fn, schedule, rng, shape, ts, x_T, eta, *, update, prediction, clip_x0,
-            return_every):
+def _plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, variance: str, eta):
+    """(descending timesteps, rule name) of a sampler, with its options checked."""
+    check_choice("sampler", sampler, SAMPLERS)
+    if sampler == "ddpm":
+        check_choice("variance", variance, VARIANCES)
+    if sampler == "ddim" and isinstance(eta, numbers.Real) and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    ts = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr)
+    return ts, (variance if sampler == "ddpm" else sampler)
+
+
+def _run(model_fn, schedule, x_start, ts, ts_prev, keys, eta, *, update, prediction, clip_x0,
+         return_every=0, known=None, mask=None, renoise=False):
     check_choice("prediction", prediction, PREDICTIONS)
     if operator.index(return_every) < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}")
+    if ts_prev is None:
+        ts_prev = np.append(ts[1:], -1).astype(np.int32)
+    return _scan_sample(_as_pytree_fn(model_fn), schedule, x_start, jnp.asarray(ts),
+                        jnp.asarray(ts_prev), keys, jnp.asarray(eta, jnp.float32), known, mask,
+                        update=update, prediction=prediction, clip_x0=bool(clip_x0),
+                        return_every=int(return_every), renoise=renoise)
+
+
+def _start(rng, shape, x_T, n):
+    """(x_T, per-step keys [n]) as documented in the module docstring."""
     rng_xT, rng_steps = jax.random.split(rng)
     if x_T is None:
         x_T = _normal(rng_xT, tuple(shape))
@@ -224,11 +559,25 @@ def _sample(model_fn, schedule, rng, shape, ts, x_T, eta, *, update, prediction,
         x_T = jnp.asarray(x_T)
         if x_T.shape != tuple(shape):
             raise ValueError(f"x_T has shape {x_T.shape}, expected {tuple(shape)}")
-    ts_prev = np.append(ts[1:], -1).astype(np.int32)
-    return _scan_sample(_as_pytree_fn(model_fn), schedule, x_T, jnp.asarray(ts),
-                        jnp.asarray(ts_prev), rng_steps, jnp.asarray(eta, jnp.float32),
-                        update=update, prediction=prediction, clip_x0=bool(clip_x0),
-                        return_every=int(return_every))
+    return x_T, jax.random.split(rng_steps, n)
+
+
+def sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
+           sampler: str = "ddim", num_steps: int = 50, eta=0.0, spacing: str = "leading",
+           variance: str = "fixedlarge", prediction: str = "eps", clip_x0: bool = False,
+           x_T: Optional[jnp.ndarray] = None, return_every: int = 0):
+    """Sample [*shape] with the named sampler (one of ``SAMPLERS``) -> x0.
+
+    ddpm runs all T steps with ``variance``; the others visit
+    ``ddim_timesteps(T, num_steps, spacing)``. eta is DDIM's (0 = deterministic; may be
+    traced); euler, heun and dpmpp_2m are deterministic ODE solvers, dpmpp_2m_sde is
+    stochastic with the reverse SDE's own noise (eta unused). With return_every = k > 0
+    returns (x0, traj), traj[i] = x after (i + 1) * k steps.
+    """
+    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
+    x_T, keys = _start(rng, shape, x_T, len(ts))
+    return _run(model_fn, schedule, x_T, ts, None, keys, eta, update=update,
+                prediction=prediction, clip_x0=clip_x0, return_every=return_every)
 
 
 def ddpm_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
@@ -241,10 +590,8 @@ def ddpm_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence
     the x0 implied by the model (clipped to [-1, 1] if clip_x0). With return_every = k > 0
     returns (x0, traj), traj[i] = x after (i + 1) * k steps.
     """
-    check_choice("variance", variance, VARIANCES)
-    ts = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
-    return _sample(model_fn, schedule, rng, shape, ts, x_T, 0.0, update=variance,
-                   prediction=prediction, clip_x0=clip_x0, return_every=return_every)
+    return sample(model_fn, schedule, rng, shape, sampler="ddpm", variance=variance,
+                  prediction=prediction, clip_x0=clip_x0, x_T=x_T, return_every=return_every)
 
 
 def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
@@ -257,11 +604,9 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence
     steps is DDPM with beta_tilde. eta may be a traced array (changing it never
     recompiles). return_every as in ddpm_sample.
     """
-    if isinstance(eta, numbers.Real) and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-    return _sample(model_fn, schedule, rng, shape, ts, x_T, eta, update="ddim",
-                   prediction=prediction, clip_x0=clip_x0, return_every=return_every)
+    return sample(model_fn, schedule, rng, shape, sampler="ddim", num_steps=num_steps, eta=eta,
+                  spacing=spacing, prediction=prediction, clip_x0=clip_x0, x_T=x_T,
+                  return_every=return_every)
 
 
 def ddim_invert(model_fn: ModelFn, schedule: NoiseSchedule, x0: jnp.ndarray, *,
@@ -275,8 +620,95 @@ def ddim_invert(model_fn: ModelFn, schedule: NoiseSchedule, x0: jnp.ndarray, *,
     is first order in the step size and vanishes as num_steps grows.
     """
     check_choice("prediction", prediction, PREDICTIONS)
-    ts_to = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)[::-1]
+    ts_to = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, schedule.log_snr)[::-1]
     ts_from = np.append(-1, ts_to[:-1]).astype(np.int32)
     return _scan_invert(_as_pytree_fn(model_fn), schedule, jnp.asarray(x0),
                         jnp.asarray(np.ascontiguousarray(ts_from)),
                         jnp.asarray(np.ascontiguousarray(ts_to)), prediction=prediction)
+
+
+def ddim_edit(source_model_fn: ModelFn, target_model_fn: ModelFn, schedule: NoiseSchedule,
+              x0: jnp.ndarray, *, num_steps: int, prediction: str = "eps",
+              spacing: str = "leading", clip_x0: bool = False):
+    """DDIM-inversion editing -> (edited x0, x_T).
+
+    Inverts the real image x0 to x_T with ``source_model_fn`` (e.g. the model conditioned
+    on the image's class, unguided) and regenerates it with deterministic DDIM under
+    ``target_model_fn`` (another class, any guidance): structure that x_T encodes is kept,
+    the condition changes. With target = source it is the round trip, whose error is
+    first order in the step size (see ddim_invert). clip_x0 is off by default: the
+    inversion does not clip, so clipping would break the round trip.
+    """
+    x0 = jnp.asarray(x0)
+    x_T = ddim_invert(source_model_fn, schedule, x0, num_steps=num_steps,
+                      prediction=prediction, spacing=spacing)
+    # eta = 0 and x_T given: the rng is not used.
+    x = ddim_sample(target_model_fn, schedule, jax.random.PRNGKey(0), x0.shape,
+                    num_steps=num_steps, prediction=prediction, spacing=spacing,
+                    clip_x0=clip_x0, x_T=x_T)
+    return x, x_T
+
+
+def img2img(model_fn: ModelFn, schedule: NoiseSchedule, rng, x0: jnp.ndarray, *,
+            strength: float, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
+            spacing: str = "leading", variance: str = "fixedlarge", prediction: str = "eps",
+            clip_x0: bool = False):
+    """SDEdit (Meng et al. 2022): noise x0 to an intermediate level and denoise it.
+
+    Of the n timesteps ``sampler`` would visit, the last k = round(strength * n) are run,
+    starting from x0 noised to the first of them, q(x_t | x0). strength = 0 returns x0
+    unchanged; strength = 1 (k = n) starts from pure noise and equals ``sample`` with the
+    same rng and options exactly (it draws the same x_T and step noise; step i of the k
+    uses split(rng_steps, n)[n - k + i]). strength is a Python float: it sets the scan
+    length, so each distinct k compiles once.
+    """
+    if not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
+    x0 = jnp.asarray(x0)
+    n = len(ts)
+    k = int(round(strength * n))
+    if k == 0:
+        return x0
+    x_T, keys = _start(rng, x0.shape, None, n)
+    ts = ts[n - k:]
+    if k < n:
+        x_T = q_sample(schedule, x0, jnp.full((x0.shape[0],), ts[0], jnp.int32), x_T)
+    return _run(model_fn, schedule, x_T.astype(x0.dtype), ts, None, keys[n - k:], eta,
+                update=update, prediction=prediction, clip_x0=clip_x0)
+
+
+def inpaint(model_fn: ModelFn, schedule: NoiseSchedule, rng, x_known: jnp.ndarray, mask, *,
+            sampler: str = "ddim", num_steps: int = 50, eta=0.0, spacing: str = "leading",
+            variance: str = "fixedlarge", prediction: str = "eps", clip_x0: bool = False,
+            jump_length: int = 10, jump_n_sample: int = 1, x_T: Optional[jnp.ndarray] = None):
+    """Fill in the pixels where mask = 0, keeping those where mask = 1 (``x_known``'s).
+
+    Replacement method (Song et al. 2021 score SDE, app. I; RePaint eq. 8): after each
+    denoising step to index t the known pixels are set to a fresh draw of q(x_t |
+    x_known), so at the end (alpha_bar = 1) they equal x_known exactly; x_T's known pixels
+    are drawn the same way. Works with every sampler. jump_n_sample > 1 adds RePaint's
+    resampling (Lugmayr et al. 2022; see repaint_timesteps): jumping back up re-noises
+    the whole image with q(x_t' | x_t), so the generated region can harmonize with the
+    known one; multistep solvers restart their history after a jump. mask broadcasts to
+    x_known's shape ([H, W, 1] or [B, H, W, C], ...); values in between 0 and 1 blend.
+    """
+    x_known = jnp.asarray(x_known)
+    try:
+        mask = jnp.broadcast_to(jnp.asarray(mask, x_known.dtype), x_known.shape)
+    except ValueError:
+        raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the "
+                         f"images' shape {x_known.shape}") from None
+    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
+    ts_prev, renoise = None, jump_n_sample != 1
+    if renoise:
+        ts, ts_prev = repaint_timesteps(ts, jump_length, jump_n_sample)
+    # Same x_T and step keys as ``sample`` (an all-zero mask reproduces it exactly); the
+    # known pixels' noise comes from fold_in(key, 1) of the same keys.
+    x_T, keys = _start(rng, x_known.shape, x_T, len(ts))
+    x_T = _replace_known(schedule, x_T, x_known, mask,
+                         jnp.full((x_known.shape[0],), ts[0], jnp.int32),
+                         jax.random.fold_in(rng, 1))
+    return _run(model_fn, schedule, x_T, ts, ts_prev, keys, eta, update=update,
+                prediction=prediction, clip_x0=clip_x0, known=x_known, mask=mask,
+                renoise=renoise)

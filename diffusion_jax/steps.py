@@ -16,7 +16,7 @@ from diffusion_jax.state import TrainState, ema_decay_at
 
 # per-timestep loss is logged in this many equal-width buckets of t
 NUM_LOSS_BUCKETS = 10
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = samplers.SAMPLERS  # valid config.sampler.name values
 
 
 def drop_labels(rng, labels, example_ids, p: float, null_label: int):
@@ -102,34 +102,69 @@ def scan_steps(train_step: Callable) -> Callable:
     return multi_step
 
 
-def make_sample_fn(model, schedule: NoiseSchedule, config, shape) -> Callable:
-    """``sample(params, rng, labels) -> images [B, H, W, C]`` with the configured sampler.
+def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str = "sample",
+                   strength: float = 0.5, jump_length: int = 10, jump_n_sample: int = 1,
+                   guidance_interval=None, guidance_rescale=None) -> Callable:
+    """``sample(params, rng, labels, guidance_scale, images=None, mask=None,
+    source_labels=None) -> images [B, H, W, C]`` with the configured sampler.
 
-    ``labels`` [B] (ignored by unconditional models); with ``sampler.guidance_scale`` w
-    the prediction is uncond + w * (cond - uncond) from one batched forward pass
-    (classifier-free guidance, Ho & Salimans 2022); w = 1 is the plain conditional model.
+    ``labels`` [B] (ignored by unconditional models); guidance_scale w gives the
+    prediction w * cond + (1 - w) * uncond from one batched forward pass (classifier-free
+    guidance, Ho & Salimans 2022; samplers.guided_model_fn): w = 1 is the plain
+    conditional model, w = 0 the unconditional one. params, rng, labels, w, images and
+    mask are traced: new values never recompile. guidance_interval = (t_lo, t_hi) and
+    guidance_rescale = phi are passed to guided_model_fn.
+
+    mode (samplers.MODES) picks what ``images`` [B, H, W, C] in [-1, 1] are for:
+      sample:  ignored; sample from noise with config.sampler.
+      img2img: SDEdit with ``strength`` in [0, 1] (samplers.img2img).
+      inpaint: keep ``images`` where ``mask`` (broadcastable, 1 = known) is 1 and fill in
+               the rest (samplers.inpaint; jump_n_sample > 1 adds RePaint resampling).
+      invert:  DDIM-invert ``images`` under ``source_labels`` (default: labels) without
+               guidance, regenerate under ``labels`` with guidance w (samplers.ddim_edit;
+               always DDIM with config.sampler.num_steps/spacing, no x0 clipping, rng
+               unused). source_labels == labels is the reconstruction round trip.
     """
     s_cfg, model_cfg = config.sampler, config.model
     conditional = model_cfg.num_classes > 0
     prediction = config.objective.prediction
-
-    def sample(params, rng, labels, guidance_scale):
-        def model_fn(x_t, t):
-            if not conditional:
-                return model.apply({"params": params}, x_t, t, None, train=False)
-            null = jnp.full_like(labels, model_cfg.num_classes)
-            both = model.apply({"params": params}, jnp.concatenate([x_t, x_t]),
-                               jnp.concatenate([t, t]), jnp.concatenate([labels, null]),
-                               train=False)
-            cond, uncond = jnp.split(both, 2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        if s_cfg.name == "ddpm":
-            return samplers.ddpm_sample(model_fn, schedule, rng, shape, prediction=prediction,
-                                        variance=s_cfg.variance, clip_x0=s_cfg.clip_x0)
-        return samplers.ddim_sample(model_fn, schedule, rng, shape, num_steps=s_cfg.num_steps,
-                                    eta=s_cfg.eta, prediction=prediction,
-                                    spacing=s_cfg.spacing, clip_x0=s_cfg.clip_x0)
-
     objectives.check_choice("sampler.name", s_cfg.name, SAMPLERS)
+    objectives.check_choice("mode", mode, samplers.MODES)
+    options = dict(sampler=s_cfg.name, num_steps=s_cfg.num_steps, eta=s_cfg.eta,
+                   spacing=s_cfg.spacing, variance=s_cfg.variance, prediction=prediction,
+                   clip_x0=s_cfg.clip_x0)
+
+    # One function object per make_sample_fn call: the samplers' jit caches key on it.
+    def apply_fn(params, x_t, t, y):
+        return model.apply({"params": params}, x_t, t, y, train=False)
+
+    def apply_uncond(params, x_t, t):
+        return apply_fn(params, x_t, t, None)
+
+    def model_fn(params, labels, guidance_scale):
+        if not conditional:
+            return jax.tree_util.Partial(apply_uncond, params)
+        null = jnp.full_like(labels, model_cfg.num_classes)
+        return samplers.guided_model_fn(apply_fn, params, labels, null, guidance_scale,
+                                        interval=guidance_interval, rescale=guidance_rescale,
+                                        schedule=schedule, prediction=prediction)
+
+    def sample(params, rng, labels, guidance_scale, images=None, mask=None,
+               source_labels=None):
+        fn = model_fn(params, labels, guidance_scale)
+        if mode == "sample":
+            return samplers.sample(fn, schedule, rng, shape, **options)
+        if images is None:
+            raise ValueError(f"mode {mode!r} needs input images")
+        if mode == "img2img":
+            return samplers.img2img(fn, schedule, rng, images, strength=strength, **options)
+        if mode == "inpaint":
+            if mask is None:
+                raise ValueError("mode 'inpaint' needs a mask (1 = known)")
+            return samplers.inpaint(fn, schedule, rng, images, mask, jump_length=jump_length,
+                                    jump_n_sample=jump_n_sample, **options)
+        source = model_fn(params, labels if source_labels is None else source_labels, 1.0)
+        return samplers.ddim_edit(source, fn, schedule, images, num_steps=s_cfg.num_steps,
+                                  prediction=prediction, spacing=s_cfg.spacing)[0]
+
     return sample

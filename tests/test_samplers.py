@@ -1,12 +1,11 @@
-"""Samplers against analytic oracles.
+"""DDPM / DDIM / inversion against analytic oracles (tests/oracles.py).
 
-For Gaussian data x0 ~ N(mu, s^2) the exact (MMSE) eps-predictor is affine in x_t:
-  x_t ~ N(sqrt(ab) mu, ab s^2 + 1 - ab),  eps*(x_t) = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab),
-so every DDPM/DDIM step is affine in x_t plus independent Gaussian noise and the exact mean
-and variance of a sampler's output follow by propagating (mean, var) through the steps.
-``_propagate`` does that in float64 numpy straight from the papers' formulas, without
-samplers.py, so the sampled moments can be checked against exact numbers that already
-include the discretization error of a given step sequence.
+For Gaussian data x0 ~ N(mu, s^2) the exact (MMSE) eps-predictor is affine in x_t, so every
+DDPM/DDIM step is affine in x_t plus independent Gaussian noise and the exact mean and
+variance of a sampler's output follow by propagating them through the steps
+(``oracles.propagate``, float64, independent of samplers.py): the sampled moments are
+checked against exact numbers that already include the discretization error of a given
+step sequence. The newer solvers, guidance and editing: test_solvers.py, test_editing.py.
 """
 import functools
 import time
@@ -18,100 +17,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import samplers
-from diffusion_jax.schedules import linear_betas, make_schedule
-
-T = 1000
-SCHED = make_schedule("linear", T)
-BETAS = linear_betas(T)  # float64 reference values
-AB = np.cumprod(1.0 - BETAS)
-
-
-# --------------------------------------------------------------------------- oracles
-
-
-def _coefs(x, t):
-    """sqrt(alpha_bar), sqrt(1 - alpha_bar) at t [B], broadcast against x. Taken from the
-    schedule's float64-derived tables: 1 - ab in float32 loses ~4 digits near t = 0."""
-    a = jnp.take(SCHED.sqrt_alphas_cumprod, t).reshape(t.shape + (1,) * (x.ndim - 1))
-    return a, jnp.take(SCHED.sqrt_one_minus_alphas_cumprod, t).reshape(a.shape)
-
-
-def _gaussian_eps(x, t, mu, s):
-    a, sig = _coefs(x, t)
-    return sig * (x - a * mu) / (a**2 * s * s + sig**2)
-
-
-@functools.lru_cache(maxsize=None)  # one function object per (mu, s): jit caches hit
-def gaussian_eps(mu, s):
-    """Exact eps-predictor for x0 ~ N(mu, s^2), as a model_fn(x_t, t)."""
-    return functools.partial(_gaussian_eps, mu=mu, s=s)
-
-
-def mixture_eps(weights, means, stds):
-    """Exact eps-predictor for a 1-D Gaussian mixture: E[x0 | x_t] = sum_k r_k(x_t) E_k, with
-    component k giving x_t ~ N(a m_k, V_k), V_k = a^2 s_k^2 + 1 - a^2, and
-    E_k = m_k + a s_k^2 (x_t - a m_k) / V_k; then eps = (x_t - a E[x0|x_t]) / sqrt(1 - a^2)."""
-    w, m, sd = (jnp.asarray(v, jnp.float32) for v in (weights, means, stds))
-
-    def model_fn(x, t):
-        a, sig = _coefs(x, t)
-        ak, xk = a[..., None], x[..., None]  # [..., 1] against the K components
-        var = ak**2 * sd**2 + sig[..., None] ** 2
-        logp = jnp.log(w) - 0.5 * jnp.log(var) - 0.5 * (xk - ak * m) ** 2 / var
-        r = jax.nn.softmax(logp, axis=-1)
-        x0 = jnp.sum(r * (m + ak * sd**2 * (xk - ak * m) / var), axis=-1)
-        return (x - a * x0) / sig
-
-    return model_fn
-
-
-# --------------------------------------------------------------------------- exact moments
-
-
-def _leading(n):
-    """DDIM "leading" indices, written out independently of samplers.ddim_timesteps."""
-    return np.arange(0, T, T // n)[:n][::-1]
-
-
-def _pairs(ts):
-    return list(zip(ts, list(ts[1:]) + [-1]))
-
-
-def _propagate(steps, mu, s, rule, eta=0.0):
-    """Exact (mean, var, gain, offset) of the sampler output for x_T ~ N(0, 1) with the
-    Gaussian oracle; output = gain * x_T + offset + independent noise. float64."""
-    m, v, gain, offset = 0.0, 1.0, 1.0, 0.0
-    for t, tp in steps:
-        ab, abp = AB[t], (1.0 if tp < 0 else AB[tp])
-        c = np.sqrt(1 - ab) / (ab * s * s + 1 - ab)  # eps = ge x + oe
-        ge, oe = c, -c * np.sqrt(ab) * mu
-        g0, o0 = (1 - np.sqrt(1 - ab) * ge) / np.sqrt(ab), -np.sqrt(1 - ab) * oe / np.sqrt(ab)
-        if rule == "ddim":  # Song et al. eq. 12, 16
-            sig2 = eta**2 * (1 - abp) / (1 - ab) * (1 - ab / abp)
-            k = np.sqrt(1 - abp - sig2)
-            G, O = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
-        else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta or beta_tilde, none at t=0
-            assert tp == t - 1
-            c1, c2 = BETAS[t] * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - BETAS[t]) / (1 - ab)
-            G, O = c1 * g0 + c2, c1 * o0
-            beta_tilde = BETAS[t] * (1 - abp) / (1 - ab)
-            sig2 = 0.0 if t == 0 else (BETAS[t] if rule == "fixedlarge" else beta_tilde)
-        m, v = G * m + O, G * G * v + sig2
-        gain, offset = G * gain, G * offset + O
-    return m, v, gain, offset
-
-
-def _check_moments(x, m, v, label):
-    """Sample mean/var of x within 5 standard errors of the exact (m, v): se_mean =
-    sqrt(v/N), se_var = v sqrt(2/(N-1)) (Gaussian output). A correct sampler fails this
-    with probability < 1e-6 per check."""
-    x = np.asarray(x, np.float64).ravel()
-    n = x.size
-    se_m, se_v = np.sqrt(v / n), v * np.sqrt(2.0 / (n - 1))
-    print(f"{label}: mean {x.mean():.5f} exact {m:.5f} ({(x.mean() - m) / se_m:+.2f} se); "
-          f"var {x.var(ddof=1):.5f} exact {v:.5f} ({(x.var(ddof=1) - v) / se_v:+.2f} se)")
-    assert abs(x.mean() - m) < 5 * se_m, label
-    assert abs(x.var(ddof=1) - v) < 5 * se_v, label
+from oracles import (SCHED, T, check_moments, coefs, gaussian_eps, gaussian_eps_at, leading,
+                     mixture_eps, pairs, propagate)
 
 
 # --------------------------------------------------------------------------- 1. Gaussian oracle
@@ -123,14 +30,14 @@ def test_ddpm_matches_exact_moments():
     # s = 0.1: beta vs beta_tilde changes the output variance by 8.6% (> 13 se), so a
     # sampler using the wrong variance fails; asserted below so the test keeps that power.
     mu, s = 0.3, 0.1
-    exact = {v: _propagate(_pairs(np.arange(T)[::-1]), mu, s, v) for v in samplers.VARIANCES}
+    exact = {v: propagate(pairs(np.arange(T)[::-1]), mu, s, v) for v in samplers.VARIANCES}
     se_v = exact["fixedlarge"][1] * np.sqrt(2.0 / np.prod(SHAPE))
     assert abs(exact["fixedlarge"][1] - exact["fixedsmall"][1]) > 10 * se_v
     for variance in samplers.VARIANCES:
         x = samplers.ddpm_sample(gaussian_eps(mu, s), SCHED, jax.random.key(1), SHAPE,
                                  variance=variance)
         assert x.shape == SHAPE
-        _check_moments(x, *exact[variance][:2], f"ddpm {variance}")
+        check_moments(x, *exact[variance][:2], f"ddpm {variance}")
 
 
 def test_ddim_matches_exact_moments_and_converges():
@@ -139,9 +46,9 @@ def test_ddim_matches_exact_moments_and_converges():
     x_T = jax.random.normal(jax.random.key(3), SHAPE)
     var_err = []
     for n in (20, 50, 250, 1000):
-        m, v, gain, offset = _propagate(_pairs(_leading(n)), mu, s, "ddim")
+        m, v, gain, offset = propagate(pairs(leading(n)), mu, s, "ddim")
         x = samplers.ddim_sample(gaussian_eps(mu, s), SCHED, rng, SHAPE, num_steps=n, x_T=x_T)
-        _check_moments(x, m, v, f"ddim {n} steps")
+        check_moments(x, m, v, f"ddim {n} steps")
         # eta = 0 is deterministic: each output is exactly gain * x_T + offset. 3e-5:
         # float32 rounding (~1e-7 relative per op) summed over up to 1000 steps (measured
         # max 6e-6); a coefficient 0.1% off in any single step gives ~1e-3.
@@ -199,10 +106,10 @@ def test_ddim_timesteps_small_cases(spacing, n, expected):
 @pytest.mark.parametrize("spacing", samplers.SPACINGS)
 def test_ddim_timesteps_all_step_counts(spacing):
     for n in range(1, T + 1):
-        ts = samplers.ddim_timesteps(T, n, spacing)
+        ts = samplers.ddim_timesteps(T, n, spacing, SCHED.log_snr)
         assert len(ts) == n and ts[-1] >= 0 and ts[0] <= T - 1, (spacing, n)
         assert np.all(np.diff(ts) < 0), (spacing, n)
-        if spacing == "trailing":
+        if spacing in ("trailing", "logsnr"):
             assert ts[0] == T - 1  # starts at the last timestep, unlike "leading"
     # The known "leading" flaw: with T % n == 0 it never reaches T - 1.
     assert samplers.ddim_timesteps(T, 10, "leading")[0] == 900
@@ -275,11 +182,11 @@ def _lower(num_steps):
     """Lower the jitted sampler scan for num_steps steps. The model is a new function
     object each call, so nothing is reused from jit's caches and compile() really compiles."""
     ts = samplers.ddim_timesteps(T, num_steps, "leading")
-    model_fn = functools.partial(_gaussian_eps, mu=0.3, s=0.5)
+    model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)
     return samplers._scan_sample.lower(
         jax.tree_util.Partial(model_fn), SCHED, jnp.zeros((8, 4, 4, 3)),
         jnp.asarray(ts), jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
-        jax.random.key(0), jnp.float32(0.0),
+        jax.random.split(jax.random.key(0), num_steps), jnp.float32(0.0),
         update="ddim", prediction="eps", clip_x0=False, return_every=0)
 
 
@@ -303,7 +210,7 @@ def test_no_retrace_for_new_eta_rng_or_x_T():
     # Parameters as pytree leaves of a Partial: new values, no retrace.
     def param_model(params, x, t):
         calls.append(1)
-        return _gaussian_eps(x, t, params["mu"], params["s"])
+        return gaussian_eps_at(x, t, params["mu"], params["s"])
 
     calls.clear()
     outs = [samplers.ddim_sample(jax.tree_util.Partial(param_model, {"mu": jnp.float32(mu),
@@ -343,11 +250,11 @@ def test_x0_and_v_predictions_match_eps():
     eps_fn = gaussian_eps(0.3, 0.5)
 
     def x0_fn(x, t):
-        a, s = _coefs(x, t)
+        a, s = coefs(x, t)
         return (x - s * eps_fn(x, t)) / a
 
     def v_fn(x, t):
-        a, s = _coefs(x, t)
+        a, s = coefs(x, t)
         return a * eps_fn(x, t) - s * x0_fn(x, t)
 
     # Both samplers share the prediction -> (x0, eps) conversion; DDIM with eta > 0 and
@@ -380,9 +287,9 @@ def test_return_every_trajectory():
                                      return_every=3)
     assert traj3.shape == (3,) + shape  # after steps 3, 6, 9; step 10 runs after
     np.testing.assert_allclose(x3, x, atol=1e-6)
-    steps = _pairs(_leading(10))
+    steps = pairs(leading(10))
     for i in range(3):  # deterministic: x after k steps = gain_k * x_T + offset_k exactly
-        _, _, gain, offset = _propagate(steps[:3 * (i + 1)], mu, s, "ddim")
+        _, _, gain, offset = propagate(steps[:3 * (i + 1)], mu, s, "ddim")
         np.testing.assert_allclose(traj3[i], gain * np.asarray(x_T) + offset, atol=1e-5)
     x_d, traj_d = samplers.ddpm_sample(model_fn, SCHED, rng, shape, return_every=250)
     assert traj_d.shape == (4,) + shape
