@@ -1,0 +1,140 @@
+"""Score a trained workdir's latest EMA checkpoint: FID, KID, precision/recall and (class-
+conditional models) class accuracy, with any sampler settings.
+
+  python -m diffusion_jax.evaluate --workdir=runs/digits --num_samples=1498 \
+      [--sampler=ddim --num_steps=50 --eta=0 --spacing=leading --guidance_scale=1 --seed=0]
+
+Feature net: the digits classifier for data.name == "digits" (trained and cached on first
+use, ~10 s), InceptionV3 otherwise (--inception_weights=FILE; see
+diffusion_jax.evaluation.inception_v3 for where to get it). Reference statistics: the whole
+--ref_split of the workdir's dataset, cached in --cache_dir.
+
+Prints one JSON line and appends it to <workdir>/eval.jsonl. Besides the metrics it holds
+everything that determines them: num_samples, num_reference, seed, sampler, num_steps, eta,
+spacing, guidance_scale, checkpoint step, feature net and its version. With --floor (the
+default) it also holds the real-vs-real floor at a matched size M = --floor_num_samples
+(default: min(num_samples, half the reference split)): fid_floor (two disjoint real halves
+of M images each), fid_matched (M samples vs M real images, the same reference draws) and
+fid_matched_ratio = fid_matched / fid_floor. Only fid_matched is comparable with the floor;
+"fid" (N samples vs the whole split) has a different sample-size bias.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+# Own FlagValues: diffusion_jax.sample (whose load_ema_params this reuses) defines flags of
+# the same names on the global FLAGS at import.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1000, "Samples to generate and score.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 500, "Samples per compiled sampling call.", flag_values=FLAGS)
+flags.DEFINE_string("sampler", None, "ddim | ddpm (default: the workdir config's).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_steps", None, "DDIM steps (default: config's).", flag_values=FLAGS)
+flags.DEFINE_float("eta", None, "DDIM eta (default: config's).", flag_values=FLAGS)
+flags.DEFINE_string("spacing", None, "DDIM timestep spacing (default: config's).",
+                    flag_values=FLAGS)
+flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config's).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses fold_in(PRNGKey(seed), i)).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("ref_split", "train", "Dataset split of the reference statistics.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", "", "Feature net + reference stats cache "
+                    "(default ~/.cache/diffusion_jax/eval).", flag_values=FLAGS)
+flags.DEFINE_string("inception_weights", "", "InceptionV3 weights (.npz/.pkl) for datasets "
+                    "other than digits.", flag_values=FLAGS)
+flags.DEFINE_bool("floor", True, "Also report the real-vs-real floor and the matched FID.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("floor_num_samples", 0, "Images per side for the floor and matched FID "
+                     "(0: min(num_samples, half the reference split)).", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "JSONL file to append to (default <workdir>/eval.jsonl).",
+                    flag_values=FLAGS)
+
+
+def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None,
+        seed: int = 0, ref_split: str = "train", cache_dir: str = "",
+        inception_weights: str = "", floor: bool = True, floor_num_samples: int = 0) -> dict:
+    """Evaluate ``workdir``'s latest EMA params; returns the record (see module docstring).
+    ``overrides``: {sampler key: value} applied to the workdir's config.sampler."""
+    import jax
+
+    from diffusion_jax import evaluation, schedules, steps, train
+
+    config = train.load_config(workdir)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            config.sampler[key] = value
+    if not 1 <= config.sampler.num_steps <= config.schedule.num_timesteps:
+        raise train.ConfigError(f"num_steps={config.sampler.num_steps} must be in "
+                                f"1..{config.schedule.num_timesteps}")
+    if num_samples < 2:
+        raise train.ConfigError(f"num_samples must be >= 2, got {num_samples}")
+    from diffusion_jax.sample import load_ema_params  # registers sample.py's global flags
+
+    model, spec, params, step = load_ema_params(config, workdir)
+    schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps,
+                                       zero_terminal_snr=config.schedule.zero_terminal_snr)
+    bs = min(batch_size, num_samples)
+    sample_fn = steps.make_sample_fn(model, schedule, config, (bs, *spec.image_shape))
+
+    extractor = evaluation.make_extractor(config.data, cache_dir=cache_dir,
+                                          inception_weights=inception_weights)
+    ref = evaluation.reference_stats(extractor, config.data, ref_split, cache_dir)
+    matched = 0
+    if floor:
+        matched = floor_num_samples or min(num_samples, ref.n // 2)
+    info = {**evaluation.sampler_info(config), "workdir": os.path.abspath(workdir),
+            "checkpoint_step": step, "dataset": config.data.name, "ref_split": ref_split,
+            "image_size": int(config.data.image_size)}
+    result = evaluation.evaluate_sampler(
+        sample_fn, params, extractor, ref, num_samples=num_samples, batch_size=bs, seed=seed,
+        num_classes=config.model.num_classes, guidance_scale=config.sampler.guidance_scale,
+        matched_num_samples=matched or None, info=info)
+    if matched:
+        fl = evaluation.real_floor(extractor, config.data, num_samples=matched, split=ref_split,
+                                   cache_dir=cache_dir)
+        result.update(fid_floor=fl["fid"], fid_floor_std=fl["fid_std"], kid_floor=fl["kid"],
+                      kid_floor_std=fl["kid_std"],
+                      fid_matched_ratio=result["fid_matched"] / max(fl["fid"], 1e-12))
+    result["jax_devices"] = f"{jax.device_count()}x{jax.devices()[0].platform}"
+    return result
+
+
+def main(argv) -> dict:
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\n\n{FLAGS.get_help()}", file=sys.stderr)
+        sys.exit(2)
+    if len(rest) > 1 or FLAGS.workdir is None:
+        print(f"usage: python -m diffusion_jax.evaluate --workdir=W [flags]; "
+              f"unexpected {rest[1:]}\n\n{FLAGS.get_help()}", file=sys.stderr)
+        sys.exit(2)
+    from diffusion_jax import evaluation, train
+
+    overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps, "eta": FLAGS.eta,
+                 "spacing": FLAGS.spacing, "guidance_scale": FLAGS.guidance_scale}
+    try:
+        result = run(FLAGS.workdir, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
+                     overrides=overrides, seed=FLAGS.seed, ref_split=FLAGS.ref_split,
+                     cache_dir=FLAGS.cache_dir, inception_weights=FLAGS.inception_weights,
+                     floor=FLAGS.floor, floor_num_samples=FLAGS.floor_num_samples)
+    except (train.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    import json
+
+    print(json.dumps(result, sort_keys=True))
+    evaluation.append_jsonl(FLAGS.out or os.path.join(FLAGS.workdir, "eval.jsonl"), result)
+    return result
+
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        sys.exit(0)
+    main(sys.argv)
