@@ -10,9 +10,11 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model.name = "unet"
-    c.train.num_steps = 3000
+    c.train.num_steps = 1200
     c.train.batch_size = 128
+    c.optim.decay = "cosine"
+    c.optim.final_lr_fraction = 0.1
     c.train.log_every_steps = 100
-    c.eval.every_steps = 1000
-    c.ckpt.every_steps = 1000
+    c.eval.every_steps = 400
+    c.ckpt.every_steps = 400
     return c

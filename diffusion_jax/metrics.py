@@ -3,6 +3,7 @@ and a console progress line with ETA. Only process 0 writes; other processes get
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -42,18 +43,25 @@ def save_png(path: str, grid: np.ndarray) -> None:
 
 
 class MetricWriter:
-    """TensorBoard scalars/images under ``logdir``; silent on processes other than 0."""
+    """Scalars to TensorBoard (``logdir``) and, for scripts and reports, one JSON line per
+    call to ``jsonl_path``; images to TensorBoard. Silent on processes other than 0."""
 
-    def __init__(self, logdir: str):
-        self._writer = None
+    def __init__(self, logdir: str, jsonl_path: str = ""):
+        self._writer, self._jsonl = None, None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(logdir, flush_secs=10)
+            if jsonl_path:
+                self._jsonl = open(jsonl_path, "a")
 
     def scalars(self, step: int, values: dict) -> None:
         if self._writer:
+            values = {k: float(v) for k, v in values.items()}
             for k, v in values.items():
-                self._writer.add_scalar(k, float(v), step)
+                self._writer.add_scalar(k, v, step)
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
 
     def image(self, step: int, tag: str, grid: np.ndarray) -> None:
         if self._writer:
@@ -62,6 +70,8 @@ class MetricWriter:
     def close(self) -> None:
         if self._writer:
             self._writer.close()
+        if self._jsonl:
+            self._jsonl.close()
 
 
 class Progress:

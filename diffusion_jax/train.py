@@ -154,7 +154,8 @@ def train_and_evaluate(config, workdir: str):
         lambda axis: steps.make_train_step(model, tx, schedule, config, axis_name=axis), k)
     n_samples = config.eval.num_samples
     sample_fn, n_padded = make_sharded_sample_fn(model, schedule, config, spec, dp)
-    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"),
+                                  os.path.join(workdir, "metrics.jsonl"))
     step = int(state.step)
     progress = metrics.Progress(num_steps, start=step, quiet=config.train.quiet)
     dstate = dp.put_state(state)

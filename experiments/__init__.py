@@ -1,0 +1,1 @@
+"""Sweeps (lists of dotted config overrides), a resumable local launcher and report builder."""
