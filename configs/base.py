@@ -37,10 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.label_dropout = 0.1  # classifier-free guidance (class-conditional models)
 
     c.sampler = ml_collections.ConfigDict()
-    c.sampler.name = "ddim"  # ddim | ddpm
+    c.sampler.name = "ddim"  # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde
     c.sampler.num_steps = 50  # ddim only; ddpm always uses all T steps
     c.sampler.eta = 0.0
-    c.sampler.spacing = "leading"  # leading | trailing | linspace
+    c.sampler.spacing = "leading"  # leading | trailing | linspace | logsnr
     c.sampler.variance = "fixedlarge"  # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde)
     c.sampler.clip_x0 = True
     c.sampler.guidance_scale = 1.0  # 1 = plain conditional; 0 = unconditional
@@ -78,6 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 1000  # sample grid from EMA params (0 = only at the end)
     c.eval.num_samples = 64
+    # In-loop sample-quality metrics (FID/KID/precision/recall; class accuracy when
+    # class-conditional) on EMA params with a fixed seed; 0 = off. Digits use the
+    # project's own classifier features, other datasets InceptionV3 (local weights).
+    c.eval.metrics_every_steps = 0
+    c.eval.metrics_num_samples = 500
+    c.eval.metrics_seed = 1234
+    c.eval.cache_dir = ""  # "" = ~/.cache/diffusion_jax/eval
+    c.eval.inception_weights = ""  # .npz/.pkl path (see diffusion_jax/evaluation.py)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 1000

@@ -114,8 +114,9 @@ def main(argv) -> dict:
         print(f"usage: python -m diffusion_jax.evaluate --workdir=W [flags]; "
               f"unexpected {rest[1:]}\n\n{FLAGS.get_help()}", file=sys.stderr)
         sys.exit(2)
-    from diffusion_jax import evaluation, train
+    from diffusion_jax import evaluation, parallel, train
 
+    parallel.configure_cpu_xla_flags()
     overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps, "eta": FLAGS.eta,
                  "spacing": FLAGS.spacing, "guidance_scale": FLAGS.guidance_scale}
     try:

@@ -53,6 +53,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    parallel.configure_cpu_xla_flags()
     try:
         try:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

@@ -58,6 +58,21 @@ def initialize_distributed(coordinator_address: str = "", num_processes: Optiona
                  jax.device_count(), f" (detected {detected})" if detected else "")
 
 
+# XLA:CPU in jaxlib 0.10.2 sends convolutions to YNNPACK, whose weight-gradient conv runs
+# ~3x slower than Eigen's; Eigen convolutions + YNNPACK reductions measured -31% (DDPM
+# CIFAR-10 UNet) and -18% (digits UNet) per train step (benchmarks/README.md). CPU-only
+# flag: other backends ignore it.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+
+
+def configure_cpu_xla_flags() -> None:
+    """Add CPU_XLA_FLAGS to XLA_FLAGS unless the user set that option; must run before
+    the first device use (JAX reads XLA_FLAGS when it starts its backend)."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {CPU_XLA_FLAGS}".strip()
+
+
 def make_mesh(devices=None) -> Mesh:
     """A 1-D ('data',) mesh over ``devices`` (default: all devices of all processes).
     Auto axis type: explicit-mode sharding breaks linen Dropout (see jax-notes.md)."""

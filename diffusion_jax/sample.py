@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import data, metrics, samplers, schedules, steps, train
+from diffusion_jax import data, metrics, parallel, samplers, schedules, steps, train
 from diffusion_jax.objectives import check_choice
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.models import build_model
@@ -264,6 +264,7 @@ def setup():
 
 def main(argv):
     del argv
+    parallel.configure_cpu_xla_flags()
     try:
         config, model, spec, params, step, n, labels, inputs = setup()
     except (train.ConfigError, FileNotFoundError, ValueError, OSError) as e:

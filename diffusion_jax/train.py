@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import data, metrics, objectives, parallel, schedules, steps
+from diffusion_jax import (data, evaluation, metrics, objectives, parallel, samplers,
+                           schedules, steps)
 from diffusion_jax.checkpoint import Checkpointer, install_preemption_handler
 from diffusion_jax.models import build_model, check_input_shape
 from diffusion_jax.state import (abstract_train_state, create_train_state, make_lr_schedule,
@@ -44,6 +45,7 @@ def check_config(config, spec: data.DatasetSpec) -> None:
                                 objectives.PREDICTIONS)
         objectives.check_choice("objective.weighting", c.objective.weighting, objectives.WEIGHTINGS)
         objectives.check_choice("sampler.name", c.sampler.name, steps.SAMPLERS)
+        objectives.check_choice("sampler.spacing", c.sampler.spacing, samplers.SPACINGS)
         objectives.check_choice("schedule.name", c.schedule.name, sorted(schedules.SCHEDULES))
         for key in ("train.num_steps", "train.batch_size", "train.steps_per_dispatch",
                     "train.log_every_steps", "ckpt.every_steps", "ckpt.keep",
@@ -55,6 +57,7 @@ def check_config(config, spec: data.DatasetSpec) -> None:
         for key, value in (("train.num_steps", c.train.num_steps),
                            ("ckpt.every_steps", c.ckpt.every_steps),
                            ("eval.every_steps", c.eval.every_steps),
+                           ("eval.metrics_every_steps", c.eval.metrics_every_steps),
                            ("train.log_every_steps", c.train.log_every_steps)):
             if value % k:
                 raise ValueError(f"{key}={value} is not a multiple of "
@@ -101,6 +104,30 @@ def sample_labels(num_classes: int, n: int) -> np.ndarray:
 
 class NonFiniteError(FloatingPointError):
     pass
+
+
+def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
+    """``quality(ema_params, step) -> record`` of FID/KID/precision/recall (and class
+    accuracy) for ``eval.metrics_num_samples`` samples from a fixed seed, sampled
+    data-parallel over the mesh; the record carries N, seed, sampler, steps, eta and
+    guidance scale (a FID means nothing without them)."""
+    spec = data.dataset_spec(config.data)
+    extractor = evaluation.make_extractor(config.data, cache_dir=config.eval.cache_dir,
+                                          inception_weights=config.eval.inception_weights)
+    ref = evaluation.reference_stats(extractor, config.data, "train", config.eval.cache_dir)
+    n = config.eval.metrics_num_samples
+    batch = -(-min(n, 500) // jax.device_count()) * jax.device_count()
+    sample_fn = steps.make_sample_fn(model, schedule, config, (batch, *spec.image_shape))
+
+    def quality(params, step: int) -> dict:
+        return evaluation.evaluate_sampler(
+            sample_fn, params, extractor, ref, num_samples=n, batch_size=batch,
+            seed=config.eval.metrics_seed, num_classes=config.model.num_classes,
+            guidance_scale=config.sampler.guidance_scale, mesh=dp.mesh,
+            matched_num_samples=min(n, ref.n // 2),
+            info={**evaluation.sampler_info(config), "step": step})
+
+    return quality
 
 
 def make_sharded_sample_fn(model, schedule, config, spec, dp: parallel.DataParallel):
@@ -192,6 +219,9 @@ def train_and_evaluate(config, workdir: str):
         progress.update(step, loss=float(m["loss"].mean()))
         pending, last_log = [], time.time()
 
+    quality = make_quality_eval(config, model, schedule, dp) \
+        if config.eval.metrics_every_steps else None
+
     def write_samples():
         params = dp.get_state(dstate).ema_params
         images = sample_fn(params, jax.random.PRNGKey(config.seed + 1),
@@ -225,6 +255,11 @@ def train_and_evaluate(config, workdir: str):
                 break
             if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
                 write_samples()
+            if quality and (final or step % config.eval.metrics_every_steps == 0):
+                record = quality(dp.get_state(dstate).ema_params, step)
+                writer.scalars(step, evaluation.tensorboard_scalars(record))
+                if jax.process_index() == 0:
+                    evaluation.append_jsonl(os.path.join(workdir, "eval.jsonl"), record)
     ckpt.wait()
     ckpt.close()
     progress.close()

@@ -1,4 +1,5 @@
 """Training: parallel equivalences, exact resume, the CLI end to end, clear errors."""
+import json
 import os
 import signal
 import subprocess
@@ -142,8 +143,14 @@ def cli(module, *args, timeout=600, env_extra=None):
 def test_cli_train_resume_sample(tmp_path):
     wd = str(tmp_path / "wd")
     r = cli("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={wd}",
-            "--config.eval.every_steps=8")
+            "--config.eval.every_steps=8", "--config.eval.metrics_every_steps=8",
+            "--config.eval.metrics_num_samples=16")
     assert r.returncode == 0, r.stderr[-3000:]
+    # in-loop quality metrics, logged with their provenance
+    with open(os.path.join(wd, "eval.jsonl")) as f:
+        record = json.loads(f.readlines()[-1])
+    assert record["step"] == 8 and record["num_samples"] == 16
+    assert np.isfinite(record["fid"]) and record["sampler"] == "ddim"
     from diffusion_jax.checkpoint import Checkpointer
     assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 8
     assert os.path.exists(os.path.join(wd, "samples", "step_0000008.png"))
