@@ -31,7 +31,7 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", 1000, "Samples to generate and score.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 500, "Samples per compiled sampling call.", flag_values=FLAGS)
-flags.DEFINE_string("sampler", None, "ddim | ddpm (default: the workdir config's).",
+flags.DEFINE_string("sampler", None, "ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_sde (default: the workdir config's).",
                     flag_values=FLAGS)
 flags.DEFINE_integer("num_steps", None, "DDIM steps (default: config's).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (default: config's).", flag_values=FLAGS)

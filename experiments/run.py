@@ -17,9 +17,6 @@ from absl import app, flags
 
 from experiments.sweeps import SWEEPS
 
-flags.DEFINE_string("sweep", None, f"One of {sorted(SWEEPS)}.")
-flags.DEFINE_string("root", "runs/experiments", "Where run workdirs go.")
-flags.DEFINE_bool("dry_run", False, "Print the commands only.")
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,23 +31,26 @@ def train_command(sweep, overrides, workdir: str) -> list[str]:
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def eval_key(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True)
+def matches(record: dict, spec: dict) -> bool:
+    """Whether an evaluate.py record was produced by the flag set ``spec``."""
+    return all(record.get(k) == v for k, v in spec.items())
 
 
-def done_evals(workdir: str) -> set[str]:
-    """Evaluation specs already recorded in the workdir's eval.jsonl."""
+def pending_evals(sweep, workdir: str) -> list[dict]:
+    """The sweep's evaluation specs not yet recorded by evaluate.py in eval.jsonl
+    (in-loop records, which carry "step" instead of "checkpoint_step", don't count)."""
     path = os.path.join(workdir, "eval.jsonl")
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {json.loads(line).get("spec", "") for line in f if line.strip()}
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [r for r in map(json.loads, filter(str.strip, f))
+                       if "checkpoint_step" in r and r.get("num_samples") == sweep.eval_samples]
+    return [spec for spec in sweep.evals if not any(matches(r, spec) for r in records)]
 
 
 def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
     return [sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}",
-            f"--num_samples={num_samples}", f"--spec={eval_key(spec)}"] + [
-        f"--{k}={v}" for k, v in spec.items()]
+            f"--num_samples={num_samples}"] + [f"--{k}={v}" for k, v in spec.items()]
 
 
 def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
@@ -64,9 +64,8 @@ def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
             print(f"[skip] {wd} (finished)")
             continue
         commands = [train_command(sweep, overrides, wd)]
-        have = done_evals(wd)
-        commands += [eval_command(spec, wd, sweep.eval_samples) for spec in sweep.evals
-                     if eval_key(spec) not in have]
+        commands += [eval_command(spec, wd, sweep.eval_samples)
+                     for spec in pending_evals(sweep, wd)]
         for cmd in commands:
             print("[run]", " ".join(cmd[1:]), flush=True)
             if not dry_run:
@@ -85,4 +84,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # flags only for the CLI, so run.py and report.py can both be imported
+    flags.DEFINE_string("sweep", None, f"One of {sorted(SWEEPS)}.")
+    flags.DEFINE_string("root", "runs/experiments", "Where run workdirs go.")
+    flags.DEFINE_bool("dry_run", False, "Print the commands only.")
     app.run(main)

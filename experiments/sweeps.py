@@ -33,9 +33,12 @@ class Sweep:
 
 
 # Sample quality vs number of sampler steps, evaluated on every run of a sweep.
-STEPS_AXIS = tuple({"sampler": "ddim", "num_steps": n, "eta": 0.0} for n in (10, 20, 50, 100, 1000)) + (
+STEPS_AXIS = tuple({"sampler": "ddim", "num_steps": n, "eta": 0.0}
+                   for n in (10, 20, 50, 100, 1000)) + (
     {"sampler": "ddim", "num_steps": 50, "eta": 1.0},
     {"sampler": "ddpm"},
+    {"sampler": "dpmpp_2m", "num_steps": 10, "spacing": "logsnr"},
+    {"sampler": "dpmpp_2m", "num_steps": 20, "spacing": "logsnr"},
 )
 
 SWEEPS = {
@@ -43,9 +46,11 @@ SWEEPS = {
         name="schedule_ablation",
         config="configs/digits_unet.py",
         axes={"schedule.name": ("linear", "cosine"), "seed": (0, 1)},
-        fixed={"train.quiet": True, "eval.every_steps": 400},
+        fixed={"train.quiet": True, "eval.every_steps": 400, "eval.metrics_every_steps": 400,
+               "eval.metrics_num_samples": 300},
         evals=STEPS_AXIS,
-        budget="4 runs x ~10 min training + ~5 min evaluation each on a 2-core CPU (~1 h)",
+        eval_samples=300,
+        budget="4 runs x (~8 min training + ~6 min evaluation) on a 2-core CPU (~1 h)",
     ),
     # A seconds-long sweep for the launcher's own tests.
     "smoke": Sweep(

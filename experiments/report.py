@@ -1,0 +1,209 @@
+"""Build a sweep's report (markdown tables, mean +- std over seeds, and PNG plots) from
+its runs' metrics.jsonl (training) and eval.jsonl (in-loop and evaluate.py records).
+
+  python -m experiments.report --sweep=schedule_ablation [--root=runs/experiments] \
+      [--out=experiments/results]
+
+Runs are grouped by every axis except ``seed``. Whatever has finished is reported; a
+missing value shows as "—".
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from diffusion_jax import schedules  # noqa: E402
+from diffusion_jax.steps import NUM_LOSS_BUCKETS  # noqa: E402
+from experiments.run import matches, workdir_of  # noqa: E402
+from experiments.sweeps import SWEEPS  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def spec_label(spec: dict) -> str:
+    if spec["sampler"] == "ddpm":
+        return "DDPM-1000"
+    label = f"{spec['sampler'].upper()}-{spec['num_steps']}"
+    if "eta" in spec:
+        label += f" eta={spec['eta']:g}"
+    return label + (f" ({spec['spacing']})" if "spacing" in spec else "")
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def collect(sweep, root: str) -> dict:
+    """group name -> list of per-seed dicts {train, inloop, evals}."""
+    groups = defaultdict(list)
+    for overrides in sweep.runs():
+        wd = workdir_of(sweep, overrides, root)
+        group = ",".join(f"{k}={overrides[k]}" for k in sweep.axes if k != "seed")
+        evals = [r for r in read_jsonl(os.path.join(wd, "eval.jsonl"))]
+        groups[group].append({
+            "overrides": overrides,
+            "train": read_jsonl(os.path.join(wd, "metrics.jsonl")),
+            "inloop": [r for r in evals if "step" in r and "checkpoint_step" not in r],
+            "evals": [r for r in evals if "checkpoint_step" in r
+                      and r.get("num_samples") == sweep.eval_samples],
+        })
+    return dict(groups)
+
+
+def final_loss_buckets(train: list[dict]) -> np.ndarray:
+    """Mean loss per timestep bucket over the last quarter of training logs."""
+    rows = [r for r in train if "loss_by_t/bucket_0" in r]
+    rows = rows[-max(1, len(rows) // 4):]
+    return np.array([np.mean([r.get(f"loss_by_t/bucket_{b}", np.nan) for r in rows])
+                     for b in range(NUM_LOSS_BUCKETS)]) if rows else np.full(NUM_LOSS_BUCKETS, np.nan)
+
+
+def eval_value(run: dict, spec: dict, key: str):
+    hits = [r for r in run["evals"] if matches(r, spec)]
+    return hits[-1].get(key) if hits else None
+
+
+def build(sweep, root: str, out_dir: str) -> str:
+    groups = collect(sweep, root)
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [f"# {sweep.name}", "",
+             f"Base config `{sweep.config}`; axes {sweep.axes}; fixed overrides "
+             f"{sweep.fixed}. Budget: {sweep.budget}. Each evaluation uses "
+             f"{sweep.eval_samples} samples from the final EMA parameters with a fixed seed; "
+             "features from the project's digits classifier (diffusion_jax.evaluation). "
+             "Values are mean ± std over seeds (n = number of finished runs).", ""]
+
+    # sample quality vs sampler and steps
+    metric_keys = (("fid_matched", "FID (matched N)"), ("fid_floor", "real-vs-real floor"),
+                   ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
+    for key, title in metric_keys:
+        lines += [f"## {title}", "", "| sampler | " + " | ".join(
+            f"{g} (n={sum(1 for r in runs if r['evals'])})" for g, runs in groups.items()) + " |",
+            "|---" * (len(groups) + 1) + "|"]
+        for spec in sweep.evals:
+            lines.append(f"| {spec_label(spec)} | " + " | ".join(
+                mean_std([eval_value(r, spec, key) for r in runs]) for runs in groups.values())
+                + " |")
+        lines.append("")
+
+    # training loss per timestep bucket
+    lines += ["## Training loss by timestep bucket (last quarter of training)", "",
+              "| t bucket | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    buckets = {g: np.array([final_loss_buckets(r["train"]) for r in runs])
+               for g, runs in groups.items()}
+    for b in range(NUM_LOSS_BUCKETS):
+        lines.append(f"| {b / NUM_LOSS_BUCKETS:.1f}-{(b + 1) / NUM_LOSS_BUCKETS:.1f} T | "
+                     + " | ".join(mean_std(buckets[g][:, b]) for g in groups) + " |")
+    lines.append("")
+
+    plots = {"loss_by_t.png": plot_buckets(buckets),
+             "fid_vs_train_step.png": plot_inloop(groups),
+             "fid_vs_sampler_steps.png": plot_steps(groups, sweep),
+             "log_snr.png": plot_log_snr(sweep)}
+    for name, fig in plots.items():
+        if fig is not None:
+            fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            lines += [f"![{name}]({name})", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def plot_buckets(buckets):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = (np.arange(NUM_LOSS_BUCKETS) + 0.5) / NUM_LOSS_BUCKETS
+    for g, arr in buckets.items():
+        ax.plot(x, np.nanmean(arr, axis=0), marker="o", label=g)
+    ax.set(xlabel="t / T", ylabel="eps-MSE", yscale="log", title="Training loss by timestep")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_inloop(groups):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    any_data = False
+    for g, runs in groups.items():
+        by_step = defaultdict(list)
+        for r in runs:
+            for rec in r["inloop"]:
+                by_step[rec["step"]].append(rec.get("fid_matched", rec.get("fid")))
+        if by_step:
+            any_data = True
+            steps_ = sorted(by_step)
+            ax.errorbar(steps_, [np.mean(by_step[s]) for s in steps_],
+                        yerr=[np.std(by_step[s]) for s in steps_], marker="o", label=g, capsize=3)
+    ax.set(xlabel="training step", ylabel="classifier-FID (matched N)", yscale="log",
+           title="Sample quality during training (DDIM-50, EMA)")
+    ax.legend(fontsize=7)
+    return fig if any_data else None
+
+
+def plot_steps(groups, sweep):
+    ddim = [s for s in sweep.evals if s["sampler"] == "ddim" and s.get("eta", 0) == 0]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (g, runs) in enumerate(groups.items()):
+        color = f"C{i}"
+        ys = [np.nanmean([v for v in (eval_value(r, s, "fid_matched") for r in runs)
+                          if v is not None] or [np.nan]) for s in ddim]
+        ax.plot([s["num_steps"] for s in ddim], ys, marker="o", color=color,
+                label=f"{g} DDIM eta=0")
+        for spec, marker in ((s, m) for s, m in zip(
+                [s for s in sweep.evals if s not in ddim], "s^vD<>")):
+            vals = [v for v in (eval_value(r, spec, "fid_matched") for r in runs) if v is not None]
+            if vals:
+                n = 1000 if spec["sampler"] == "ddpm" else spec["num_steps"]
+                ax.scatter([n], [np.mean(vals)], marker=marker, color=color,
+                           label=f"{g} {spec_label(spec)}")
+    ax.set(xscale="log", yscale="log", xlabel="sampler steps (network evaluations)",
+           ylabel="classifier-FID (matched N)", title="Quality vs sampling steps")
+    ax.legend(fontsize=5, ncol=2)
+    return fig
+
+
+def plot_log_snr(sweep):
+    names = sweep.axes.get("schedule.name", ("linear",))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name in names:
+        sched = schedules.make_schedule(name, 1000)
+        ax.plot(np.arange(1, 1001) / 1000, np.asarray(sched.log_snr), label=name)
+    ax.set(xlabel="t / T", ylabel="log SNR", title="Noise schedules (T = 1000)")
+    ax.legend()
+    return fig
+
+
+def main(argv):
+    del argv
+    if FLAGS.sweep not in SWEEPS:
+        raise app.UsageError(f"--sweep must be one of {sorted(SWEEPS)}")
+    sweep = SWEEPS[FLAGS.sweep]
+    print("wrote", build(sweep, FLAGS.root, os.path.join(FLAGS.out, sweep.name)))
+
+
+if __name__ == "__main__":
+    # flags only for the CLI, so run.py and report.py can both be imported
+    flags.DEFINE_string("sweep", None, f"One of {sorted(SWEEPS)}.")
+    flags.DEFINE_string("root", "runs/experiments", "Where the run workdirs are.")
+    flags.DEFINE_string("out", "experiments/results", "Report directory (a subdir per sweep).")
+    app.run(main)
