@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
-    c.model.unet = ml_collections.ConfigDict(dict(UNET_PRESETS["digits"], out_channels=None))
+    c.model.unet = ml_collections.ConfigDict(dict(UNET_PRESETS["digits"], conv_impl="xla",
+                                                  out_channels=None))
     c.model.dit = ml_collections.ConfigDict(dict(DIT_PRESETS["DiT-S/2"], freq_embed_dim=256,
                                                  out_channels=None))
 

@@ -71,6 +71,11 @@ def check_config(config, spec: data.DatasetSpec) -> None:
             raise ValueError(f"sampler.num_steps={c.sampler.num_steps} must be in "
                              f"1..schedule.num_timesteps={c.schedule.num_timesteps}")
         check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
+        if (k > 1 and c.model.name == "unet" and c.model.unet.conv_impl == "xla"
+                and jax.default_backend() == "cpu"):
+            logging.warning("train.steps_per_dispatch=%d with model.unet.conv_impl='xla' is "
+                            "~38x slower on CPU (XLA:CPU runs autodiff conv gradients inside "
+                            "lax.scan as naive loops); set model.unet.conv_impl=explicit_grad", k)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AttentionBlock, Downsample, LabelEmbedding, ResBlock,
-                                         TimestepEmbedding, Upsample, xavier_uniform, zeros)
+from diffusion_jax.models.layers import (AttentionBlock, Conv, Downsample, LabelEmbedding,
+                                         ResBlock, TimestepEmbedding, Upsample, xavier_uniform,
+                                         zeros)
 
 Dtype = Any
 
@@ -41,6 +42,9 @@ class UNet(nn.Module):
       conv_resample: Down/Upsample layers use a 3x3 conv (DDPM) rather than avg-pool /
         nearest only. Ignored when ``resblock_updown``.
       norm_groups: GroupNorm groups (32 in DDPM and ADM).
+      conv_impl: how convolutions compute their gradients: "xla" (JAX autodiff) or
+        "explicit_grad" (layers.Conv; same parameters and numbers, and XLA:CPU keeps them
+        fast inside lax.scan, i.e. with train.steps_per_dispatch > 1).
       num_classes: 0 = unconditional; else a label table of num_classes + 1 rows, the
         last being the null label for classifier-free guidance.
       out_channels: output channels; None = input channels.
@@ -58,6 +62,7 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     conv_resample: bool = True
     norm_groups: int = 32
+    conv_impl: str = "xla"
     num_classes: int = 0
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
@@ -105,13 +110,14 @@ class UNet(nn.Module):
         self.check_input_shape(height, width, channels)
         out_channels = self.out_channels or channels
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = dict(kw, conv_impl=self.conv_impl)
         ch = self.base_channels
         levels = len(self.channel_mult)
 
         def res_block(name, out_ch, resample=None):
             return ResBlock(out_ch, dropout=self.dropout,
                             use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
-                            norm_groups=self.norm_groups, name=name, **kw)
+                            norm_groups=self.norm_groups, name=name, **ckw)
 
         def maybe_attn(name, h):
             if h.shape[1] in tuple(self.attn_resolutions):
@@ -131,8 +137,8 @@ class UNet(nn.Module):
                              "given; pass y=None or set model.num_classes.")
 
         # Down path: keep every activation for the skip connections.
-        h = nn.Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in",
-                    **kw)(x.astype(self.dtype))
+        h = Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in",
+                 **ckw)(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
@@ -143,7 +149,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res_block(f"down{level}_resample", h.shape[-1], "down")(h, emb, train)
                 else:
-                    h = Downsample(self.conv_resample, name=f"down{level}_resample", **kw)(h)
+                    h = Downsample(self.conv_resample, name=f"down{level}_resample", **ckw)(h)
                 skips.append(h)
 
         # Middle.
@@ -162,12 +168,12 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res_block(f"up{level}_resample", h.shape[-1], "up")(h, emb, train)
                 else:
-                    h = Upsample(self.conv_resample, name=f"up{level}_resample", **kw)(h)
+                    h = Upsample(self.conv_resample, name=f"up{level}_resample", **ckw)(h)
         assert not skips
 
         h = nn.silu(nn.GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
-        h = nn.Conv(out_channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_out",
-                    **kw)(h)
+        h = Conv(out_channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_out",
+                 **ckw)(h)
         return h.astype(jnp.float32)
 
 
