@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-# Own FlagValues: diffusion_jax.sample (whose load_ema_params this reuses) defines flags of
+# Own FlagValues, so this module can be imported next to diffusion_jax.sample, which defines flags of
 # the same names on the global FLAGS at import.
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", flag_values=FLAGS)
@@ -73,9 +73,8 @@ def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None
                                 f"1..{config.schedule.num_timesteps}")
     if num_samples < 2:
         raise train.ConfigError(f"num_samples must be >= 2, got {num_samples}")
-    from diffusion_jax.sample import load_ema_params  # registers sample.py's global flags
-
-    model, spec, params, step = load_ema_params(config, workdir)
+    model, spec, state = train.load_state(workdir, config)
+    params, step = state.ema_params, int(state.step)
     schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps,
                                        zero_terminal_snr=config.schedule.zero_terminal_snr)
     bs = min(batch_size, num_samples)

@@ -31,9 +31,6 @@ from absl import app, flags
 
 from diffusion_jax import data, metrics, parallel, samplers, schedules, steps, train
 from diffusion_jax.objectives import check_choice
-from diffusion_jax.checkpoint import Checkpointer
-from diffusion_jax.models import build_model
-from diffusion_jax.state import abstract_train_state, make_optimizer
 
 MASKS = ("top", "bottom", "left", "right", "center")
 
@@ -71,25 +68,6 @@ flags.DEFINE_string("out", "", "PNG path (default <workdir>/samples/<mode>_<samp
 flags.DEFINE_string("npz", "", "If set, also write uint8 images + labels to this .npz.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
-
-
-def load_ema_params(config, workdir: str):
-    """EMA params of the latest checkpoint in ``workdir`` (on the default device)."""
-    spec = data.dataset_spec(config.data)
-    model = build_model(config.model)
-    tx = make_optimizer(config.optim, config.train.num_steps)
-    abstract = abstract_train_state(model, tx, spec.image_shape, config.seed,
-                                    conditional=config.model.num_classes > 0)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            abstract)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    restored = ckpt.restore(abstract)
-    ckpt.close()
-    if restored is None:
-        raise train.ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = restored
-    return model, spec, state.ema_params, int(state.step)
 
 
 def parse_labels(text: str, n: int, num_classes: int, flag: str = "--labels") -> np.ndarray:
@@ -258,7 +236,8 @@ def setup():
                   else default)
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
-    model, spec, params, step = load_ema_params(config, FLAGS.workdir)
+    model, spec, state = train.load_state(FLAGS.workdir, config)
+    params, step = state.ema_params, int(state.step)
     return config, model, spec, params, step, n, labels, inputs
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import jax
 import ml_collections
@@ -100,6 +101,26 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
     return ml_collections.ConfigDict(tuples(raw))
+
+
+def load_state(workdir: str, config=None, step: Optional[int] = None):
+    """A workdir's checkpointed TrainState (latest, or ``step``) on the default device,
+    with the model and dataset spec it was trained with: (model, spec, state)."""
+    config = config or load_config(workdir)
+    spec = data.dataset_spec(config.data)
+    model = build_model(config.model)
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        abstract_train_state(model, tx, spec.image_shape, config.seed,
+                             conditional=config.model.num_classes > 0))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    restored = ckpt.restore(abstract, step=step)
+    ckpt.close()
+    if restored is None:
+        raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+    return model, spec, restored[0]
 
 
 def sample_labels(num_classes: int, n: int) -> np.ndarray:

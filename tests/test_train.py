@@ -208,19 +208,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def load_state(workdir, step):
-    from diffusion_jax import data
-    from diffusion_jax.checkpoint import Checkpointer
-    from diffusion_jax.state import abstract_train_state
-    cfg = train.load_config(workdir)
-    model = build_model(cfg.model)
-    tx = make_optimizer(cfg.optim, cfg.train.num_steps)
-    spec = data.dataset_spec(cfg.data)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            abstract_train_state(model, tx, spec.image_shape, cfg.seed,
-                                                 conditional=False))
-    state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract, step=step)
-    return jax.device_get(state)
+    return jax.device_get(train.load_state(workdir, step=step)[2])
 
 
 # ----------------------------------------------------------------------------- errors
