@@ -142,7 +142,7 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
                                           inception_weights=config.eval.inception_weights)
     ref = evaluation.reference_stats(extractor, config.data, "train", config.eval.cache_dir)
     n = config.eval.metrics_num_samples
-    batch = -(-min(n, 500) // jax.device_count()) * jax.device_count()
+    batch = -(-min(n, 500) // dp.mesh.size) * dp.mesh.size
     sample_fn = steps.make_sample_fn(model, schedule, config, (batch, *spec.image_shape))
 
     def quality(params, step: int) -> dict:
@@ -160,7 +160,7 @@ def make_sharded_sample_fn(model, schedule, config, spec, dp: parallel.DataParal
     """The configured sampler, jitted with its batch sharded over all devices (of all
     processes): each device denoises its own slice through the whole lax.scan. The batch
     is padded to a multiple of the device count; returns (sample_fn, padded size)."""
-    n_dev = jax.device_count()
+    n_dev = dp.mesh.size
     n = -(-config.eval.num_samples // n_dev) * n_dev
     fn = steps.make_sample_fn(model, schedule, config, (n, *spec.image_shape))
     return jax.jit(fn, out_shardings=parallel.batch_sharding(dp.mesh)), n
