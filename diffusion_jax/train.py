@@ -286,6 +286,8 @@ def train_and_evaluate(config, workdir: str):
                 writer.scalars(step, evaluation.tensorboard_scalars(record))
                 if jax.process_index() == 0:
                     evaluation.append_jsonl(os.path.join(workdir, "eval.jsonl"), record)
+            if not pending:  # sampling/eval time does not count against steps/s
+                last_log = time.time()
     ckpt.wait()
     ckpt.close()
     progress.close()
