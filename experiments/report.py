@@ -86,15 +86,20 @@ def eval_value(run: dict, spec: dict, key: str):
 def build(sweep, root: str, out_dir: str) -> str:
     groups = collect(sweep, root)
     os.makedirs(out_dir, exist_ok=True)
+    floors = [r["fid_floor"] for runs in groups.values() for run in runs
+              for r in run["evals"] if "fid_floor" in r]
+    floor = (f" The real-vs-real floor (FID between two disjoint real sets of the same N) is "
+             f"{floors[0]:.3f}." if floors else "")
     lines = [f"# {sweep.name}", "",
              f"Base config `{sweep.config}`; axes {sweep.axes}; fixed overrides "
              f"{sweep.fixed}. Budget: {sweep.budget}. Each evaluation uses "
              f"{sweep.eval_samples} samples from the final EMA parameters with a fixed seed; "
-             "features from the project's digits classifier (diffusion_jax.evaluation). "
-             "Values are mean ± std over seeds (n = number of finished runs).", ""]
+             "features from the project's digits classifier (diffusion_jax.evaluation)."
+             + floor + " Values are mean ± std over seeds (n = number of finished runs).", ""]
 
     # sample quality vs sampler and steps
-    metric_keys = (("fid_matched", "FID (matched N)"), ("fid_floor", "real-vs-real floor"),
+    metric_keys = (("fid_matched", "classifier-FID (N matched to the floor)"),
+                   ("fid_matched_ratio", "FID / real-vs-real floor"),
                    ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
     for key, title in metric_keys:
         lines += [f"## {title}", "", "| sampler | " + " | ".join(
@@ -104,6 +109,18 @@ def build(sweep, root: str, out_dir: str) -> str:
             lines.append(f"| {spec_label(spec)} | " + " | ".join(
                 mean_std([eval_value(r, spec, key) for r in runs]) for runs in groups.values())
                 + " |")
+        lines.append("")
+
+    # in-loop evaluation during training
+    inloop = {g: inloop_by_step(runs) for g, runs in groups.items()}
+    steps_seen = sorted({s for by_step in inloop.values() for s in by_step})
+    if steps_seen:
+        lines += ["## classifier-FID during training (in-loop, DDIM-50, EMA params)", "",
+                  "| training step | " + " | ".join(groups) + " |",
+                  "|---" * (len(groups) + 1) + "|"]
+        for step in steps_seen:
+            lines.append(f"| {step} | " + " | ".join(
+                mean_std(inloop[g].get(step, [])) for g in groups) + " |")
         lines.append("")
 
     # training loss per timestep bucket
@@ -141,14 +158,20 @@ def plot_buckets(buckets):
     return fig
 
 
+def inloop_by_step(runs) -> dict[int, list[float]]:
+    """training step -> in-loop FID of each run that evaluated at that step."""
+    by_step = defaultdict(list)
+    for r in runs:
+        for rec in r["inloop"]:
+            by_step[rec["step"]].append(rec.get("fid_matched", rec.get("fid")))
+    return dict(by_step)
+
+
 def plot_inloop(groups):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     any_data = False
     for g, runs in groups.items():
-        by_step = defaultdict(list)
-        for r in runs:
-            for rec in r["inloop"]:
-                by_step[rec["step"]].append(rec.get("fid_matched", rec.get("fid")))
+        by_step = inloop_by_step(runs)
         if by_step:
             any_data = True
             steps_ = sorted(by_step)
@@ -161,21 +184,25 @@ def plot_inloop(groups):
 
 
 def plot_steps(groups, sweep):
-    ddim = [s for s in sweep.evals if s["sampler"] == "ddim" and s.get("eta", 0) == 0]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    """FID vs number of sampler steps: one line per sampler family (sampler, eta, spacing)
+    and schedule group; colour = group, line style/marker = family."""
+    families = defaultdict(list)
+    for spec in sweep.evals:
+        families[tuple((k, v) for k, v in sorted(spec.items()) if k != "num_steps")].append(spec)
+    styles = ("o-", "s--", "^:", "D-.", "v-", "x--")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for i, (g, runs) in enumerate(groups.items()):
-        color = f"C{i}"
-        ys = [np.nanmean([v for v in (eval_value(r, s, "fid_matched") for r in runs)
-                          if v is not None] or [np.nan]) for s in ddim]
-        ax.plot([s["num_steps"] for s in ddim], ys, marker="o", color=color,
-                label=f"{g} DDIM eta=0")
-        for spec, marker in ((s, m) for s, m in zip(
-                [s for s in sweep.evals if s not in ddim], "s^vD<>")):
-            vals = [v for v in (eval_value(r, spec, "fid_matched") for r in runs) if v is not None]
-            if vals:
-                n = 1000 if spec["sampler"] == "ddpm" else spec["num_steps"]
-                ax.scatter([n], [np.mean(vals)], marker=marker, color=color,
-                           label=f"{g} {spec_label(spec)}")
+        for style, specs in zip(styles, families.values()):
+            xs, ys = [], []
+            for spec in specs:
+                vals = [v for v in (eval_value(r, spec, "fid_matched") for r in runs)
+                        if v is not None]
+                if vals:
+                    xs.append(spec.get("num_steps", 1000))  # DDPM runs all T = 1000 steps
+                    ys.append(np.mean(vals))
+            if xs:
+                label = spec_label(specs[0]).replace(f"-{specs[0].get('num_steps')}", "")
+                ax.plot(xs, ys, style, color=f"C{i}", label=f"{g} {label}")
     ax.set(xscale="log", yscale="log", xlabel="sampler steps (network evaluations)",
            ylabel="classifier-FID (matched N)", title="Quality vs sampling steps")
     ax.legend(fontsize=5, ncol=2)

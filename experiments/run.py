@@ -4,7 +4,8 @@
 
 Each run trains through the normal CLI (so an interrupted run resumes from its last
 checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` does not hold
-yet. Finished runs are skipped. Afterwards build the report with experiments.report.
+yet. Trained runs are not retrained and recorded evaluations are not rerun. Afterwards
+build the report with experiments.report.
 """
 from __future__ import annotations
 
@@ -54,25 +55,27 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
 
 
 def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
-    """Train and evaluate every run not finished yet; returns the run workdirs."""
+    """Train every run not trained yet, then run every evaluation not yet recorded in its
+    eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
+    workdirs. The ``TRAINED`` marker is written once a run's training has finished."""
     workdirs = []
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
-        marker = os.path.join(wd, "DONE")
-        if os.path.exists(marker):
-            print(f"[skip] {wd} (finished)")
-            continue
-        commands = [train_command(sweep, overrides, wd)]
+        marker = os.path.join(wd, "TRAINED")
+        trained = os.path.exists(marker)
+        commands = [] if trained else [train_command(sweep, overrides, wd)]
         commands += [eval_command(spec, wd, sweep.eval_samples)
                      for spec in pending_evals(sweep, wd)]
+        if not commands:
+            print(f"[skip] {wd} (trained and evaluated)")
         for cmd in commands:
             print("[run]", " ".join(cmd[1:]), flush=True)
             if not dry_run:
                 subprocess.run(cmd, cwd=REPO, check=True,
                                env=dict(os.environ, PYTHONPATH=REPO))
-        if not dry_run:
-            open(marker, "w").close()
+                if cmd is commands[0] and not trained:
+                    open(marker, "w").close()
     return workdirs
 
 

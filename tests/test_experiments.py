@@ -1,4 +1,5 @@
 """The sweep launcher (resumable) and the report builder, on a seconds-long sweep."""
+import dataclasses
 import os
 
 from experiments import report, run
@@ -19,11 +20,18 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path, capsys):
     root = str(tmp_path / "runs")
     workdirs = run.run_sweep(sweep, root)
     for wd in workdirs:
-        assert os.path.exists(os.path.join(wd, "DONE"))
+        assert os.path.exists(os.path.join(wd, "TRAINED"))
         assert not run.pending_evals(sweep, wd)  # every evaluation recorded
     capsys.readouterr()
     run.run_sweep(sweep, root)  # finished runs are skipped, nothing re-runs
     assert capsys.readouterr().out.count("[skip]") == len(workdirs)
+
+    # an evaluation added to the sweep later runs on the trained runs, without retraining
+    grown = dataclasses.replace(sweep, evals=sweep.evals + ({"sampler": "ddim", "num_steps": 2},))
+    run.run_sweep(grown, root)
+    out = capsys.readouterr().out
+    assert out.count("--num_steps=2") == len(workdirs) and "diffusion_jax.main" not in out
+    assert all(not run.pending_evals(grown, wd) for wd in workdirs)
 
     path = report.build(sweep, root, str(tmp_path / "report"))
     text = open(path).read()
