@@ -65,6 +65,8 @@ import numpy as np
 import optax
 from flax import serialization
 
+from diffusion_jax import parallel
+
 # Bump when anything that changes cached statistics changes (feature extraction batching,
 # statistics formulas, the cache file layout).
 STATS_VERSION = "1"
@@ -1011,21 +1013,12 @@ def class_balanced_labels(num_classes: int, n: int) -> np.ndarray:
     return (np.arange(n) % max(num_classes, 1)).astype(np.int32)
 
 
-def _global_array(value, sharding):
-    """A host value every process holds identically -> a global array with ``sharding``."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled_sampler(sample_fn: Callable, mesh):
     if mesh is None:
         return jax.jit(sample_fn)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names[0]))
-    return jax.jit(sample_fn, in_shardings=(replicated, replicated, batch, replicated),
-                   out_shardings=batch)
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(sample_fn, in_shardings=(rep, rep, batch, rep), out_shardings=batch)
 
 
 def generate_samples(sample_fn: Callable, params, num_samples: int, batch_size: int,
@@ -1059,17 +1052,14 @@ def generate_samples(sample_fn: Callable, params, num_samples: int, batch_size: 
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
         scale = np.float32(guidance_scale)
         if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            rep = NamedSharding(mesh, P())
-            rng, scale = _global_array(rng, rep), _global_array(scale, rep)
-            chunk_labels = _global_array(chunk_labels, NamedSharding(mesh, P(mesh.axis_names[0])))
-        out = fn(params, rng, chunk_labels, scale)
-        if not out.is_fully_addressable:  # multi-process: every process gets all samples
-            from jax.experimental import multihost_utils
-
-            out = multihost_utils.process_allgather(out, tiled=True)
-        chunks.append(np.asarray(out))
+            rep = parallel.replicated(mesh)
+            rng = parallel.host_value_to_global(rng, rep)
+            scale = parallel.host_value_to_global(scale, rep)
+            chunk_labels = parallel.host_value_to_global(chunk_labels,
+                                                         parallel.batch_sharding(mesh))
+        # multi-process: every process gets all samples
+        chunks.append(parallel.gather_to_host(fn(params, rng, chunk_labels, scale),
+                                              name=f"samples:{i}"))
     return np.concatenate(chunks)[:num_samples]
 
 

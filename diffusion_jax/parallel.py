@@ -96,9 +96,56 @@ def check_batch_size(global_batch: int, num_devices: int) -> None:
             f"set --config.train.batch_size to a multiple of {num_devices}")
 
 
+def host_value_to_global(value, sharding: NamedSharding) -> jax.Array:
+    """A host value that every process holds identically -> a global array with ``sharding``."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
 def replicate_host_value(value: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host value that every process holds identically -> a global replicated array."""
-    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda idx: value[idx])
+    return host_value_to_global(value, replicated(mesh))
+
+
+# Generous: a process may be compiling a big model while the others wait here.
+SYNC_TIMEOUT_S = 1800
+
+
+def sync_processes(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
+    """Block until every process has reached the barrier ``name`` (no-op for one process).
+
+    Call it between compiling a multi-process program and its first run. The barrier is
+    the coordination service's (a message to process 0), not a device collective: on CPU
+    a gloo collective whose peers arrive more than 30 s apart fails ("Gloo context
+    initialization failed: DEADLINE_EXCEEDED"; not configurable in jaxlib 0.10.2), and two
+    processes compiling the same step on a loaded machine can drift that far apart.
+    ``multihost_utils.sync_global_devices`` is itself such a collective, so it cannot help.
+    """
+    if jax.process_count() == 1:
+        return
+    # jax has no public wrapper for this barrier; orbax uses the same client the same way.
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"diffusion_jax:{name}",
+                                                    timeout_in_ms=timeout_s * 1000)
+
+
+def gather_to_host(x: jax.Array, name: str = "gather") -> np.ndarray:
+    """A global (possibly multi-process) array as one host numpy array on every process.
+    Multi-process: the processes first meet at a barrier, since ``x`` is typically the
+    output of a program that each process just compiled at its own speed."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    sync_processes(name)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def precompile_and_sync(fn, *args, name: str) -> None:
+    """Compile the jitted or pmapped ``fn`` for ``args``, then meet the other processes
+    (`sync_processes`), so that the collectives in the first ``fn(*args)`` start together.
+    The next call reuses this compilation from jax's cache (tests/test_train.py checks)."""
+    fn.lower(*args).compile()
+    sync_processes(f"compiled:{name}")
 
 
 @dataclasses.dataclass
@@ -171,11 +218,6 @@ class DataParallel:
 
         return jax.tree.map(split, local_batch)
 
-    def gather(self, x) -> np.ndarray:
-        """A global (possibly multi-process) array as one host numpy array on every process."""
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def get_metrics(self, metrics):
         """Metrics as host numpy; pmap metrics are identical across devices (pmean/psum)."""

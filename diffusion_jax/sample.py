@@ -29,7 +29,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import data, metrics, parallel, samplers, schedules, steps, train
+from diffusion_jax import (data, evaluation, metrics, parallel, samplers, schedules, steps,
+                           train)
 from diffusion_jax.objectives import check_choice
 
 MASKS = ("top", "bottom", "left", "right", "center")
@@ -72,7 +73,7 @@ FLAGS = flags.FLAGS
 
 def parse_labels(text: str, n: int, num_classes: int, flag: str = "--labels") -> np.ndarray:
     if not text:
-        return train.sample_labels(num_classes, n)
+        return evaluation.class_balanced_labels(num_classes, n)
     if num_classes == 0:
         raise train.ConfigError(f"{flag} given but the model is unconditional")
     try:

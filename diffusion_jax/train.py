@@ -123,11 +123,6 @@ def load_state(workdir: str, config=None, step: Optional[int] = None):
     return model, spec, restored[0]
 
 
-def sample_labels(num_classes: int, n: int) -> np.ndarray:
-    """Labels for sample grids: classes in order, repeated (zeros if unconditional)."""
-    return (np.arange(n) % max(num_classes, 1)).astype(np.int32)
-
-
 class NonFiniteError(FloatingPointError):
     pass
 
@@ -213,7 +208,7 @@ def train_and_evaluate(config, workdir: str):
     progress = metrics.Progress(num_steps, start=step, quiet=config.train.quiet)
     dstate = dp.put_state(state)
     del state  # donated into the first step
-    pending, last_log = [], time.time()
+    pending, last_log, compiled = [], time.time(), False
 
     def flush_metrics():
         """Fetch pending step metrics, stop on non-finite values, log averages."""
@@ -251,9 +246,9 @@ def train_and_evaluate(config, workdir: str):
     def write_samples():
         params = dp.get_state(dstate).ema_params
         images = sample_fn(params, jax.random.PRNGKey(config.seed + 1),
-                           sample_labels(config.model.num_classes, n_padded),
+                           evaluation.class_balanced_labels(config.model.num_classes, n_padded),
                            config.sampler.guidance_scale)
-        images = dp.gather(images)[:n_samples]
+        images = parallel.gather_to_host(images, name=f"samples:{step}")[:n_samples]
         grid = metrics.make_grid(images, upscale=max(1, 32 // spec.image_shape[0]))
         if jax.process_index() == 0:
             metrics.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
@@ -263,7 +258,11 @@ def train_and_evaluate(config, workdir: str):
         while step < num_steps:
             batches = [next(it) for _ in range(k)]
             batch = batches[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *batches)
-            dstate, m = train_step(dstate, dp.put_batch(batch, k))
+            batch = dp.put_batch(batch, k)
+            if not compiled:
+                parallel.precompile_and_sync(train_step, dstate, batch, name="train_step")
+                compiled = True
+            dstate, m = train_step(dstate, batch)
             pending.append(m)
             step += k
             stop = should_stop(step)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import parallel, schedules, steps, train
+from diffusion_jax import evaluation, parallel, schedules, steps, train
 from diffusion_jax.models import build_model
 from diffusion_jax.state import create_train_state, make_optimizer
 
@@ -92,6 +92,45 @@ def test_class_conditional_pmap_equals_jit_and_labels_matter():
     p_pmap, _ = run_steps(tiny_config(**over, **{"train.parallel": "pmap"}), jax.devices(),
                           batches)
     assert max_diff(p_jit, p_pmap) < 1e-5
+
+
+@needs_8
+@pytest.mark.parametrize("mode", parallel.MODES)
+def test_precompile_is_reused_by_the_first_call(mode):
+    """train.py compiles the step ahead, then lets the processes meet, so that nobody's
+    first collective waits on a peer that is still compiling; that only works if the
+    call after `precompile_and_sync` compiles nothing."""
+    from jax._src import dispatch  # the event name jax reports each XLA compilation under
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        dp = parallel.DataParallel(mode, parallel.make_mesh())
+
+        def make_step(axis):
+            def step(state, batch):
+                loss = jnp.mean(jnp.sin(batch["image"]) * state["w"])
+                if axis:
+                    loss = jax.lax.pmean(loss, axis)
+                return {"w": state["w"] - loss}, {"loss": loss}
+            return step
+
+        step = dp.compile(make_step)
+        state = dp.put_state(jax.device_put({"w": jnp.ones(())}, dp.state_sharding))
+        batch = dp.put_batch({"image": np.linspace(0, 1, 8 * 3, dtype=np.float32).reshape(8, 3)})
+        parallel.precompile_and_sync(step, state, batch, name="test")
+        assert compiles, "precompile compiled nothing"
+        compiles.clear()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        assert compiles == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_devices_draw_different_noise():
@@ -283,8 +322,8 @@ def test_sharded_sampling_equals_single_device():
     for n in (1, 8):
         dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:n]))
         fn, padded = train.make_sharded_sample_fn(model, schedule, cfg, spec, dp)
-        labels = train.sample_labels(0, padded)
-        out[n] = (padded, dp.gather(fn(params, jax.random.PRNGKey(3), labels, 1.0)))
+        labels = evaluation.class_balanced_labels(0, padded)
+        out[n] = (padded, parallel.gather_to_host(fn(params, jax.random.PRNGKey(3), labels, 1.0)))
     assert out[1][0] == 12 and out[8][0] == 16
     # same arithmetic per example; different batch tiling may reorder float reductions
     np.testing.assert_allclose(out[8][1][:12], out[1][1][:12], atol=1e-5)
