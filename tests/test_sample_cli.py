@@ -5,20 +5,12 @@ process (a few seconds plus compilation), so there are few of them. The samplers
 tested against oracles elsewhere; here: flags, file formats, shapes, exact known pixels.
 """
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(module, *args):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+from test_train_cli import cli as run
 
 
 @pytest.fixture(scope="module")
