@@ -27,6 +27,30 @@ def drop_labels(rng, labels, example_ids, p: float, null_label: int):
     return jnp.where(drop, null_label, labels)
 
 
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
+                    optim_cfg) -> TrainState:
+    """One optimizer update of ``state.params`` and the EMA after it (``step`` unchanged)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(optim_cfg.ema_decay, optim_cfg.ema_warmup, state.step)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params)
+    return state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
+
+
+def skip_if_not_finite(finite, update: Callable, state: TrainState) -> TrainState:
+    """``update(state)`` if ``finite`` else ``state``, untouched.
+
+    A branch, not a ``jnp.where`` per leaf: selecting between the old and the new state
+    costs a pass over all of params, EMA and optimizer state (benchmarks/bench_update.py,
+    DDPM CIFAR-10 on a 2-core CPU: a 190 ms update becomes 350 ms, vs 205 ms with the
+    branch). Under pmap
+    ``finite`` is computed from the averaged loss and gradients, so every device takes the
+    same branch.
+    """
+    return jax.lax.cond(finite, update, lambda s: s, state)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, schedule: NoiseSchedule, config,
                     *, axis_name: Optional[str] = None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` for one global batch.
@@ -72,19 +96,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: NoiseSche
             grads, loss = jax.lax.pmean((grads, loss), axis_name)
             bucket_sum, bucket_count = jax.lax.psum((bucket_sum, bucket_count), axis_name)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(config.optim.ema_decay, config.optim.ema_warmup, state.step)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                  state.ema_params, params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            ema_params=keep(ema_params, state.ema_params),
-            opt_state=keep(opt_state, state.opt_state))
+        new_state = skip_if_not_finite(finite, lambda s: apply_gradients(s, grads, tx,
+                                                                          config.optim), state)
+        new_state = new_state.replace(step=state.step + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
                    "loss_bucket_sum": bucket_sum, "loss_bucket_count": bucket_count}
         return new_state, metrics

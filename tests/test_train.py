@@ -28,8 +28,8 @@ def synthetic_batches(n, batch_size, shape=(8, 8, 1), seed=0):
              "label": rng.integers(0, 10, batch_size).astype(np.int32)} for _ in range(n)]
 
 
-def run_steps(config, devices, batches):
-    """Train ``len(batches)`` steps on ``devices``; returns the canonical state's params."""
+def compiled_step_and_state(config, devices):
+    """(DataParallel, compiled train step, initial device state) for ``config``."""
     model = build_model(config.model)
     schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps)
     tx = make_optimizer(config.optim, config.train.num_steps)
@@ -42,7 +42,12 @@ def run_steps(config, devices, batches):
         assert len(devices) == jax.local_device_count()
     step = dp.compile(lambda axis: steps.make_train_step(model, tx, schedule, config,
                                                          axis_name=axis))
-    dstate = dp.put_state(state)
+    return dp, step, dp.put_state(state)
+
+
+def run_steps(config, devices, batches):
+    """Train ``len(batches)`` steps on ``devices``; returns the canonical state's params."""
+    dp, step, dstate = compiled_step_and_state(config, devices)
     losses = []
     for b in batches:
         dstate, m = step(dstate, dp.put_batch(b))
@@ -125,6 +130,29 @@ def test_precompile_is_reused_by_the_first_call(mode):
         assert compiles == []
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_non_finite_step_leaves_the_state_untouched():
+    """A NaN in the batch makes loss and gradients NaN: params, EMA and optimizer state
+    stay exactly as they were (the step counter advances, metrics flag it), and the
+    finite steps after it train from there (the optimizer's own count did not advance, so
+    the first of them still has the warmup's learning rate 0)."""
+    dp, step, dstate = compiled_step_and_state(tiny_config(), jax.devices()[:1])
+    bad, *good = synthetic_batches(3, 16)
+    bad["image"][3, 2, 1, 0] = np.nan
+    before = jax.device_get(dp.get_state(dstate))
+    dstate, m = step(dstate, dp.put_batch(bad))
+    after = jax.device_get(dp.get_state(dstate))
+    assert dp.get_metrics(m)["finite"] == 0.0 and not np.isfinite(dp.get_metrics(m)["loss"])
+    assert int(after.step) == int(before.step) + 1
+    for name in ("params", "ema_params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(getattr(before, name)),
+                        jax.tree.leaves(getattr(after, name))):
+            np.testing.assert_array_equal(x, y)  # exactly: the update branch never ran
+    for b in good:
+        dstate, m = step(dstate, dp.put_batch(b))
+        assert dp.get_metrics(m)["finite"] == 1.0
+    assert max_diff(after.params, jax.device_get(dp.get_state(dstate).params)) > 0
 
 
 def test_devices_draw_different_noise():
