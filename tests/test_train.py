@@ -143,7 +143,8 @@ def test_non_finite_step_leaves_the_state_untouched():
     before = jax.device_get(dp.get_state(dstate))
     dstate, m = step(dstate, dp.put_batch(bad))
     after = jax.device_get(dp.get_state(dstate))
-    assert dp.get_metrics(m)["finite"] == 0.0 and not np.isfinite(dp.get_metrics(m)["loss"])
+    metrics = dp.get_metrics(m)
+    assert metrics["finite"] == 0.0 and not np.isfinite(metrics["loss"])
     assert int(after.step) == int(before.step) + 1
     for name in ("params", "ema_params", "opt_state"):
         for x, y in zip(jax.tree.leaves(getattr(before, name)),
