@@ -18,8 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models import (DIT_PRESETS, UNET_PRESETS, abstract_params, build_model,
-                                  count_params, xla_forward_flops)
+from diffusion_jax.models import (
+    DIT_PRESETS,
+    UNET_PRESETS,
+    abstract_params,
+    build_model,
+    count_params,
+    xla_forward_flops,
+)
 
 # (label, model config, image shape HWC, batch to time or None = count only)
 ROWS = [

@@ -54,6 +54,7 @@ def make_params(model, shape, conditional):
 
 def sample_fn_for(model, schedule, cfg, shape, name: str, num_steps: int):
     import jax
+
     from diffusion_jax import steps
     cfg = cfg.copy_and_resolve_references()
     cfg.sampler.name = name

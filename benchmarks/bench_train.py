@@ -66,8 +66,7 @@ def run_one(name: str, batch_size: int, steps: int, warmup: int, k: int,
     import jax
 
     common.disable_compilation_cache()
-    from diffusion_jax import parallel, schedules
-    from diffusion_jax import steps as steps_lib
+    from diffusion_jax import parallel, schedules, steps as steps_lib
     from diffusion_jax.models import build_model, count_params
     from diffusion_jax.state import create_train_state, make_optimizer
 

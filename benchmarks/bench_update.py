@@ -23,8 +23,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (benchmarks/common.py)
 from bench_train import SHAPES, get_config  # noqa: E402
+
+import common  # noqa: E402  (benchmarks/common.py)
 
 
 def make_update(kind: str, tx, optim_cfg):

@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.metrics_num_samples = 500
     c.eval.metrics_seed = 1234
     c.eval.cache_dir = ""  # "" = ~/.cache/diffusion_jax/eval
-    c.eval.inception_weights = ""  # .npz/.pkl path (see diffusion_jax/evaluation.py)
+    c.eval.inception_weights = ""  # .npz/.pkl path (see diffusion_jax/evaluation/inception.py)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 1000

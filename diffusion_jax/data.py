@@ -1,19 +1,13 @@
 """Input pipelines: TFDS random-access sources -> grain MapDataset -> per-process batches.
 
-Every dataset, the bundled one included, is read the same way: ``builder.as_data_source``
-(what ``tfds.data_source`` calls; ArrayRecord files, random access, no TensorFlow) wrapped
-in a ``grain.MapDataset``. Nothing is downloaded at run time.
-
-Datasets (``data.name``):
-  * ``"digits"`` (the offline default): scikit-learn's bundled 8x8 handwritten digits
-    (1,797 images, 10 classes). Written once, on first use, as the TFDS dataset
-    ``sklearn_digits`` (array_record) under ``data.data_dir``. Pixels 0..16 are stored as
-    uint8 ``round(x * 255 / 16)``. Splits: sklearn example ``i`` goes to "test" when
-    ``i % 6 == 5`` (299 images) and to "train" otherwise (1,498 images), in sklearn order.
-  * any other name: a prepared TFDS dataset in ``data.data_dir`` (array_record format),
-    with a uint8 HxWxC ``"image"`` and, optionally, a ``ClassLabel`` ``"label"`` (datasets
-    without one, e.g. celeb_a, give ``num_classes == 0`` and all-zero labels).
-  ``data.data_dir == ""`` means ``~/.cache/diffusion_jax/tensorflow_datasets``.
+Every dataset is read the same way: the TFDS builder that :mod:`diffusion_jax.datasets`
+returns for ``data.name`` (``"digits"``, the offline default, is built there on first use;
+any other name must be a TFDS dataset prepared in ``data.data_dir``, array_record format),
+then ``builder.as_data_source`` (what ``tfds.data_source`` calls; random access, no
+TensorFlow) wrapped in a ``grain.MapDataset``. Nothing is downloaded at run time. Records
+have a uint8 HxWxC ``"image"`` and, optionally, a ``ClassLabel`` ``"label"`` (datasets
+without one, e.g. celeb_a, give ``num_classes == 0`` and all-zero labels).
+``data.data_dir == ""`` means ``~/.cache/diffusion_jax/tensorflow_datasets``.
 
 Images come out ``image_size x image_size`` (square). Named datasets whose images are not
 already that size are center-cropped to a square and resized with PIL bilinear
@@ -24,16 +18,15 @@ Order (train iterator): one global stream defined by ``seed`` and the *global* b
 ``G = batch_size * process_count``. Epoch ``e`` is the permutation
 ``np.random.default_rng([seed, e]).permutation(n)`` of the split, cut into ``n // G``
 global batches (the epoch's remainder is dropped). Process ``p`` reads only rows
-``[p*b, (p+1)*b)`` of each global batch. Horizontal flips are drawn per (seed, position in the stream), so the same image
-is flipped independently in different epochs. Hence the union of the processes' batches
-at a step is bit-identical to what one process with ``batch_size * process_count`` gets,
-and the iterator state (the global step) is valid for any process layout with the same
-global batch size.
+``[p*b, (p+1)*b)`` of each global batch. Horizontal flips are drawn per (seed, position
+in the stream), so the same image is flipped independently in different epochs. Hence the
+union of the processes' batches at a step is bit-identical to what one process with
+``batch_size * process_count`` gets, and the iterator state (the global step) is valid
+for any process layout with the same global batch size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -42,16 +35,15 @@ from typing import Any
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import flags
-from etils import epath
 from PIL import Image
 
-DIGITS = "digits"
+from diffusion_jax import datasets
+from diffusion_jax.datasets import digits
+
+DIGITS = digits.NAME
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "diffusion_jax", "tensorflow_datasets")
 
-_DIGITS_SIZE = 8
-_DIGITS_TEST_EVERY = 6  # sklearn example i is a test example iff i % 6 == 5
 # Batches prefetched by one background thread when worker_count == 0 (enough to overlap
 # the next batch with a train step; grain's default of 500 batches is far too many).
 _PREFETCH_BATCHES = 2
@@ -59,103 +51,12 @@ _PREFETCH_BATCHES = 2
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """What a model needs to know about a dataset split (shapes after resizing)."""
+    """What a model needs to know about a dataset split (shapes after resizing)."""
 
-  name: str
-  image_shape: tuple[int, int, int]  # (H, W, C)
-  num_classes: int  # 0: no labels (labels are all zero)
-  num_examples: int  # of the split
-
-
-# ----------------------------------------------------------------------------------------
-# The bundled dataset, as a TFDS builder. It must live in a package module: TFDS
-# mis-handles builder classes defined in __main__ or a script.
-
-
-class SklearnDigits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 handwritten digits (UCI optdigits test set) as a TFDS dataset."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "sklearn load_digits(); uint8 round(x*255/16); i%6==5 -> test."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS's default probes `importlib_resources` (not installed, not a tfds dependency)
-    # for builders that live in a package; the file path is what it would find anyway.
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="scikit-learn's bundled 8x8 handwritten digits, pixels 0..16 -> uint8 "
-        "round(x*255/16); sklearn row i is in 'test' iff i % 6 == 5.",
-        features=tfds.features.FeaturesDict({
-            # Tensor, not Image: encoding Image features needs TensorFlow.
-            "image": tfds.features.Tensor(shape=(_DIGITS_SIZE, _DIGITS_SIZE, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "index": tfds.features.Scalar(dtype=np.int32),  # row in load_digits()
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep sklearn order within each split
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    images, labels = digits_uint8()
-    index = np.arange(len(images))
-    is_test = index % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
-    return {
-        "train": self._generate_examples(images, labels, index[~is_test]),
-        "test": self._generate_examples(images, labels, index[is_test]),
-    }
-
-  def _generate_examples(self, images, labels, indices):
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}
-
-
-def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
-  """All 1,797 sklearn digits as (uint8 [N, 8, 8, 1] in 0..255, int64 labels [N])."""
-  from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
-
-  digits = load_digits()
-  images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  return images, digits.target
-
-
-@contextlib.contextmanager
-def _file_lock(directory: str):
-  """Exclusive lock on a file in a local `directory` (no-op for remote paths)."""
-  if "://" in directory:
-    yield
-    return
-  import fcntl
-
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, ".sklearn_digits.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _digits_builder(data_dir: str) -> SklearnDigits:
-  """The prepared digits builder, building it first if needed.
-
-  Safe when several processes race: the check-and-build runs under a file lock, and
-  TFDS writes into an ``incomplete.*`` directory that is renamed when complete.
-  """
-  builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return builder
-  with _file_lock(data_dir):
-    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return SklearnDigits(data_dir=data_dir)  # re-read the info written to disk
+    name: str
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    num_classes: int  # 0: no labels (labels are all zero)
+    num_examples: int  # of the split
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,109 +65,73 @@ def _digits_builder(data_dir: str) -> SklearnDigits:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  name: str
-  data_dir: str
-  split: str
-  image_size: int
-  random_flip: bool
-  worker_count: int
+    name: str
+    data_dir: str
+    split: str
+    image_size: int
+    random_flip: bool
+    worker_count: int
 
 
 def _parse_config(data_cfg: Any) -> _Config:
-  def get(key, default=None):
-    if isinstance(data_cfg, Mapping) or hasattr(data_cfg, "get"):
-      value = data_cfg.get(key, default)
-    else:
-      value = getattr(data_cfg, key, default)
-    if value is None:
-      raise ValueError(f"data config is missing {key!r}")
-    return value
+    def get(key, default=None):
+        if isinstance(data_cfg, Mapping) or hasattr(data_cfg, "get"):
+            value = data_cfg.get(key, default)
+        else:
+            value = getattr(data_cfg, key, default)
+        if value is None:
+            raise ValueError(f"data config is missing {key!r}")
+        return value
 
-  cfg = _Config(
-      name=str(get("name")),
-      data_dir=os.path.expanduser(str(get("data_dir", "")) or DEFAULT_DATA_DIR),
-      split=str(get("split", "train")),
-      image_size=get("image_size"),
-      random_flip=get("random_flip", False),
-      worker_count=get("worker_count", 0),
-  )
-  if not cfg.name:
-    raise ValueError("data.name must be 'digits' or a TFDS dataset name")
-  if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, (int, np.integer)):
-    raise ValueError(f"data.image_size must be an int, got {cfg.image_size!r}")
-  if cfg.name == DIGITS and cfg.image_size < _DIGITS_SIZE:
-    raise ValueError(f"digits are 8x8: data.image_size must be >= 8, got {cfg.image_size}")
-  if cfg.image_size < 1:
-    raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
-  if not isinstance(cfg.random_flip, (bool, np.bool_)):
-    raise ValueError(f"data.random_flip must be a bool, got {cfg.random_flip!r}")
-  if not isinstance(cfg.worker_count, (int, np.integer)) or cfg.worker_count < 0:
-    raise ValueError(f"data.worker_count must be an int >= 0, got {cfg.worker_count!r}")
-  return dataclasses.replace(
-      cfg, image_size=int(cfg.image_size), random_flip=bool(cfg.random_flip),
-      worker_count=int(cfg.worker_count))
-
-
-def _how_to_prepare(name: str) -> str:
-  return (
-      "Prepare it once, in array_record format, on a machine with internet access:\n"
-      f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
-      "(some builders need `pip install tensorflow` for generation only; training never "
-      "imports it), copy DIR here if needed, then pass --config.data.data_dir=DIR. "
-      "Or use --config.data.name=digits, which works offline.")
-
-
-def _not_prepared_message(name: str, data_dir: str) -> str:
-  return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and nothing is "
-          "downloaded at run time. " + _how_to_prepare(name))
-
-
-def _named_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-        f"Unknown dataset {name!r}: it is neither 'digits', a registered TFDS dataset, nor "
-        f"a prepared dataset under data_dir={data_dir!r}. " + _how_to_prepare(name)) from None
+    cfg = _Config(
+        name=str(get("name")),
+        data_dir=os.path.expanduser(str(get("data_dir", "")) or DEFAULT_DATA_DIR),
+        split=str(get("split", "train")),
+        image_size=get("image_size"),
+        random_flip=get("random_flip", False),
+        worker_count=get("worker_count", 0),
+    )
+    if not cfg.name:
+        raise ValueError("data.name must be 'digits' or a TFDS dataset name")
+    if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, (int, np.integer)):
+        raise ValueError(f"data.image_size must be an int, got {cfg.image_size!r}")
+    if cfg.name == DIGITS and cfg.image_size < digits.IMAGE_SIZE:
+        raise ValueError(f"digits are {digits.IMAGE_SIZE}x{digits.IMAGE_SIZE}: "
+                         f"data.image_size must be >= {digits.IMAGE_SIZE}, "
+                         f"got {cfg.image_size}")
+    if cfg.image_size < 1:
+        raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
+    if not isinstance(cfg.random_flip, (bool, np.bool_)):
+        raise ValueError(f"data.random_flip must be a bool, got {cfg.random_flip!r}")
+    if not isinstance(cfg.worker_count, (int, np.integer)) or cfg.worker_count < 0:
+        raise ValueError(f"data.worker_count must be an int >= 0, got {cfg.worker_count!r}")
+    return dataclasses.replace(
+        cfg, image_size=int(cfg.image_size), random_flip=bool(cfg.random_flip),
+        worker_count=int(cfg.worker_count))
 
 
 def _open(cfg: _Config, split: str):
-  """Returns (random-access source, DatasetSpec, has_label, crop) for `split`."""
-  if cfg.name == DIGITS:
-    builder = _digits_builder(cfg.data_dir)
-  else:
-    builder = _named_builder(cfg.name, cfg.data_dir)
-  try:
-    source = builder.as_data_source(split=split)
-  except Exception as e:  # translate the common failure into instructions
-    if not builder.is_prepared():
-      raise FileNotFoundError(_not_prepared_message(cfg.name, cfg.data_dir)) from None
-    formats = tfds.core.file_adapters.FileFormat.with_random_access()
-    if builder.info.file_format not in formats:
-      raise ValueError(
-          f"{cfg.name!r} in {cfg.data_dir!r} is stored as {builder.info.file_format.value}, "
-          "which has no random access. " + _how_to_prepare(cfg.name)) from e
-    raise
-
-  features = builder.info.features
-  if "image" not in features:
-    raise ValueError(f"{cfg.name!r} has no 'image' feature (features: {list(features)})")
-  native_shape = tuple(features["image"].shape)  # (H, W, C); H, W may be None
-  if len(native_shape) != 3 or native_shape[-1] is None:
-    raise ValueError(f"{cfg.name!r}: expected HxWxC images, got shape {native_shape}")
-  has_label = "label" in features
-  num_classes = 0
-  if has_label:
-    num_classes = getattr(features["label"], "num_classes", None)
-    if not num_classes:
-      raise ValueError(f"{cfg.name!r}: 'label' is not a ClassLabel ({features['label']})")
-  spec = DatasetSpec(
-      name=cfg.name,
-      image_shape=(cfg.image_size, cfg.image_size, int(native_shape[-1])),
-      num_classes=int(num_classes),
-      num_examples=len(source),
-  )
-  return source, spec, has_label, cfg.name != DIGITS
+    """Returns (random-access source, DatasetSpec, has_label, crop) for `split`."""
+    builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
+    features = builder.info.features
+    if "image" not in features:
+        raise ValueError(f"{cfg.name!r} has no 'image' feature (features: {list(features)})")
+    native_shape = tuple(features["image"].shape)  # (H, W, C); H, W may be None
+    if len(native_shape) != 3 or native_shape[-1] is None:
+        raise ValueError(f"{cfg.name!r}: expected HxWxC images, got shape {native_shape}")
+    has_label = "label" in features
+    num_classes = 0
+    if has_label:
+        num_classes = getattr(features["label"], "num_classes", None)
+        if not num_classes:
+            raise ValueError(f"{cfg.name!r}: 'label' is not a ClassLabel ({features['label']})")
+    spec = DatasetSpec(
+        name=cfg.name,
+        image_shape=(cfg.image_size, cfg.image_size, int(native_shape[-1])),
+        num_classes=int(num_classes),
+        num_examples=len(source),
+    )
+    return source, spec, has_label, cfg.name != DIGITS
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,250 +139,246 @@ def _open(cfg: _Config, split: str):
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 HxWxC -> uint8 size x size x C, PIL bilinear (antialiased when shrinking)."""
-  channels = image.shape[-1]
-  if channels in (1, 3):
-    mode_image = image[..., 0] if channels == 1 else image
-    out = np.asarray(Image.fromarray(mode_image).resize((size, size), Image.BILINEAR))
-    return out.reshape(size, size, channels)
-  return np.stack(  # any other channel count: one grayscale resize per channel
-      [_resize(image[..., c:c + 1], size)[..., 0] for c in range(channels)], axis=-1)
+    """uint8 HxWxC -> uint8 size x size x C, PIL bilinear (antialiased when shrinking)."""
+    channels = image.shape[-1]
+    if channels in (1, 3):
+        mode_image = image[..., 0] if channels == 1 else image
+        out = np.asarray(Image.fromarray(mode_image).resize((size, size), Image.BILINEAR))
+        return out.reshape(size, size, channels)
+    return np.stack(  # any other channel count: one grayscale resize per channel
+        [_resize(image[..., c:c + 1], size)[..., 0] for c in range(channels)], axis=-1)
 
 
 def _center_crop_square(image: np.ndarray) -> np.ndarray:
-  h, w = image.shape[:2]
-  side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
-  return image[top:top + side, left:left + side]
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side]
 
 
 @dataclasses.dataclass(frozen=True)
 class _PrepareExample:
-  """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar}."""
+    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar}."""
 
-  image_size: int
-  crop: bool
-  has_label: bool
+    image_size: int
+    crop: bool
+    has_label: bool
 
-  def __call__(self, record):
-    image = np.asarray(record["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.dtype != np.uint8:
-      raise ValueError(f"expected uint8 images, got {image.dtype}")
-    if image.shape[:2] != (self.image_size, self.image_size):
-      if self.crop:
-        image = _center_crop_square(image)
-      image = _resize(image, self.image_size)
-    label = np.int32(record["label"]) if self.has_label else np.int32(0)
-    return {"image": image, "label": label}
+    def __call__(self, record):
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images, got {image.dtype}")
+        if image.shape[:2] != (self.image_size, self.image_size):
+            if self.crop:
+                image = _center_crop_square(image)
+            image = _resize(image, self.image_size)
+        label = np.int32(record["label"]) if self.has_label else np.int32(0)
+        return {"image": image, "label": label}
 
 
 def _random_flip(example, rng: np.random.Generator):
-  """Horizontal flip with probability 1/2; `rng` is grain's, keyed by (seed, index)."""
-  if rng.integers(2):
-    example = {**example, "image": example["image"][:, ::-1]}
-  return example
+    """Horizontal flip with probability 1/2; `rng` is grain's, keyed by (seed, index)."""
+    if rng.integers(2):
+        example = {**example, "image": example["image"][:, ::-1]}
+    return example
 
 
 def _to_float(batch):
-  """uint8 [B, H, W, C] -> float32 in [-1, 1]; labels int32 [B]."""
-  image = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  return {"image": image, "label": batch["label"].astype(np.int32)}
+    """uint8 [B, H, W, C] -> float32 in [-1, 1]; labels int32 [B]."""
+    image = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return {"image": image, "label": batch["label"].astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------------------
-# Train iterator.
+# Train iterator. The two index-remapping datasets below define only grain's public
+# MapDataset interface (__len__, __getitem__); batching reads elements one index at a time.
 
 
 class _EpochShuffle(grain.MapDataset):
-  """Index ``e * n + j`` -> parent index ``e * n + perm_e[j]``: a fresh permutation per epoch.
+    """Index ``e * n + j`` -> parent index ``e * n + perm_e[j]``: a fresh permutation per epoch.
 
-  ``perm_e = default_rng([seed, e]).permutation(n)``, materialised once per epoch (8 bytes
-  per example, ~75 ms for ImageNet's 1.28M) and cached; lookups are then O(1). (grain's
-  ``shuffle`` computes each index on the fly but costs ~18 us per element on small
-  datasets, and seeds epoch ``e`` with ``seed + e``, so seed 1 would replay seed 0's
-  epochs shifted by one.)
-  """
+    ``perm_e = default_rng([seed, e]).permutation(n)``, materialised once per epoch (8 bytes
+    per example, ~75 ms for ImageNet's 1.28M) and cached; lookups are then O(1). (grain's
+    ``shuffle`` computes each index on the fly but costs ~18 us per element on small
+    datasets, and seeds epoch ``e`` with ``seed + e``, so seed 1 would replay seed 0's
+    epochs shifted by one.)
+    """
 
-  def __init__(self, parent: grain.MapDataset, *, seed: int):
-    super().__init__(parent)
-    self._n = len(parent)
-    self._seed = seed
-    self._cache = (None, None)  # (epoch, permutation); replaced atomically
+    def __init__(self, parent: grain.MapDataset, *, seed: int):
+        super().__init__(parent)
+        self._n = len(parent)
+        self._seed = seed
+        self._cache = (None, None)  # (epoch, permutation); replaced atomically
 
-  def __len__(self) -> int:
-    return self._n
+    def __len__(self) -> int:
+        return self._n
 
-  def __str__(self) -> str:
-    return f"_EpochShuffle(seed={self._seed})"
+    def __str__(self) -> str:
+        return f"_EpochShuffle(seed={self._seed})"
 
-  def __getstate__(self):  # pickled into grain workers: send no cached permutation
-    state = self.__dict__.copy()
-    state["_cache"] = (None, None)
-    return state
+    def __getstate__(self):  # pickled into grain workers: send no cached permutation
+        state = self.__dict__.copy()
+        state["_cache"] = (None, None)
+        return state
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    cached_epoch, permutation = self._cache
-    if cached_epoch != epoch:
-      permutation = np.random.default_rng([self._seed, epoch]).permutation(self._n)
-      self._cache = (epoch, permutation)
-    return permutation
+    def _permutation(self, epoch: int) -> np.ndarray:
+        cached_epoch, permutation = self._cache
+        if cached_epoch != epoch:
+            permutation = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+            self._cache = (epoch, permutation)
+        return permutation
 
-  def _parent_index(self, index: int) -> int:
-    epoch, position = divmod(index, self._n)
-    return epoch * self._n + int(self._permutation(epoch)[position])
+    def _parent_index(self, index: int) -> int:
+        epoch, position = divmod(index, self._n)
+        return epoch * self._n + int(self._permutation(epoch)[position])
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices):
-    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
 
 
 class _ProcessRows(grain.MapDataset):
-  """This process's rows of the global batches, as a flat infinite dataset.
+    """This process's rows of the global batches, as a flat infinite dataset.
 
-  Element ``k`` is row ``process_index * b + k % b`` of global step ``k // b``. Global
-  step ``s`` of epoch ``e = s // steps_per_epoch`` covers positions
-  ``[(s % steps_per_epoch) * G, ... + G)`` of the epoch's permutation, i.e. parent index
-  ``e * n + position`` (the shuffled parent reshuffles per ``index // n``). The
-  ``n - steps_per_epoch * G`` positions left at the end of each epoch are dropped. Only
-  the selected parent elements are ever read.
-  """
+    Element ``k`` is row ``process_index * b + k % b`` of global step ``k // b``. Global
+    step ``s`` of epoch ``e = s // steps_per_epoch`` covers positions
+    ``[(s % steps_per_epoch) * G, ... + G)`` of the epoch's permutation, i.e. parent index
+    ``e * n + position`` (the shuffled parent reshuffles per ``index // n``). The
+    ``n - steps_per_epoch * G`` positions left at the end of each epoch are dropped. Only
+    the selected parent elements are ever read.
+    """
 
-  def __init__(self, parent: grain.MapDataset, *, num_examples: int, batch_size: int,
-               process_index: int, process_count: int):
-    super().__init__(parent)
-    self._n = num_examples
-    self._b = batch_size
-    self._global_batch = batch_size * process_count
-    self._row0 = process_index * batch_size
-    self._steps_per_epoch = num_examples // self._global_batch
+    def __init__(self, parent: grain.MapDataset, *, num_examples: int, batch_size: int,
+                 process_index: int, process_count: int):
+        super().__init__(parent)
+        self._n = num_examples
+        self._b = batch_size
+        self._global_batch = batch_size * process_count
+        self._row0 = process_index * batch_size
+        self._steps_per_epoch = num_examples // self._global_batch
 
-  def __len__(self) -> int:
-    return sys.maxsize
+    def __len__(self) -> int:
+        return sys.maxsize
 
-  def __str__(self) -> str:
-    return f"_ProcessRows(b={self._b}, G={self._global_batch}, row0={self._row0})"
+    def __str__(self) -> str:
+        return f"_ProcessRows(b={self._b}, G={self._global_batch}, row0={self._row0})"
 
-  def _parent_index(self, k: int) -> int:
-    step, row = divmod(k, self._b)
-    epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
-    return epoch * self._n + step_in_epoch * self._global_batch + self._row0 + row
+    def _parent_index(self, k: int) -> int:
+        step, row = divmod(k, self._b)
+        epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
+        return epoch * self._n + step_in_epoch * self._global_batch + self._row0 + row
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices):
-    return self._parent._getitems([self._parent_index(k) for k in indices])  # pylint: disable=protected-access
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
 
 
 def _flip_seed(seed: int) -> int:
-  """Seed of grain's per-index flip RNG, hashed from `seed` (and distinct from the shuffle's)."""
-  return int(np.random.SeedSequence([seed, 0xF11B]).generate_state(1)[0])
+    """Seed of grain's per-index flip RNG, hashed from `seed` (and distinct from the shuffle's)."""
+    return int(np.random.SeedSequence([seed, 0xF11B]).generate_state(1)[0])
 
 
 class TrainIterator:
-  """Infinite iterator of this process's batches ``{"image": f32 [b,H,W,C], "label": i32 [b]}``.
+    """Infinite iterator of this process's batches ``{"image": f32 [b,H,W,C], "label": i32 [b]}``.
 
-  ``get_state()`` is a JSON-serialisable dict ``{"step": int, "seed": int,
-  "global_batch_size": int, "num_examples": int, "dataset": str, "split": str}``; the
-  step counts batches already returned (== the global train step). ``set_state`` checks
-  that seed, global batch size and dataset match and resumes at exactly that step; it is
-  valid for any process layout with the same global batch size.
-  """
+    ``get_state()`` is a JSON-serialisable dict ``{"step": int, "seed": int,
+    "global_batch_size": int, "num_examples": int, "dataset": str, "split": str}``; the
+    step counts batches already returned (== the global train step). ``set_state`` checks
+    that seed, global batch size and dataset match and resumes at exactly that step; it is
+    valid for any process layout with the same global batch size.
+    """
 
-  def __init__(self, batches: grain.MapDataset, *, spec: DatasetSpec, steps_per_epoch: int,
-               worker_count: int, identity: dict[str, Any]):
-    self.spec = spec
-    self.steps_per_epoch = steps_per_epoch
-    self._batches = batches
-    self._worker_count = worker_count
-    self._identity = identity
-    self._step = 0
-    self._iterator = None
+    def __init__(self, batches: grain.MapDataset, *, spec: DatasetSpec, steps_per_epoch: int,
+                 worker_count: int, identity: dict[str, Any]):
+        self.spec = spec
+        self.steps_per_epoch = steps_per_epoch
+        self._batches = batches
+        self._worker_count = worker_count
+        self._identity = identity
+        self._step = 0
+        self._iterator = None
 
-  @property
-  def step(self) -> int:
-    """Number of batches returned so far (the next batch is global step `step`)."""
-    return self._step
+    @property
+    def step(self) -> int:
+        """Number of batches returned so far (the next batch is global step `step`)."""
+        return self._step
 
-  @property
-  def epoch(self) -> int:
-    """Epoch of the next batch."""
-    return self._step // self.steps_per_epoch
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._step // self.steps_per_epoch
 
-  def __iter__(self) -> TrainIterator:
-    return self
+    def __iter__(self) -> TrainIterator:
+        return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._start(self._step)
-    batch = next(self._iterator)
-    if self._worker_count:
-      # Worker batches arrive as views of grain's shared memory blocks; copy them into
-      # plain arrays so each block is released now, not whenever the caller drops them.
-      batch = {key: np.array(value) for key, value in batch.items()}
-    self._step += 1
-    return batch
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start(self._step)
+        batch = next(self._iterator)
+        if self._worker_count:
+            # Worker batches arrive as views of grain's shared memory blocks; copy them into
+            # plain arrays so each block is released now, not whenever the caller drops them.
+            batch = {key: np.array(value) for key, value in batch.items()}
+        self._step += 1
+        return batch
 
-  def _start(self, step: int):
-    remaining = self._batches[step:]
-    if self._worker_count == 0:
-      # One background thread prepares the next batches in-process.
-      ds = remaining.to_iter_dataset(
-          grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
-    else:
-      # Worker processes each build whole batches (batch k on worker k % worker_count);
-      # the order stays the same as with worker_count == 0.
-      if not flags.FLAGS.is_parsed():
-        # grain's worker processes read its absl flags; outside absl.app.run (tests,
-        # notebooks) nothing parsed them, so use their defaults.
-        flags.FLAGS.mark_as_parsed()
-      ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._worker_count, per_worker_buffer_size=_PREFETCH_BATCHES))
-    return iter(ds)
+    def _start(self, step: int):
+        remaining = self._batches[step:]
+        if self._worker_count == 0:
+            # One background thread prepares the next batches in-process.
+            ds = remaining.to_iter_dataset(
+                grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
+        else:
+            # Worker processes each build whole batches (batch k on worker k % worker_count);
+            # the order stays the same as with worker_count == 0.
+            if not flags.FLAGS.is_parsed():
+                # grain's worker processes read its absl flags; outside absl.app.run (tests,
+                # notebooks) nothing parsed them, so use their defaults.
+                flags.FLAGS.mark_as_parsed()
+            ds = remaining.to_iter_dataset(
+                grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._worker_count, per_worker_buffer_size=_PREFETCH_BATCHES))
+        return iter(ds)
 
-  def get_state(self) -> dict[str, Any]:
-    return {"step": self._step, **self._identity}
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self._step, **self._identity}
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    for key, value in self._identity.items():
-      if key in state and state[key] != value:
-        raise ValueError(
-            f"data iterator state has {key}={state[key]!r} but this iterator has "
-            f"{key}={value!r}; cannot resume the same stream")
-    step = int(state["step"])
-    if step < 0:
-      raise ValueError(f"negative step in data iterator state: {step}")
-    self.close()
-    self._step = step
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        for key, value in self._identity.items():
+            if key in state and state[key] != value:
+                raise ValueError(
+                    f"data iterator state has {key}={state[key]!r} but this iterator has "
+                    f"{key}={value!r}; cannot resume the same stream")
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"negative step in data iterator state: {step}")
+        self.close()
+        self._step = step
 
-  def close(self) -> None:
-    """Stops background threads/processes (also done on set_state and garbage collection)."""
-    if self._iterator is not None:
-      close = getattr(self._iterator, "close", None)
-      if close is not None:
-        close()
-      self._iterator = None
+    def close(self) -> None:
+        """Stops background threads/processes (also done on set_state and garbage collection)."""
+        if self._iterator is not None:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+            self._iterator = None
 
-  def __enter__(self) -> TrainIterator:
-    return self
+    def __enter__(self) -> TrainIterator:
+        return self
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
-      pass
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
+            pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -525,61 +386,61 @@ class TrainIterator:
 
 
 def dataset_spec(data_cfg) -> DatasetSpec:
-  """Shapes (after resizing), class count and size of ``data_cfg.split``."""
-  cfg = _parse_config(data_cfg)
-  _, spec, _, _ = _open(cfg, cfg.split)
-  return spec
+    """Shapes (after resizing), class count and size of ``data_cfg.split``."""
+    cfg = _parse_config(data_cfg)
+    _, spec, _, _ = _open(cfg, cfg.split)
+    return spec
 
 
 def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1) -> TrainIterator:
-  """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples.
+    """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples.
 
-  ``batch_size`` is per process; the global batch is ``batch_size * process_count``. See
-  the module docstring for the order; it depends only on (dataset, split, seed, global
-  batch size), never on process_count or worker_count.
-  """
-  cfg = _parse_config(data_cfg)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                     f"{process_count}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-  source, spec, has_label, crop = _open(cfg, cfg.split)
-  n = spec.num_examples
-  global_batch = batch_size * process_count
-  if global_batch > n:
-    raise ValueError(f"global batch {global_batch} (= {batch_size} x {process_count} "
-                     f"processes) exceeds the {n} examples of {cfg.name}:{cfg.split}")
+    ``batch_size`` is per process; the global batch is ``batch_size * process_count``. See
+    the module docstring for the order; it depends only on (dataset, split, seed, global
+    batch size), never on process_count or worker_count.
+    """
+    cfg = _parse_config(data_cfg)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
+                         f"{process_count}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    source, spec, has_label, crop = _open(cfg, cfg.split)
+    n = spec.num_examples
+    global_batch = batch_size * process_count
+    if global_batch > n:
+        raise ValueError(f"global batch {global_batch} (= {batch_size} x {process_count} "
+                         f"processes) exceeds the {n} examples of {cfg.name}:{cfg.split}")
 
-  # Index space of `ds`: epoch * n + position in that epoch's permutation.
-  ds = _EpochShuffle(grain.MapDataset.source(source), seed=int(seed))
-  ds = ds.map(_PrepareExample(cfg.image_size, crop=crop, has_label=has_label))
-  if cfg.random_flip:
-    ds = ds.random_map(_random_flip, seed=_flip_seed(int(seed)))
-  ds = _ProcessRows(ds, num_examples=n, batch_size=batch_size, process_index=process_index,
-                    process_count=process_count)
-  batches = ds.batch(batch_size, drop_remainder=True).map(_to_float)
-  identity = {"seed": int(seed), "global_batch_size": global_batch, "num_examples": n,
-              "dataset": cfg.name, "split": cfg.split}
-  return TrainIterator(batches, spec=spec, steps_per_epoch=n // global_batch,
-                       worker_count=cfg.worker_count, identity=identity)
+    # Index space of `ds`: epoch * n + position in that epoch's permutation.
+    ds = _EpochShuffle(grain.MapDataset.source(source), seed=int(seed))
+    ds = ds.map(_PrepareExample(cfg.image_size, crop=crop, has_label=has_label))
+    if cfg.random_flip:
+        ds = ds.random_map(_random_flip, seed=_flip_seed(int(seed)))
+    ds = _ProcessRows(ds, num_examples=n, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count)
+    batches = ds.batch(batch_size, drop_remainder=True).map(_to_float)
+    identity = {"seed": int(seed), "global_batch_size": global_batch, "num_examples": n,
+                "dataset": cfg.name, "split": cfg.split}
+    return TrainIterator(batches, spec=spec, steps_per_epoch=n // global_batch,
+                         worker_count=cfg.worker_count, identity=identity)
 
 
 def load_split_arrays(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Whole `split`, in stored order, unflipped: (float32 [N, H, W, C] in [-1, 1], int32 [N]).
+    """Whole `split`, in stored order, unflipped: (float32 [N, H, W, C] in [-1, 1], int32 [N]).
 
-  Holds everything in memory: meant for small datasets (evaluation, reference stats).
-  """
-  cfg = _parse_config(data_cfg)
-  source, spec, has_label, crop = _open(cfg, split)
-  prepare = _PrepareExample(cfg.image_size, crop=crop, has_label=has_label)
-  images = np.empty((spec.num_examples, *spec.image_shape), np.uint8)
-  labels = np.empty((spec.num_examples,), np.int32)
-  for i in range(spec.num_examples):
-    example = prepare(source[i])
-    images[i], labels[i] = example["image"], example["label"]
-  batch = _to_float({"image": images, "label": labels})
-  return batch["image"], batch["label"]
+    Holds everything in memory: meant for small datasets (evaluation, reference stats).
+    """
+    cfg = _parse_config(data_cfg)
+    source, spec, has_label, crop = _open(cfg, split)
+    prepare = _PrepareExample(cfg.image_size, crop=crop, has_label=has_label)
+    images = np.empty((spec.num_examples, *spec.image_shape), np.uint8)
+    labels = np.empty((spec.num_examples,), np.int32)
+    for i in range(spec.num_examples):
+        example = prepare(source[i])
+        images[i], labels[i] = example["image"], example["label"]
+    batch = _to_float({"image": images, "label": labels})
+    return batch["image"], batch["label"]

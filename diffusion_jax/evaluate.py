@@ -1,12 +1,16 @@
-"""Score a trained workdir's latest EMA checkpoint: FID, KID, precision/recall and (class-
+r"""Score a trained workdir's latest EMA checkpoint: FID, KID, precision/recall and (class-
 conditional models) class accuracy, with any sampler settings.
 
-  python -m diffusion_jax.evaluate --workdir=runs/digits --num_samples=1498 \
-      [--sampler=ddim --num_steps=50 --eta=0 --spacing=leading --guidance_scale=1 --seed=0]
+  python -m diffusion_jax.evaluate --workdir=runs/digits --num_samples=1498 [--seed=0] \
+      [--config.sampler.name=ddim --config.sampler.num_steps=50 --config.sampler.eta=0 \
+       --config.sampler.spacing=leading --config.sampler.guidance_scale=1]
+
+Sampler settings come from the workdir's config.json; ``--config.KEY=VALUE`` overrides any
+key of it, checked like a training config.
 
 Feature net: the digits classifier for data.name == "digits" (trained and cached on first
 use, ~10 s), InceptionV3 otherwise (--inception_weights=FILE; see
-diffusion_jax.evaluation.inception_v3 for where to get it). Reference statistics: the whole
+diffusion_jax/evaluation/inception.py for where to get it). Reference statistics: the whole
 --ref_split of the workdir's dataset, cached in --cache_dir.
 
 Prints one JSON line and appends it to <workdir>/eval.jsonl. Besides the metrics it holds
@@ -20,65 +24,53 @@ fid_matched_ratio = fid_matched / fid_floor. Only fid_matched is comparable with
 """
 from __future__ import annotations
 
+import json
 import os
-import sys
 
 from absl import flags
 
-# Own FlagValues, so this module can be imported next to diffusion_jax.sample, which defines flags of
-# the same names on the global FLAGS at import.
+from diffusion_jax import cli
+
+# Own FlagValues: importable next to the other CLIs, whose flags share names.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", flag_values=FLAGS)
-flags.DEFINE_integer("num_samples", 1000, "Samples to generate and score.", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", 500, "Samples per compiled sampling call.", flag_values=FLAGS)
-flags.DEFINE_string("sampler", None, "ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_sde (default: the workdir config's).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("num_steps", None, "DDIM steps (default: config's).", flag_values=FLAGS)
-flags.DEFINE_float("eta", None, "DDIM eta (default: config's).", flag_values=FLAGS)
-flags.DEFINE_string("spacing", None, "DDIM timestep spacing (default: config's).",
-                    flag_values=FLAGS)
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config's).",
-                   flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses fold_in(PRNGKey(seed), i)).",
-                     flag_values=FLAGS)
-flags.DEFINE_string("ref_split", "train", "Dataset split of the reference statistics.",
-                    flag_values=FLAGS)
+OWN = dict(flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", **OWN)
+flags.DEFINE_integer("num_samples", 1000, "Samples to generate and score.", **OWN)
+flags.DEFINE_integer("batch_size", 500, "Samples per compiled sampling call.", **OWN)
+flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses fold_in(PRNGKey(seed), i)).", **OWN)
+flags.DEFINE_string("ref_split", "train", "Dataset split of the reference statistics.", **OWN)
 flags.DEFINE_string("cache_dir", "", "Feature net + reference stats cache "
-                    "(default ~/.cache/diffusion_jax/eval).", flag_values=FLAGS)
+                    "(default ~/.cache/diffusion_jax/eval).", **OWN)
 flags.DEFINE_string("inception_weights", "", "InceptionV3 weights (.npz/.pkl) for datasets "
-                    "other than digits.", flag_values=FLAGS)
+                    "other than digits.", **OWN)
 flags.DEFINE_bool("floor", True, "Also report the real-vs-real floor and the matched FID.",
-                  flag_values=FLAGS)
+                  **OWN)
 flags.DEFINE_integer("floor_num_samples", 0, "Images per side for the floor and matched FID "
-                     "(0: min(num_samples, half the reference split)).", flag_values=FLAGS)
-flags.DEFINE_string("out", "", "JSONL file to append to (default <workdir>/eval.jsonl).",
-                    flag_values=FLAGS)
+                     "(0: min(num_samples, half the reference split)).", **OWN)
+flags.DEFINE_string("out", "", "JSONL file to append to (default <workdir>/eval.jsonl).", **OWN)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None,
         seed: int = 0, ref_split: str = "train", cache_dir: str = "",
         inception_weights: str = "", floor: bool = True, floor_num_samples: int = 0) -> dict:
     """Evaluate ``workdir``'s latest EMA params; returns the record (see module docstring).
-    ``overrides``: {sampler key: value} applied to the workdir's config.sampler."""
+    ``overrides``: {dotted config key: value or CLI text} applied to the workdir's config,
+    e.g. {"sampler.num_steps": 20}."""
     import jax
 
-    from diffusion_jax import evaluation, schedules, steps, train
+    from diffusion_jax import data, evaluation, schedules, steps, workdir as workdir_lib
 
-    config = train.load_config(workdir)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            config.sampler[key] = value
-    if not 1 <= config.sampler.num_steps <= config.schedule.num_timesteps:
-        raise train.ConfigError(f"num_steps={config.sampler.num_steps} must be in "
-                                f"1..{config.schedule.num_timesteps}")
+    config = workdir_lib.load_config(workdir)
+    cli.apply_overrides(config, overrides or {})
+    workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
     if num_samples < 2:
-        raise train.ConfigError(f"num_samples must be >= 2, got {num_samples}")
-    model, spec, state = train.load_state(workdir, config)
+        raise workdir_lib.ConfigError(f"num_samples must be >= 2, got {num_samples}")
+    model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
-    schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps,
-                                       zero_terminal_snr=config.schedule.zero_terminal_snr)
     bs = min(batch_size, num_samples)
-    sample_fn = steps.make_sample_fn(model, schedule, config, (bs, *spec.image_shape))
+    sample_fn = steps.make_sample_fn(model, schedules.build(config.schedule), config,
+                                     (bs, *spec.image_shape))
 
     extractor = evaluation.make_extractor(config.data, cache_dir=cache_dir,
                                           inception_weights=inception_weights)
@@ -103,38 +95,22 @@ def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None
     return result
 
 
-def main(argv) -> dict:
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}\n\n{FLAGS.get_help()}", file=sys.stderr)
-        sys.exit(2)
-    if len(rest) > 1 or FLAGS.workdir is None:
-        print(f"usage: python -m diffusion_jax.evaluate --workdir=W [flags]; "
-              f"unexpected {rest[1:]}\n\n{FLAGS.get_help()}", file=sys.stderr)
-        sys.exit(2)
-    from diffusion_jax import evaluation, parallel, train
+def main(overrides: dict) -> dict:
+    from diffusion_jax import evaluation, runtime
+    from diffusion_jax.workdir import ConfigError
 
-    parallel.configure_cpu_xla_flags()
-    overrides = {"name": FLAGS.sampler, "num_steps": FLAGS.num_steps, "eta": FLAGS.eta,
-                 "spacing": FLAGS.spacing, "guidance_scale": FLAGS.guidance_scale}
+    runtime.configure_cpu_xla_flags()
     try:
         result = run(FLAGS.workdir, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
                      overrides=overrides, seed=FLAGS.seed, ref_split=FLAGS.ref_split,
                      cache_dir=FLAGS.cache_dir, inception_weights=FLAGS.inception_weights,
                      floor=FLAGS.floor, floor_num_samples=FLAGS.floor_num_samples)
-    except (train.ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    import json
-
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        cli.fail(str(e))
     print(json.dumps(result, sort_keys=True))
     evaluation.append_jsonl(FLAGS.out or os.path.join(FLAGS.workdir, "eval.jsonl"), result)
     return result
 
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):
-        print(__doc__ + "\n" + FLAGS.get_help())
-        sys.exit(0)
-    main(sys.argv)
+    cli.run(main, FLAGS, __doc__)

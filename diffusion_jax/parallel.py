@@ -12,9 +12,7 @@ converted at the boundary by ``DataParallel``.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import numpy as np
@@ -26,56 +24,10 @@ AXIS = "data"
 MODES = ("jit", "pmap")
 
 
-# Environment variables that mark a cluster where jax.distributed.initialize() can find
-# its coordinator, process count and id by itself (TPU pod slices, SLURM, Open MPI).
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                "OMPI_COMM_WORLD_SIZE")
-
-
-def initialize_distributed(coordinator_address: str = "", num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, mode: str = "auto") -> None:
-    """Start JAX's multi-controller runtime (one Python process per host).
-
-    mode "off": single process. "on": always call jax.distributed.initialize, with the
-    given address/count/id or, if not given, auto-detected (TPU, SLURM, MPI). "auto": like
-    "on" when an address is given or a known cluster environment is detected, else off.
-    Must run before anything touches a device.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"unknown multihost mode {mode!r}; valid: ['auto', 'on', 'off']")
-    detected = [k for k in _CLUSTER_ENV if k in os.environ]
-    if mode == "off" or (mode == "auto" and not coordinator_address and not detected):
-        return
-    kwargs = {}
-    if coordinator_address:
-        if num_processes is None or process_id is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                      process_id=process_id)
-    jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices%s",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), f" (detected {detected})" if detected else "")
-
-
-# XLA:CPU in jaxlib 0.10.2 sends convolutions to YNNPACK, whose weight-gradient conv runs
-# ~3x slower than Eigen's; Eigen convolutions + YNNPACK reductions measured -31% (DDPM
-# CIFAR-10 UNet) and -18% (digits UNet) per train step (benchmarks/README.md). CPU-only
-# flag: other backends ignore it.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
-
-
-def configure_cpu_xla_flags() -> None:
-    """Add CPU_XLA_FLAGS to XLA_FLAGS unless the user set that option; must run before
-    the first device use (JAX reads XLA_FLAGS when it starts its backend)."""
-    current = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {CPU_XLA_FLAGS}".strip()
-
-
 def make_mesh(devices=None) -> Mesh:
     """A 1-D ('data',) mesh over ``devices`` (default: all devices of all processes).
-    Auto axis type: explicit-mode sharding breaks linen Dropout (see jax-notes.md)."""
+    Auto axis type: with jax.make_mesh's default Explicit axes, linen Dropout inside a
+    batch-sharded jitted step fails with a ShardingTypeError (jax 0.10.2)."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -123,11 +75,20 @@ def sync_processes(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
     """
     if jax.process_count() == 1:
         return
-    # jax has no public wrapper for this barrier; orbax uses the same client the same way.
+    coordination_client().wait_at_barrier(f"diffusion_jax:{name}",
+                                          timeout_in_ms=timeout_s * 1000)
+
+
+def coordination_client():
+    """The client of jax.distributed's coordination service (its key-value store and
+    barriers). jax 0.10.2 has no public accessor, so this is the one place that reaches
+    into ``jax._src``; tests/test_parallel.py fails loudly if that path moves."""
     from jax._src import distributed
 
-    distributed.global_state.client.wait_at_barrier(f"diffusion_jax:{name}",
-                                                    timeout_in_ms=timeout_s * 1000)
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized: no coordination service")
+    return client
 
 
 def gather_to_host(x: jax.Array, name: str = "gather") -> np.ndarray:
@@ -146,6 +107,16 @@ def precompile_and_sync(fn, *args, name: str) -> None:
     The next call reuses this compilation from jax's cache (tests/test_train.py checks)."""
     fn.lower(*args).compile()
     sync_processes(f"compiled:{name}")
+
+
+def scan_steps(train_step: Callable) -> Callable:
+    """Several updates per dispatch: ``(state, batches[k, ...]) -> (state, metrics[k, ...])``.
+    Cuts Python dispatch overhead for small models; identical math to k single steps."""
+
+    def multi_step(state, batches):
+        return jax.lax.scan(train_step, state, batches)
+
+    return multi_step
 
 
 @dataclasses.dataclass
@@ -167,8 +138,6 @@ class DataParallel:
     def compile(self, make_step: Callable[..., Callable], steps_per_dispatch: int = 1):
         """``make_step(axis_name)`` -> pure step; returns the compiled, state-donating one.
         With ``steps_per_dispatch > 1`` the step is scanned over a stack of batches."""
-        from diffusion_jax.steps import scan_steps  # steps imports nothing from here
-
         scanned = steps_per_dispatch > 1
         if self.mode == "jit":
             step = make_step(None)

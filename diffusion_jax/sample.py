@@ -1,7 +1,8 @@
-"""Sample from, or edit images with, a trained workdir's latest EMA checkpoint.
+r"""Sample from, or edit images with, a trained workdir's latest EMA checkpoint.
 
   python -m diffusion_jax.sample --workdir=runs/digits --num_samples=64 \
-      [--sampler=dpmpp_2m --spacing=logsnr --num_steps=20 --guidance_scale=2 --labels=3]
+      [--config.sampler.name=dpmpp_2m --config.sampler.spacing=logsnr \
+       --config.sampler.num_steps=20 --config.sampler.guidance_scale=2 --labels=3]
   python -m diffusion_jax.sample --workdir=runs/digits --mode=img2img --input=in.npz --strength=0.6
   python -m diffusion_jax.sample --workdir=runs/digits --mode=inpaint --input=a.png,b.png --mask=top
   python -m diffusion_jax.sample --workdir=runs/digits --mode=invert --input=in.npz --labels=7
@@ -18,70 +19,69 @@ inputs' labels). Images must already have the model's size and channels. --mask:
 or a named mask: top, bottom, left, right (that half is known) or center (the central
 square is generated, the border known).
 
+Sampler settings come from the workdir's config.json; ``--config.KEY=VALUE`` overrides any
+key of it (usually ``sampler.*``), checked like a training config. ``--seed=S`` with the
+default batch size redraws the training run's sample grids (they use seed config.seed + 1).
+
 Writes a PNG grid (default <workdir>/samples/<mode>_<sampler>.png; edit modes show each
 input, masked for inpaint, next to its output) and optionally the raw outputs as uint8
 images with their class labels to an .npz (keys: images, labels).
 """
 import os
-import sys
 
-import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from diffusion_jax import (data, evaluation, metrics, parallel, samplers, schedules, steps,
-                           train)
-from diffusion_jax.objectives import check_choice
+from diffusion_jax import cli, data, generate, metrics, runtime, samplers, schedules, steps
+from diffusion_jax.workdir import ConfigError, check_config, load_config, load_state
 
 MASKS = ("top", "bottom", "left", "right", "center")
 
-flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.")
-flags.DEFINE_enum("mode", "sample", list(samplers.MODES), "What to do (see the module doc).")
+# Own FlagValues: importable next to the other CLIs, whose flags share names.
+FLAGS = flags.FlagValues()
+OWN = dict(flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", **OWN)
+flags.DEFINE_enum("mode", "sample", list(samplers.MODES), "What to do (see the module doc).", **OWN)
 flags.DEFINE_integer("num_samples", 64, "How many samples (edit modes: default one per "
-                     "input; more cycles the inputs).")
-flags.DEFINE_integer("batch_size", 256, "Samples per compiled call.")
-flags.DEFINE_string("sampler", None, f"{' | '.join(samplers.SAMPLERS)} (default: the "
-                    "workdir config's).")
-flags.DEFINE_integer("num_steps", None, "Sampler steps, all but ddpm (default: config's).")
-flags.DEFINE_float("eta", None, "DDIM eta (default: config's).")
-flags.DEFINE_string("spacing", None, f"Timestep spacing, {' | '.join(samplers.SPACINGS)} "
-                    "(default: config's).")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: config's).")
+                     "input; more cycles the inputs).", **OWN)
+flags.DEFINE_integer("batch_size", 256, "Samples per compiled call.", **OWN)
 flags.DEFINE_string("guidance_interval", "", "'t_lo,t_hi': guide only at schedule indices "
-                    "in [t_lo, t_hi] (default: all).")
-flags.DEFINE_float("guidance_rescale", None, "Guidance rescale phi in [0, 1] (default: off).")
+                    "in [t_lo, t_hi] (default: all).", **OWN)
+flags.DEFINE_float("guidance_rescale", None, "Guidance rescale phi in [0, 1] (default: off).",
+                   **OWN)
 flags.DEFINE_string("labels", "", "Comma-separated class labels cycled over samples "
                     "(default: 0..num_classes-1 cycled, or the --input .npz's labels; "
-                    "invert: the labels to regenerate with). Class-conditional models only.")
+                    "invert: the labels to regenerate with). Class-conditional models only.",
+                    **OWN)
 flags.DEFINE_string("input", "", "img2img / inpaint / invert: PNG file(s), comma-separated, "
-                    "or an .npz with uint8 'images' [N, H, W, C].")
+                    "or an .npz with uint8 'images' [N, H, W, C].", **OWN)
 flags.DEFINE_string("mask", "", f"inpaint: PNG, .npz with 'mask' (1 = known) or one of "
-                    f"{', '.join(MASKS)}.")
+                    f"{', '.join(MASKS)}.", **OWN)
 flags.DEFINE_float("strength", 0.5, "img2img: fraction of the sampler's steps to run "
-                   "(0 = return the input, 1 = sample from noise).")
-flags.DEFINE_integer("repaint_jump", 10, "inpaint: RePaint jump length (in sampler steps).")
+                   "(0 = return the input, 1 = sample from noise).", **OWN)
+flags.DEFINE_integer("repaint_jump", 10, "inpaint: RePaint jump length (in sampler steps).",
+                     **OWN)
 flags.DEFINE_integer("repaint_resample", 1, "inpaint: RePaint resamplings per jump "
-                     "(1 = plain replacement).")
+                     "(1 = plain replacement).", **OWN)
 flags.DEFINE_string("source_labels", "", "invert: labels to invert with (default: the "
-                    "--input .npz's labels, else --labels).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("out", "", "PNG path (default <workdir>/samples/<mode>_<sampler>.png).")
-flags.DEFINE_string("npz", "", "If set, also write uint8 images + labels to this .npz.")
-flags.mark_flag_as_required("workdir")
-FLAGS = flags.FLAGS
+                    "--input .npz's labels, else --labels).", **OWN)
+flags.DEFINE_integer("seed", 0, "Sampling seed.", **OWN)
+flags.DEFINE_string("out", "", "PNG path (default <workdir>/samples/<mode>_<sampler>.png).", **OWN)
+flags.DEFINE_string("npz", "", "If set, also write uint8 images + labels to this .npz.", **OWN)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def parse_labels(text: str, n: int, num_classes: int, flag: str = "--labels") -> np.ndarray:
     if not text:
-        return evaluation.class_balanced_labels(num_classes, n)
+        return generate.class_balanced_labels(num_classes, n)
     if num_classes == 0:
-        raise train.ConfigError(f"{flag} given but the model is unconditional")
+        raise ConfigError(f"{flag} given but the model is unconditional")
     try:
         labels = np.array([int(x) for x in text.split(",")], np.int32)
     except ValueError:
-        raise train.ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise train.ConfigError(f"{flag} must be in 0..{num_classes - 1}")
+        raise ConfigError(f"{flag} must be in 0..{num_classes - 1}")
     return np.resize(labels, n)
 
 
@@ -96,28 +96,28 @@ def load_images(spec_arg: str, image_shape):
     paths = [p for p in spec_arg.split(",") if p]
     for p in paths:
         if not os.path.exists(p):
-            raise train.ConfigError(f"--input file {p} not found")
+            raise ConfigError(f"--input file {p} not found")
     labels = None
     if len(paths) == 1 and paths[0].endswith(".npz"):
         with np.load(paths[0]) as f:
             if "images" not in f:
-                raise train.ConfigError(f"{paths[0]} has no 'images' array "
+                raise ConfigError(f"{paths[0]} has no 'images' array "
                                         f"(keys: {list(f.keys())})")
             images = f["images"]
             labels = f["labels"].astype(np.int32) if "labels" in f else None
         if images.ndim == 3:  # [N, H, W] grayscale
             images = images[..., None]
         if images.ndim != 4:
-            raise train.ConfigError(f"{paths[0]}: 'images' must be [N, H, W, C], got shape "
+            raise ConfigError(f"{paths[0]}: 'images' must be [N, H, W, C], got shape "
                                     f"{images.shape}")
         if images.dtype != np.uint8:
-            raise train.ConfigError(f"{paths[0]}: 'images' must be uint8 (0..255), got "
+            raise ConfigError(f"{paths[0]}: 'images' must be uint8 (0..255), got "
                                     f"{images.dtype}")
     else:
         arrays = []
         for p in paths:
             if not p.lower().endswith(".png"):
-                raise train.ConfigError(f"--input {p}: expected .png files or one .npz")
+                raise ConfigError(f"--input {p}: expected .png files or one .npz")
             img = Image.open(p)
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB" if image_shape[2] == 3 else "L")
@@ -125,10 +125,10 @@ def load_images(spec_arg: str, image_shape):
             arrays.append(a[..., None] if a.ndim == 2 else a)
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise train.ConfigError(f"--input PNGs differ in size: {sorted(shapes)}")
+            raise ConfigError(f"--input PNGs differ in size: {sorted(shapes)}")
         images = np.stack(arrays)
     if images.shape[1:] != tuple(image_shape):
-        raise train.ConfigError(
+        raise ConfigError(
             f"--input images are {_shape_text(images.shape[1:])} (HxWxC) but the model "
             f"expects {_shape_text(image_shape)}; resize/convert them first")
     if labels is not None and labels.shape != (images.shape[0],):
@@ -155,11 +155,11 @@ def load_mask(spec_arg: str, image_shape) -> np.ndarray:
             m[h // 4: h - h // 4, w // 4: w - w // 4] = 0
         return m
     if not os.path.exists(spec_arg):
-        raise train.ConfigError(f"--mask {spec_arg!r} is neither a file nor one of {MASKS}")
+        raise ConfigError(f"--mask {spec_arg!r} is neither a file nor one of {MASKS}")
     if spec_arg.endswith(".npz"):
         with np.load(spec_arg) as f:
             if "mask" not in f:
-                raise train.ConfigError(f"{spec_arg} has no 'mask' array (keys: {list(f.keys())})")
+                raise ConfigError(f"{spec_arg} has no 'mask' array (keys: {list(f.keys())})")
             m = np.asarray(f["mask"], np.float32)
         if m.ndim == 2:
             m = m[..., None]
@@ -167,11 +167,11 @@ def load_mask(spec_arg: str, image_shape) -> np.ndarray:
         m = (np.asarray(Image.open(spec_arg).convert("L"), np.float32) >= 128)[..., None]
         m = m.astype(np.float32)
     if m.ndim not in (3, 4) or m.shape[-3:-1] != (h, w) or m.shape[-1] not in (1, c):
-        raise train.ConfigError(f"--mask is {_shape_text(m.shape)} but the images are "
+        raise ConfigError(f"--mask is {_shape_text(m.shape)} but the images are "
                                 f"{_shape_text(image_shape)} (HxWxC; mask HxW, HxWx1, HxWxC "
                                 "or NxHxWxC)")
     if np.any((m < 0) | (m > 1)):
-        raise train.ConfigError("--mask values must lie in [0, 1] (1 = known)")
+        raise ConfigError("--mask values must lie in [0, 1] (1 = known)")
     return m
 
 
@@ -181,35 +181,31 @@ def parse_interval(text: str):
     try:
         lo, hi = (int(v) for v in text.split(","))
     except ValueError:
-        raise train.ConfigError(f"--guidance_interval must be 't_lo,t_hi', got {text!r}") from None
+        raise ConfigError(f"--guidance_interval must be 't_lo,t_hi', got {text!r}") from None
     return lo, hi
 
 
-def setup():
+def setup(overrides: dict):
     """Everything that can fail on user input, before any compile: (config, model, spec,
-    params, step, inputs dict). Raises ConfigError / ValueError / FileNotFoundError."""
-    config = train.load_config(FLAGS.workdir)
-    for key in ("sampler", "num_steps", "eta", "spacing", "guidance_scale"):
-        value = getattr(FLAGS, key)
-        if value is not None:
-            config.sampler["name" if key == "sampler" else key] = value
-    check_choice("--sampler", config.sampler.name, samplers.SAMPLERS)
-    check_choice("--spacing", config.sampler.spacing, samplers.SPACINGS)
-    if not 1 <= config.sampler.num_steps <= config.schedule.num_timesteps:
-        raise train.ConfigError(f"--num_steps must be in 1..{config.schedule.num_timesteps}")
-    mode = FLAGS.mode
-    if mode == "invert" and FLAGS["sampler"].present and config.sampler.name != "ddim":
-        raise train.ConfigError("--mode=invert always uses deterministic DDIM; drop --sampler")
-    if mode == "sample" and (FLAGS.input or FLAGS.mask):
-        raise train.ConfigError("--input/--mask need --mode=img2img, inpaint or invert")
-    if mode != "sample" and not FLAGS.input:
-        raise train.ConfigError(f"--mode={mode} needs --input")
-    if mode == "inpaint" and not FLAGS.mask:
-        raise train.ConfigError("--mode=inpaint needs --mask")
-    if not 0.0 <= FLAGS.strength <= 1.0:
-        raise train.ConfigError(f"--strength must be in [0, 1], got {FLAGS.strength}")
-    interval = parse_interval(FLAGS.guidance_interval)
+    params, step, n, labels, inputs dict). Raises ConfigError / ValueError /
+    FileNotFoundError."""
+    config = load_config(FLAGS.workdir)
+    cli.apply_overrides(config, overrides)
     spec = data.dataset_spec(config.data)
+    check_config(config, spec, training=False)
+    mode = FLAGS.mode
+    if mode == "invert" and config.sampler.name != "ddim" and "sampler.name" in overrides:
+        raise ConfigError("--mode=invert always uses deterministic DDIM; drop "
+                          "--config.sampler.name")
+    if mode == "sample" and (FLAGS.input or FLAGS.mask):
+        raise ConfigError("--input/--mask need --mode=img2img, inpaint or invert")
+    if mode != "sample" and not FLAGS.input:
+        raise ConfigError(f"--mode={mode} needs --input")
+    if mode == "inpaint" and not FLAGS.mask:
+        raise ConfigError("--mode=inpaint needs --mask")
+    if not 0.0 <= FLAGS.strength <= 1.0:
+        raise ConfigError(f"--strength must be in [0, 1], got {FLAGS.strength}")
+    interval = parse_interval(FLAGS.guidance_interval)
     num_classes = config.model.num_classes
     inputs = {"interval": interval}
     n = FLAGS.num_samples
@@ -237,48 +233,37 @@ def setup():
                   else default)
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
-    model, spec, state = train.load_state(FLAGS.workdir, config)
+    model, spec, state = load_state(FLAGS.workdir, config)
     params, step = state.ema_params, int(state.step)
     return config, model, spec, params, step, n, labels, inputs
 
 
-def main(argv):
-    del argv
-    parallel.configure_cpu_xla_flags()
+def main(overrides: dict):
+    runtime.configure_cpu_xla_flags()
     try:
-        config, model, spec, params, step, n, labels, inputs = setup()
-    except (train.ConfigError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config, model, spec, params, step, n, labels, inputs = setup(overrides)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+        cli.fail(str(e))
     mode, s_cfg = FLAGS.mode, config.sampler
-    schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps,
-                                       zero_terminal_snr=config.schedule.zero_terminal_snr)
     bs = min(FLAGS.batch_size, n)
-    sample_fn = jax.jit(steps.make_sample_fn(
-        model, schedule, config, (bs, *spec.image_shape), mode=mode, strength=FLAGS.strength,
-        jump_length=FLAGS.repaint_jump, jump_n_sample=FLAGS.repaint_resample,
-        guidance_interval=inputs["interval"], guidance_rescale=FLAGS.guidance_rescale))
+    sample_fn = steps.make_sample_fn(
+        model, schedules.build(config.schedule), config, (bs, *spec.image_shape), mode=mode,
+        strength=FLAGS.strength, jump_length=FLAGS.repaint_jump,
+        jump_n_sample=FLAGS.repaint_resample, guidance_interval=inputs["interval"],
+        guidance_rescale=FLAGS.guidance_rescale)
     images_in = inputs.get("images")
     x_in = None if images_in is None else images_in.astype(np.float32) / 127.5 - 1.0
     mask = inputs.get("mask")
 
     def run(target_labels, guidance_scale):
-        chunks = []
-        for i, start in enumerate(range(0, n, bs)):
-            def pad(a):  # this chunk of a, cycled up to the compiled batch size
-                return None if a is None else np.resize(a[start:start + bs], (bs, *a.shape[1:]))
-            rng = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), i)
-            batch_mask = mask if mask is None or mask.ndim < 4 else pad(mask)
-            chunks.append(np.asarray(sample_fn(
-                params, rng, pad(target_labels), guidance_scale, pad(x_in), batch_mask,
-                pad(inputs.get("source_labels")))))
-        return np.concatenate(chunks)[:n]
+        return generate.generate_samples(
+            sample_fn, params, n, bs, FLAGS.seed, target_labels, guidance_scale=guidance_scale,
+            images=x_in, mask=mask, source_labels=inputs.get("source_labels"))
 
     try:
         images = run(labels, s_cfg.guidance_scale)
     except ValueError as e:  # e.g. a mask that does not broadcast to the batch
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     name = s_cfg.name + (f"{s_cfg.num_steps}" if s_cfg.name != "ddpm" else "")
     if mode == "invert":
         name = f"ddim{s_cfg.num_steps}"
@@ -309,4 +294,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, FLAGS, __doc__)

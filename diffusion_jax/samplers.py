@@ -1,10 +1,10 @@
-"""Samplers, guidance and editing, each one ``lax.scan`` in one jit.
+"""Samplers, each one ``lax.scan`` in one jit.
 
 Samplers (``SAMPLERS``): DDPM ancestral sampling, DDIM, Euler and Heun in the sense of
 Karras et al. 2022 (EDM), and DPM-Solver++(2M) with its SDE variant (Lu et al. 2022),
-all on the discrete schedule of schedules.py. Editing: ``img2img`` (SDEdit), ``inpaint``
-(replacement, optional RePaint resampling) and ``ddim_edit`` (DDIM inversion under one
-condition, regeneration under another). Classifier-free guidance: ``guided_model_fn``.
+all on the discrete schedule of schedules.py, over the timesteps of timesteps.py. Built on
+the same scan: editing.py (img2img, inpainting, DDIM inversion); a model_fn transform:
+guidance.py (classifier-free guidance).
 
 The model is any callable ``model_fn(x_t, t) -> output`` with ``t`` int32 [B] schedule
 indices and ``output`` of kind ``prediction`` (eps, x0 or v; see objectives.py), so a
@@ -19,13 +19,15 @@ or guidance scale never recompiles. ``model_fn`` is part of the jit cache key: a
 function counts by identity (reuse the same object), and anything it closes over is
 baked into the program as a constant. To pass network parameters as traced arrays (no
 recompile when they change), give ``jax.tree_util.Partial(apply_fn, params)``; its
-arguments are pytree leaves (``guided_model_fn`` returns such a Partial).
+arguments are pytree leaves (``guidance.guided_model_fn`` returns such a Partial).
 
 One step rule per sampler, ``rule(predict, schedule, x, t, t_prev, key, aux, eta) ->
 (x, aux)``, from index t to t_prev; ``aux`` carries a multistep solver's history
 (DPM-Solver++ keeps its previous x0 prediction) and is () for one-step rules. Everything
 else (the scan, RNG, trajectories, inpainting's known-pixel replacement, RePaint's
-re-noising steps) is shared by all rules in ``_scan_sample``.
+re-noising steps) is shared by all rules in ``_scan_sample``. ``plan``, ``start`` and
+``run`` (with ``as_pytree_fn``, ``replace_known`` and ``sqrt_alpha_bar``) are the seam
+that editing.py builds on: a sampler's steps, its x_T and keys, and the scan.
 
 RNG. ``rng`` splits into (rng_xT, rng_steps); x_T ~ N(0, I) is drawn from rng_xT unless
 given, and step i (in visiting order) draws its noise from ``split(rng_steps, n)[i]``.
@@ -38,7 +40,6 @@ from its smallest visited index to -1 with a first-order (DDIM / x0-prediction) 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import numbers
@@ -49,89 +50,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.objectives import (PREDICTIONS, check_choice, q_posterior, q_sample, target,
-                                      x0_eps_from_prediction)
+from diffusion_jax.objectives import PREDICTIONS, check_choice, q_posterior, x0_eps_from_prediction
 from diffusion_jax.schedules import NoiseSchedule, at
+from diffusion_jax.timesteps import ddim_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 VARIANCES = ("fixedlarge", "fixedsmall")
-# What the sample CLI / steps.make_sample_fn can do with a trained model.
+# What the sample CLI / steps.make_sample_fn can do with a trained model (editing.py).
 MODES = ("sample", "img2img", "inpaint", "invert")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 # --------------------------------------------------------------------------- timesteps
-
-
-def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
-                   log_snr=None) -> np.ndarray:
-    """The schedule indices a ``num_steps`` DDIM sampler visits, strictly descending, int32.
-
-    With T = num_timesteps and n = num_steps:
-      leading:  arange(0, T, T // n)[:n], reversed          (DDIM paper code, diffusers)
-      trailing: round(T - arange(n) * T / n) - 1            (Lin et al. 2024)
-      linspace: round(linspace(0, T - 1, n)), reversed
-      logsnr:   uniform in lambda = log_snr / 2 from index T-1 to 0 (Lu et al. 2022,
-                DPM-Solver's "logSNR" steps); needs the schedule's ``log_snr`` table
-    (round is numpy's, half to even). After the last (smallest) index the sampler steps to
-    alpha_bar = 1, i.e. clean x0, for every spacing.
-
-    Pitfalls: for n < T "leading" never visits T-1 (its largest index is
-    (n-1) * (T // n) <= T - T/n; 900 for T=1000, n=10), so it treats x_T ~ N(0, I) as a
-    less noisy x_t than it is; "trailing" always starts at T-1 and fixes that. Trailing is often written
-    round(arange(T, 0, -T/n)) - 1, but float arange can return n+1 points, the last one
-    mapping to index -1 (T=1000: n = 61, 103, 121, ...); the closed form above always has n.
-    Time-uniform spacings end with a long step in lambda (the linear schedule's lambda
-    rises from 1.0 at index 111 to 4.6 at 0), where the multistep extrapolation of
-    dpmpp_2m overshoots at 10-20 steps; "logsnr" spaces the steps evenly in lambda.
-    """
-    check_choice("spacing", spacing, SPACINGS)
-    try:
-        T, n = operator.index(num_timesteps), operator.index(num_steps)
-    except TypeError:
-        raise ValueError(f"num_timesteps and num_steps must be integers, got "
-                         f"{num_timesteps!r} and {num_steps!r}") from None
-    if not 1 <= n <= T:
-        raise ValueError(f"num_steps must be in 1..{T} (the schedule's steps), got {n}")
-    if spacing == "leading":
-        ts = np.arange(0, T, T // n)[:n][::-1]
-    elif spacing == "trailing":
-        ts = np.round(T - np.arange(n) * (T / n)) - 1
-    elif spacing == "linspace":
-        ts = np.round(np.linspace(0, T - 1, n))[::-1]
-    else:
-        ts = _logsnr_timesteps(log_snr, T, n)
-    return np.ascontiguousarray(ts, dtype=np.int32)
-
-
-def _logsnr_timesteps(log_snr, T: int, n: int) -> np.ndarray:
-    """The (rounded) indices at which lambda, linear between indices, takes n values
-    uniform from lambda(T-1) to lambda(0), made strictly descending: near index 0 lambda
-    changes by ~0.3 per index (linear schedule), so for large n several targets round to
-    one index; they are pushed apart by one index at a time, first upwards from 0, then
-    downwards from T-1 (both possible as n <= T)."""
-    if log_snr is None:
-        raise ValueError('spacing "logsnr" needs the schedule\'s log_snr table')
-    try:
-        lam = 0.5 * np.asarray(log_snr, np.float64)
-    except jax.errors.TracerArrayConversionError:
-        raise ValueError('spacing "logsnr" needs a concrete (not traced) schedule') from None
-    if lam.shape != (T,):
-        raise ValueError(f"log_snr has shape {lam.shape}, expected ({T},)")
-    # Only finite lambdas: a zero-terminal-SNR step (lambda = -inf) is visited first anyway.
-    finite = np.isfinite(lam)
-    lam_f, idx_f = lam[finite], np.arange(T)[finite]  # lambda descending in the index
-    targets = np.linspace(lam_f[-1], lam_f[0], n)
-    ts = np.round(np.interp(targets, lam_f[::-1], idx_f[::-1])).astype(np.int64)
-    ts[0] = T - 1
-    for i in range(n - 2, -1, -1):
-        ts[i] = max(ts[i], ts[i + 1] + 1)
-    ts[0] = min(ts[0], T - 1)
-    for i in range(1, n):
-        ts[i] = min(ts[i], ts[i - 1] - 1)
-    return ts
+# The grids themselves (spacings, RePaint's walk) are in timesteps.py.
 
 
 def sampler_timesteps(sampler: str, num_timesteps: int, num_steps: int,
@@ -152,37 +84,6 @@ def num_function_evals(sampler: str, num_steps: int, num_timesteps: int) -> int:
     return 2 * n - 1 if sampler == "heun" else n
 
 
-def repaint_timesteps(ts: np.ndarray, jump_length: int, jump_n_sample: int):
-    """RePaint's resampling schedule (Lugmayr et al. 2022, sec. 4.2) on the grid ``ts``.
-
-    Positions p = n-1 .. 0 stand for ts[0] .. ts[n-1] and p = -1 for the clean end. The
-    walk goes down one position at a time; the first jump_n_sample - 1 times it reaches
-    each of p = 0, L, 2L, .. (L = jump_length, p < n - L) it jumps back up L positions
-    (re-noising one interval at a time) and denoises them again. Returns
-    (ts_from, ts_to) int32 [m]: a step denoises if ts_to < ts_from, else re-noises.
-    jump_n_sample = 1 gives the plain schedule.
-    """
-    jump_length, jump_n_sample = operator.index(jump_length), operator.index(jump_n_sample)
-    if jump_length < 1 or jump_n_sample < 1:
-        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} "
-                         f"and {jump_n_sample}")
-    n = len(ts)
-    jumps = {p: jump_n_sample - 1 for p in range(0, n - jump_length, jump_length)}
-    p, walk = n - 1, [n - 1]
-    while p >= 0:
-        p -= 1
-        walk.append(p)
-        if jumps.get(p, 0) > 0:
-            jumps[p] -= 1
-            for _ in range(jump_length):
-                p += 1
-                walk.append(p)
-    level = np.append(np.asarray(ts, np.int32)[::-1], -1)  # level[p] = ts[n-1-p]; [-1] = -1
-    idx = np.asarray(walk)
-    return (np.ascontiguousarray(level[idx[:-1]], dtype=np.int32),
-            np.ascontiguousarray(level[idx[1:]], dtype=np.int32))
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -192,7 +93,7 @@ def _normal(key, shape, dtype=jnp.float32) -> jnp.ndarray:
     return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
-def _sqrt_alpha_bar(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
+def sqrt_alpha_bar(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
     """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at indices t [B], broadcast to rank ndim,
     with alpha_bar(-1) = 1. 1 - alpha_bar is taken from the float64-derived table, not
     computed as 1 - alpha_bar in float32, which loses ~4 digits near t = 0."""
@@ -255,8 +156,8 @@ def _ddim_step(predict, schedule, x_t, t, t_prev, key, aux, eta):
     sigma^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)."""
     x0, eps = predict(x_t, t)
     noise = _normal(key, x_t.shape, x_t.dtype)
-    a, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    a, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
     # 1 - ab / ab_prev: the noisier-step variance of _ratio_var, seen from t_prev.
     var = eta**2 * (s_prev / s) ** 2 * _ratio_var(a_prev, s_prev, a, s)
     # max(.., 0): float32 rounding can make 1 - ab_prev - sigma^2 = -1e-9 when eta = 1.
@@ -276,8 +177,8 @@ def _edm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, heun):
     algebraically DDIM with eta = 0 (tests check it). Needs alpha > 0 at every visited
     index: not for zero-terminal-SNR schedules (use dpmpp_2m or ddim there)."""
     del key, eta
-    a, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    a, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
     dsigma = s_prev / a_prev - s / a
     _, d = predict(x_t, t)
     x_tilde = x_t / a
@@ -312,8 +213,8 @@ def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
     del eta
     x0_last, h_last, have_last = aux
     x0, _ = predict(x_t, t)
-    _, s = _sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = _sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    _, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
     h = _lambda(schedule, t_prev, x_t.ndim) - _lambda(schedule, t, x_t.ndim)
     second = have_last & (t_prev >= 0).reshape(h.shape)
     r = jnp.where(second, h_last / h, 1.0)
@@ -354,15 +255,15 @@ _RULES = {
 
 def _renoise(schedule, x, t, t_up, key):
     """x_{t_up} ~ q(x_{t_up} | x_t) = N(sqrt(ab_up / ab) x_t, (1 - ab_up / ab) I), t_up > t."""
-    a, s = _sqrt_alpha_bar(schedule, t, x.ndim)
-    a_up, s_up = _sqrt_alpha_bar(schedule, t_up, x.ndim)
+    a, s = sqrt_alpha_bar(schedule, t, x.ndim)
+    a_up, s_up = sqrt_alpha_bar(schedule, t_up, x.ndim)
     return (a_up / a) * x + jnp.sqrt(_ratio_var(a, s, a_up, s_up)) * _normal(key, x.shape, x.dtype)
 
 
-def _replace_known(schedule, x, known, mask, t, key):
+def replace_known(schedule, x, known, mask, t, key):
     """Inpainting by replacement: the known pixels (mask = 1) become a fresh draw of
     q(x_t | known); at t = -1 exactly ``known``."""
-    a, s = _sqrt_alpha_bar(schedule, t, x.ndim)
+    a, s = sqrt_alpha_bar(schedule, t, x.ndim)
     known_t = a * known + s * _normal(key, x.shape, x.dtype)
     return mask * known_t + (1.0 - mask) * x
 
@@ -388,7 +289,7 @@ def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, ma
     def denoise(x, aux, t, t_prev, key):
         x, aux = rule.step(predict, schedule, x, t, t_prev, key, aux, eta)
         if known is not None:
-            x = _replace_known(schedule, x, known, mask, t_prev, jax.random.fold_in(key, 1))
+            x = replace_known(schedule, x, known, mask, t_prev, jax.random.fold_in(key, 1))
         return x.astype(x_T.dtype), aux
 
     def up(x, aux, t, t_prev, key):
@@ -423,111 +324,19 @@ def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, ma
     return jax.lax.scan(step, carry, tail)[0][0], traj
 
 
-@functools.partial(jax.jit, static_argnames=("prediction",))
-def _scan_invert(model_fn, schedule, x0, ts_from, ts_to, *, prediction):
-    """Deterministic DDIM run backwards: ts_from[i] -> ts_to[i] (ascending, from -1)."""
-    batch = x0.shape[0]
-
-    def step(x, inputs):
-        t_from = jnp.full((batch,), inputs[0], jnp.int32)
-        t_to = jnp.full((batch,), inputs[1], jnp.int32)
-        # eps at the current x, with the timestep of the step being inverted (the only one
-        # available for the first step, which starts at alpha_bar = 1).
-        out = model_fn(x, t_to).astype(x.dtype)
-        _, eps = x0_eps_from_prediction(schedule, prediction, x, t_to, out)
-        a_from, s_from = _sqrt_alpha_bar(schedule, t_from, x.ndim)
-        a_to, s_to = _sqrt_alpha_bar(schedule, t_to, x.ndim)
-        x = a_to * (x - s_from * eps) / a_from + s_to * eps
-        return x.astype(x0.dtype), None
-
-    return jax.lax.scan(step, x0, (ts_from, ts_to))[0]
-
-
-# --------------------------------------------------------------------------- guidance
-
-
-def _per_example(v, ndim):
-    """A scalar, or a [B] vector reshaped to broadcast against rank-ndim arrays."""
-    v = jnp.asarray(v, jnp.float32)
-    return v if v.ndim == 0 else v.reshape(v.shape + (1,) * (ndim - v.ndim))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Guided:
-    """The guided model_fn's function (static: equal instances share jit caches)."""
-
-    apply_fn: Callable
-    prediction: str
-
-    def __call__(self, params, cond, null_cond, scale, interval, rescale, schedule, x_t, t):
-        both = self.apply_fn(params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                             jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond))
-        out_cond, out_uncond = jnp.split(both.astype(x_t.dtype), 2)
-        w = _per_example(scale, x_t.ndim)
-        if interval is not None:
-            inside = (t >= interval[0]) & (t <= interval[1])
-            w = jnp.where(inside.reshape(t.shape + (1,) * (x_t.ndim - 1)), w, 1.0)
-        # w c + (1 - w) u, not u + w (c - u): exact at w = 0 (u) and w = 1 (c).
-        out = w * out_cond + (1.0 - w) * out_uncond
-        if rescale is None:
-            return out
-        # Lin et al. 2024, sec. 3.4: rescale the guided x0 to the conditional one's std
-        # (per example), then mix with the plain guided x0 by the factor ``rescale``.
-        x0_cond, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out_cond)
-        x0, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out)
-        axes = tuple(range(1, x_t.ndim))
-        ratio = jnp.std(x0_cond, axis=axes, keepdims=True) / jnp.maximum(
-            jnp.std(x0, axis=axes, keepdims=True), 1e-12)
-        phi = _per_example(rescale, x_t.ndim)
-        x0 = x0 * (phi * ratio + 1.0 - phi)
-        _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
-        return target(schedule, self.prediction, x0, eps, t)
-
-
-def guided_model_fn(apply_fn: Callable, params, cond, null_cond, guidance_scale, *,
-                    interval: Optional[Sequence[int]] = None, rescale=None,
-                    schedule: Optional[NoiseSchedule] = None,
-                    prediction: str = "eps") -> jax.tree_util.Partial:
-    """Classifier-free guidance (Ho & Salimans 2022) as a sampler model_fn.
-
-    ``apply_fn(params, x_t, t, cond) -> output`` is evaluated once on the doubled batch
-    [x_t; x_t] with conditions [cond; null_cond] (pytrees of [B, ...] arrays, e.g. labels
-    and the null label), and the output is w * cond_out + (1 - w) * uncond_out: w = 0 is
-    exactly the unconditional model, w = 1 exactly the conditional one, w > 1 guides.
-    Combining outputs is the same as combining eps (or x0) for any ``prediction``: the
-    conversions are affine in the output at fixed (x_t, t).
-
-    guidance_scale: scalar or per-example [B]; like params and cond it is a traced leaf,
-    so changing it never recompiles. interval = (t_lo, t_hi): guide only at schedule
-    indices t_lo <= t <= t_hi and use the conditional model (w = 1) elsewhere
-    (Kynkaanniemi et al. 2024, guidance in a limited interval); traced too. rescale = phi
-    in [0, 1] (needs ``schedule``): guidance rescale of Lin et al. 2024 (sec. 3.4) on the
-    x0 prediction. ``apply_fn`` is the static part of the jit key: pass the same object
-    each time (a new lambda per call recompiles).
-    """
-    check_choice("prediction", prediction, PREDICTIONS)
-    if rescale is not None and schedule is None:
-        raise ValueError("guidance rescale needs the schedule (to form x0 predictions)")
-    if interval is not None:
-        interval = jnp.asarray(interval, jnp.int32)
-        if interval.shape != (2,):
-            raise ValueError(f"interval must be (t_lo, t_hi), got shape {interval.shape}")
-    return jax.tree_util.Partial(
-        _Guided(apply_fn, prediction), params, cond, null_cond,
-        jnp.asarray(guidance_scale, jnp.float32), interval,
-        None if rescale is None else jnp.asarray(rescale, jnp.float32),
-        schedule if rescale is not None else None)
-
-
 # --------------------------------------------------------------------------- public API
+# plan, start and run (with as_pytree_fn, replace_known, sqrt_alpha_bar) are also the seam
+# editing.py builds on; sample and its two shorthands are the samplers proper.
 
 
-def _as_pytree_fn(model_fn) -> jax.tree_util.Partial:
+def as_pytree_fn(model_fn) -> jax.tree_util.Partial:
+    """model_fn as the jax.tree_util.Partial the scans take (a Partial is kept as is)."""
     return model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
 
 
-def _plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, variance: str, eta):
-    """(descending timesteps, rule name) of a sampler, with its options checked."""
+def plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, variance: str, eta):
+    """(descending timesteps, rule name for ``run``'s update) of a sampler, with its options
+    checked."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
         check_choice("variance", variance, VARIANCES)
@@ -537,20 +346,22 @@ def _plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, varian
     return ts, (variance if sampler == "ddpm" else sampler)
 
 
-def _run(model_fn, schedule, x_start, ts, ts_prev, keys, eta, *, update, prediction, clip_x0,
-         return_every=0, known=None, mask=None, renoise=False):
+def run(model_fn, schedule, x_start, ts, ts_prev, keys, eta, *, update, prediction, clip_x0,
+        return_every=0, known=None, mask=None, renoise=False):
+    """Check the options and run ``_scan_sample`` from x_start over ts -> ts_prev (default:
+    each next index of ts, then -1), step i drawing from keys[i]."""
     check_choice("prediction", prediction, PREDICTIONS)
     if operator.index(return_every) < 0:
         raise ValueError(f"return_every must be >= 0, got {return_every}")
     if ts_prev is None:
         ts_prev = np.append(ts[1:], -1).astype(np.int32)
-    return _scan_sample(_as_pytree_fn(model_fn), schedule, x_start, jnp.asarray(ts),
+    return _scan_sample(as_pytree_fn(model_fn), schedule, x_start, jnp.asarray(ts),
                         jnp.asarray(ts_prev), keys, jnp.asarray(eta, jnp.float32), known, mask,
                         update=update, prediction=prediction, clip_x0=bool(clip_x0),
                         return_every=int(return_every), renoise=renoise)
 
 
-def _start(rng, shape, x_T, n):
+def start(rng, shape, x_T, n):
     """(x_T, per-step keys [n]) as documented in the module docstring."""
     rng_xT, rng_steps = jax.random.split(rng)
     if x_T is None:
@@ -574,9 +385,9 @@ def sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int]
     stochastic with the reverse SDE's own noise (eta unused). With return_every = k > 0
     returns (x0, traj), traj[i] = x after (i + 1) * k steps.
     """
-    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
-    x_T, keys = _start(rng, shape, x_T, len(ts))
-    return _run(model_fn, schedule, x_T, ts, None, keys, eta, update=update,
+    ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta)
+    x_T, keys = start(rng, shape, x_T, len(ts))
+    return run(model_fn, schedule, x_T, ts, None, keys, eta, update=update,
                 prediction=prediction, clip_x0=clip_x0, return_every=return_every)
 
 
@@ -607,108 +418,3 @@ def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence
     return sample(model_fn, schedule, rng, shape, sampler="ddim", num_steps=num_steps, eta=eta,
                   spacing=spacing, prediction=prediction, clip_x0=clip_x0, x_T=x_T,
                   return_every=return_every)
-
-
-def ddim_invert(model_fn: ModelFn, schedule: NoiseSchedule, x0: jnp.ndarray, *,
-                num_steps: int, prediction: str = "eps", spacing: str = "leading") -> jnp.ndarray:
-    """x_T that deterministic DDIM (same num_steps and spacing) maps back to about x0.
-
-    Walks the sampler's timesteps in ascending order, from alpha_bar = 1 to the largest
-    index, each step the eta = 0 DDIM update solved for the noisier point. The exact
-    inverse would need eps at the (unknown) noisier point; as is standard we use the
-    model at the current x (with the noisier step's timestep), so the round trip error
-    is first order in the step size and vanishes as num_steps grows.
-    """
-    check_choice("prediction", prediction, PREDICTIONS)
-    ts_to = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, schedule.log_snr)[::-1]
-    ts_from = np.append(-1, ts_to[:-1]).astype(np.int32)
-    return _scan_invert(_as_pytree_fn(model_fn), schedule, jnp.asarray(x0),
-                        jnp.asarray(np.ascontiguousarray(ts_from)),
-                        jnp.asarray(np.ascontiguousarray(ts_to)), prediction=prediction)
-
-
-def ddim_edit(source_model_fn: ModelFn, target_model_fn: ModelFn, schedule: NoiseSchedule,
-              x0: jnp.ndarray, *, num_steps: int, prediction: str = "eps",
-              spacing: str = "leading", clip_x0: bool = False):
-    """DDIM-inversion editing -> (edited x0, x_T).
-
-    Inverts the real image x0 to x_T with ``source_model_fn`` (e.g. the model conditioned
-    on the image's class, unguided) and regenerates it with deterministic DDIM under
-    ``target_model_fn`` (another class, any guidance): structure that x_T encodes is kept,
-    the condition changes. With target = source it is the round trip, whose error is
-    first order in the step size (see ddim_invert). clip_x0 is off by default: the
-    inversion does not clip, so clipping would break the round trip.
-    """
-    x0 = jnp.asarray(x0)
-    x_T = ddim_invert(source_model_fn, schedule, x0, num_steps=num_steps,
-                      prediction=prediction, spacing=spacing)
-    # eta = 0 and x_T given: the rng is not used.
-    x = ddim_sample(target_model_fn, schedule, jax.random.PRNGKey(0), x0.shape,
-                    num_steps=num_steps, prediction=prediction, spacing=spacing,
-                    clip_x0=clip_x0, x_T=x_T)
-    return x, x_T
-
-
-def img2img(model_fn: ModelFn, schedule: NoiseSchedule, rng, x0: jnp.ndarray, *,
-            strength: float, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
-            spacing: str = "leading", variance: str = "fixedlarge", prediction: str = "eps",
-            clip_x0: bool = False):
-    """SDEdit (Meng et al. 2022): noise x0 to an intermediate level and denoise it.
-
-    Of the n timesteps ``sampler`` would visit, the last k = round(strength * n) are run,
-    starting from x0 noised to the first of them, q(x_t | x0). strength = 0 returns x0
-    unchanged; strength = 1 (k = n) starts from pure noise and equals ``sample`` with the
-    same rng and options exactly (it draws the same x_T and step noise; step i of the k
-    uses split(rng_steps, n)[n - k + i]). strength is a Python float: it sets the scan
-    length, so each distinct k compiles once.
-    """
-    if not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
-    x0 = jnp.asarray(x0)
-    n = len(ts)
-    k = int(round(strength * n))
-    if k == 0:
-        return x0
-    x_T, keys = _start(rng, x0.shape, None, n)
-    ts = ts[n - k:]
-    if k < n:
-        x_T = q_sample(schedule, x0, jnp.full((x0.shape[0],), ts[0], jnp.int32), x_T)
-    return _run(model_fn, schedule, x_T.astype(x0.dtype), ts, None, keys[n - k:], eta,
-                update=update, prediction=prediction, clip_x0=clip_x0)
-
-
-def inpaint(model_fn: ModelFn, schedule: NoiseSchedule, rng, x_known: jnp.ndarray, mask, *,
-            sampler: str = "ddim", num_steps: int = 50, eta=0.0, spacing: str = "leading",
-            variance: str = "fixedlarge", prediction: str = "eps", clip_x0: bool = False,
-            jump_length: int = 10, jump_n_sample: int = 1, x_T: Optional[jnp.ndarray] = None):
-    """Fill in the pixels where mask = 0, keeping those where mask = 1 (``x_known``'s).
-
-    Replacement method (Song et al. 2021 score SDE, app. I; RePaint eq. 8): after each
-    denoising step to index t the known pixels are set to a fresh draw of q(x_t |
-    x_known), so at the end (alpha_bar = 1) they equal x_known exactly; x_T's known pixels
-    are drawn the same way. Works with every sampler. jump_n_sample > 1 adds RePaint's
-    resampling (Lugmayr et al. 2022; see repaint_timesteps): jumping back up re-noises
-    the whole image with q(x_t' | x_t), so the generated region can harmonize with the
-    known one; multistep solvers restart their history after a jump. mask broadcasts to
-    x_known's shape ([H, W, 1] or [B, H, W, C], ...); values in between 0 and 1 blend.
-    """
-    x_known = jnp.asarray(x_known)
-    try:
-        mask = jnp.broadcast_to(jnp.asarray(mask, x_known.dtype), x_known.shape)
-    except ValueError:
-        raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the "
-                         f"images' shape {x_known.shape}") from None
-    ts, update = _plan(sampler, schedule, num_steps, spacing, variance, eta)
-    ts_prev, renoise = None, jump_n_sample != 1
-    if renoise:
-        ts, ts_prev = repaint_timesteps(ts, jump_length, jump_n_sample)
-    # Same x_T and step keys as ``sample`` (an all-zero mask reproduces it exactly); the
-    # known pixels' noise comes from fold_in(key, 1) of the same keys.
-    x_T, keys = _start(rng, x_known.shape, x_T, len(ts))
-    x_T = _replace_known(schedule, x_T, x_known, mask,
-                         jnp.full((x_known.shape[0],), ts[0], jnp.int32),
-                         jax.random.fold_in(rng, 1))
-    return _run(model_fn, schedule, x_T, ts, ts_prev, keys, eta, update=update,
-                prediction=prediction, clip_x0=clip_x0, known=x_known, mask=mask,
-                renoise=renoise)

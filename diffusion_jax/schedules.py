@@ -175,3 +175,11 @@ def make_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = Fa
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return schedule_from_betas(betas)
+
+
+def build(schedule_cfg) -> NoiseSchedule:
+    """The schedule a config's ``schedule`` section names (``name``, ``num_timesteps``,
+    ``zero_terminal_snr``): the one place configs become schedules, as
+    ``models.build_model`` is for models."""
+    return make_schedule(schedule_cfg.name, schedule_cfg.num_timesteps,
+                         zero_terminal_snr=schedule_cfg.zero_terminal_snr)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import objectives, samplers
+from diffusion_jax import editing, guidance, objectives, samplers
 from diffusion_jax.schedules import NoiseSchedule
 from diffusion_jax.state import TrainState, ema_decay_at
 
@@ -106,16 +106,6 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: NoiseSche
     return train_step
 
 
-def scan_steps(train_step: Callable) -> Callable:
-    """Several updates per dispatch: ``(state, batches[k, ...]) -> (state, metrics[k, ...])``.
-    Cuts Python dispatch overhead for small models; identical math to k single steps."""
-
-    def multi_step(state, batches):
-        return jax.lax.scan(train_step, state, batches)
-
-    return multi_step
-
-
 def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str = "sample",
                    strength: float = 0.5, jump_length: int = 10, jump_n_sample: int = 1,
                    guidance_interval=None, guidance_rescale=None) -> Callable:
@@ -124,18 +114,18 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
 
     ``labels`` [B] (ignored by unconditional models); guidance_scale w gives the
     prediction w * cond + (1 - w) * uncond from one batched forward pass (classifier-free
-    guidance, Ho & Salimans 2022; samplers.guided_model_fn): w = 1 is the plain
+    guidance, Ho & Salimans 2022; guidance.guided_model_fn): w = 1 is the plain
     conditional model, w = 0 the unconditional one. params, rng, labels, w, images and
     mask are traced: new values never recompile. guidance_interval = (t_lo, t_hi) and
     guidance_rescale = phi are passed to guided_model_fn.
 
     mode (samplers.MODES) picks what ``images`` [B, H, W, C] in [-1, 1] are for:
       sample:  ignored; sample from noise with config.sampler.
-      img2img: SDEdit with ``strength`` in [0, 1] (samplers.img2img).
+      img2img: SDEdit with ``strength`` in [0, 1] (editing.img2img).
       inpaint: keep ``images`` where ``mask`` (broadcastable, 1 = known) is 1 and fill in
-               the rest (samplers.inpaint; jump_n_sample > 1 adds RePaint resampling).
+               the rest (editing.inpaint; jump_n_sample > 1 adds RePaint resampling).
       invert:  DDIM-invert ``images`` under ``source_labels`` (default: labels) without
-               guidance, regenerate under ``labels`` with guidance w (samplers.ddim_edit;
+               guidance, regenerate under ``labels`` with guidance w (editing.ddim_edit;
                always DDIM with config.sampler.num_steps/spacing, no x0 clipping, rng
                unused). source_labels == labels is the reconstruction round trip.
     """
@@ -159,7 +149,7 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
         if not conditional:
             return jax.tree_util.Partial(apply_uncond, params)
         null = jnp.full_like(labels, model_cfg.num_classes)
-        return samplers.guided_model_fn(apply_fn, params, labels, null, guidance_scale,
+        return guidance.guided_model_fn(apply_fn, params, labels, null, guidance_scale,
                                         interval=guidance_interval, rescale=guidance_rescale,
                                         schedule=schedule, prediction=prediction)
 
@@ -171,14 +161,14 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
         if images is None:
             raise ValueError(f"mode {mode!r} needs input images")
         if mode == "img2img":
-            return samplers.img2img(fn, schedule, rng, images, strength=strength, **options)
+            return editing.img2img(fn, schedule, rng, images, strength=strength, **options)
         if mode == "inpaint":
             if mask is None:
                 raise ValueError("mode 'inpaint' needs a mask (1 = known)")
-            return samplers.inpaint(fn, schedule, rng, images, mask, jump_length=jump_length,
-                                    jump_n_sample=jump_n_sample, **options)
+            return editing.inpaint(fn, schedule, rng, images, mask, jump_length=jump_length,
+                                   jump_n_sample=jump_n_sample, **options)
         source = model_fn(params, labels if source_labels is None else source_labels, 1.0)
-        return samplers.ddim_edit(source, fn, schedule, images, num_steps=s_cfg.num_steps,
-                                  prediction=prediction, spacing=s_cfg.spacing)[0]
+        return editing.ddim_edit(source, fn, schedule, images, num_steps=s_cfg.num_steps,
+                                 prediction=prediction, spacing=s_cfg.spacing)[0]
 
     return sample

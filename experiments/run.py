@@ -49,9 +49,16 @@ def pending_evals(sweep, workdir: str) -> list[dict]:
     return [spec for spec in sweep.evals if not any(matches(r, spec) for r in records)]
 
 
+# An evaluation spec's keys are those of the evaluate.py record; each sets a config key.
+EVAL_SPEC_KEYS = {"sampler": "sampler.name", "num_steps": "sampler.num_steps",
+                  "eta": "sampler.eta", "spacing": "sampler.spacing",
+                  "guidance_scale": "sampler.guidance_scale"}
+
+
 def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
     return [sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}",
-            f"--num_samples={num_samples}"] + [f"--{k}={v}" for k, v in spec.items()]
+            f"--num_samples={num_samples}"] + [f"--config.{EVAL_SPEC_KEYS[k]}={v}"
+                                               for k, v in spec.items()]
 
 
 def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:

@@ -1,7 +1,7 @@
 """Test setup, before anything touches a device:
 
 * 8 fake CPU devices, so data-parallel code runs for real;
-* the CLIs' CPU XLA flags (parallel.CPU_XLA_FLAGS), so in-process tests and the CLI
+* the CLIs' CPU XLA flags (runtime.CPU_XLA_FLAGS), so in-process tests and the CLI
   subprocesses they start (which inherit XLA_FLAGS) compile identical programs and share
   the persistent compilation cache below;
 * ``--xla_backend_optimization_level=0``: test programs run a handful of steps, so XLA's
@@ -16,11 +16,11 @@ os.environ["XLA_FLAGS"] = " ".join([
 
 import jax  # noqa: E402  (import after XLA_FLAGS on purpose)
 
-from diffusion_jax import parallel  # noqa: E402
+from diffusion_jax import runtime  # noqa: E402
 
-parallel.configure_cpu_xla_flags()
+runtime.configure_cpu_xla_flags()
 jax.config.update("jax_platforms", "cpu")
-# Same persistent cache as training runs (train.setup_compilation_cache): a second test
+# Same persistent cache as training runs (runtime.setup_compilation_cache): a second test
 # run skips most XLA compilation.
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla"))

@@ -72,7 +72,7 @@ def mixture_eps(weights, means, stds):
 
 
 def leading(n):
-    """DDIM "leading" indices, written out independently of samplers.ddim_timesteps."""
+    """DDIM "leading" indices, written out independently of timesteps.ddim_timesteps."""
     return np.arange(0, T, T // n)[:n][::-1]
 
 
@@ -97,15 +97,15 @@ def propagate(steps, mu, s, rule, eta=0.0):
         if rule == "ddim":  # Song et al. eq. 12, 16
             sig2 = eta**2 * (1 - abp) / (1 - ab) * (1 - ab / abp)
             k = np.sqrt(1 - abp - sig2)
-            G, O = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
+            G, off = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
         else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta or beta_tilde, none at t=0
             assert tp == t - 1
             c1, c2 = BETAS[t] * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - BETAS[t]) / (1 - ab)
-            G, O = c1 * g0 + c2, c1 * o0
+            G, off = c1 * g0 + c2, c1 * o0
             beta_tilde = BETAS[t] * (1 - abp) / (1 - ab)
             sig2 = 0.0 if t == 0 else (BETAS[t] if rule == "fixedlarge" else beta_tilde)
-        m, v = G * m + O, G * G * v + sig2
-        gain, offset = G * gain, G * offset + O
+        m, v = G * m + off, G * G * v + sig2
+        gain, offset = G * gain, G * offset + off
     return m, v, gain, offset
 
 

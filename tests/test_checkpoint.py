@@ -15,7 +15,8 @@ import pytest
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax.checkpoint import Checkpointer, PreemptionHandler, install_preemption_handler
+from diffusion_jax.checkpoint import Checkpointer
+from diffusion_jax.preemption import PreemptionHandler, install_preemption_handler
 
 LOGGER = "diffusion_jax.checkpoint"
 

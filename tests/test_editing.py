@@ -11,9 +11,22 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import samplers, steps
-from oracles import (AB, SCHED, T, check_moments, coefs, exact_ode, gaussian_eps,
-                     gaussian_eps_at, leading, mixture_eps, pairs, propagate)
+from diffusion_jax import editing, guidance, samplers, steps, timesteps
+
+from oracles import (
+    AB,
+    SCHED,
+    T,
+    check_moments,
+    coefs,
+    exact_ode,
+    gaussian_eps,
+    gaussian_eps_at,
+    leading,
+    mixture_eps,
+    pairs,
+    propagate,
+)
 
 MUS, SD, NULL = (-0.5, 0.5), 0.3, 2
 PARAMS = {"mu": jnp.asarray(MUS, jnp.float32)}
@@ -37,7 +50,7 @@ def conditional(labels):
 
 
 def guided(scale, labels, apply_fn=class_apply, params=PARAMS, **kw):
-    return samplers.guided_model_fn(apply_fn, params, labels, jnp.full_like(labels, NULL),
+    return guidance.guided_model_fn(apply_fn, params, labels, jnp.full_like(labels, NULL),
                                     scale, schedule=SCHED, **kw)
 
 
@@ -106,7 +119,7 @@ def test_guidance_interval_and_rescale():
     np.testing.assert_allclose(guided(5.0, LABELS, rescale=0.0)(x_t, t),
                                guided(5.0, LABELS)(x_t, t), atol=1e-6)
     with pytest.raises(ValueError, match="schedule"):
-        samplers.guided_model_fn(class_apply, PARAMS, LABELS, LABELS, 2.0, rescale=0.5)
+        guidance.guided_model_fn(class_apply, PARAMS, LABELS, LABELS, 2.0, rescale=0.5)
 
 
 # --------------------------------------------------------------------------- img2img
@@ -118,20 +131,20 @@ def test_img2img_strength_limits(sampler):
     x0 = jax.random.uniform(jax.random.key(4), SHAPE, minval=-1, maxval=1)
     kw = dict(sampler=sampler, num_steps=10, eta=0.5)
     np.testing.assert_array_equal(
-        samplers.img2img(model_fn, SCHED, rng, x0, strength=0.0, **kw), x0)
+        editing.img2img(model_fn, SCHED, rng, x0, strength=0.0, **kw), x0)
     # strength 1 draws the same x_T and step noise as sampling from noise
-    np.testing.assert_array_equal(samplers.img2img(model_fn, SCHED, rng, x0, strength=1.0, **kw),
+    np.testing.assert_array_equal(editing.img2img(model_fn, SCHED, rng, x0, strength=1.0, **kw),
                                   samplers.sample(model_fn, SCHED, rng, SHAPE, **kw))
     with pytest.raises(ValueError, match="strength"):
-        samplers.img2img(model_fn, SCHED, rng, x0, strength=1.5, **kw)
+        editing.img2img(model_fn, SCHED, rng, x0, strength=1.5, **kw)
 
 
 def test_img2img_noises_to_the_level_of_its_first_step():
     """strength 0.5 of 20 DDIM steps: x0 = c noised to the 11th step's level, then 10
     deterministic steps; the output law follows exactly from the oracle."""
     c, shape = 1.2, (12_500, 2, 2, 1)
-    x = samplers.img2img(gaussian_eps(MU, S), SCHED, jax.random.key(5), jnp.full(shape, c),
-                         strength=0.5, num_steps=20)
+    x = editing.img2img(gaussian_eps(MU, S), SCHED, jax.random.key(5), jnp.full(shape, c),
+                        strength=0.5, num_steps=20)
     ts = leading(20)[10:]
     _, _, gain, offset = propagate(pairs(ts), MU, S, "ddim")  # output = gain * x_start + offset
     a2 = AB[ts[0]]
@@ -149,7 +162,7 @@ def test_inpaint_keeps_known_pixels_and_leaves_independent_ones_alone(sampler):
     model_fn, rng = gaussian_eps(MU, S), jax.random.key(6)
     known = jax.random.uniform(jax.random.key(7), IMG, minval=-1, maxval=1)
     kw = dict(sampler=sampler, num_steps=10, eta=0.5)
-    x = np.asarray(samplers.inpaint(model_fn, SCHED, rng, known, TOP, **kw))
+    x = np.asarray(editing.inpaint(model_fn, SCHED, rng, known, TOP, **kw))
     ref = np.asarray(samplers.sample(model_fn, SCHED, rng, IMG, **kw))
     # at the last step the known pixels are set to `known` itself: exact
     np.testing.assert_array_equal(x[:, :2], np.asarray(known)[:, :2])
@@ -158,11 +171,11 @@ def test_inpaint_keeps_known_pixels_and_leaves_independent_ones_alone(sampler):
     # differently (measured: 1 ulp, 1e-7)
     np.testing.assert_allclose(x[:, 2:], ref[:, 2:], atol=1e-6, rtol=0)
     np.testing.assert_allclose(
-        samplers.inpaint(model_fn, SCHED, rng, known, np.zeros_like(TOP), **kw), ref,
+        editing.inpaint(model_fn, SCHED, rng, known, np.zeros_like(TOP), **kw), ref,
         atol=1e-6, rtol=0)
     if sampler in ("ddim", "dpmpp_2m"):  # RePaint path (incl. a multistep history reset)
-        x = samplers.inpaint(model_fn, SCHED, rng, known, TOP, jump_length=2, jump_n_sample=3,
-                             **kw)
+        x = editing.inpaint(model_fn, SCHED, rng, known, TOP, jump_length=2, jump_n_sample=3,
+                            **kw)
         np.testing.assert_array_equal(np.asarray(x)[:, :2], np.asarray(known)[:, :2])
 
 
@@ -170,14 +183,14 @@ def test_repaint_timesteps_small_case():
     ts = np.array([50, 40, 30, 20, 10, 0], np.int32)
     # n = 6, L = 2: jumps back up from positions 0 and 2 (ts 0 and 20), once each (r = 2)
     levels = [50, 40, 30, 20, 30, 40, 30, 20, 10, 0, 10, 20, 10, 0, -1]
-    ts_from, ts_to = samplers.repaint_timesteps(ts, 2, 2)
+    ts_from, ts_to = timesteps.repaint_timesteps(ts, 2, 2)
     np.testing.assert_array_equal(ts_from, levels[:-1])
     np.testing.assert_array_equal(ts_to, levels[1:])
-    plain = samplers.repaint_timesteps(ts, 2, 1)
+    plain = timesteps.repaint_timesteps(ts, 2, 1)
     np.testing.assert_array_equal(plain[0], ts)
     np.testing.assert_array_equal(plain[1], [40, 30, 20, 10, 0, -1])
     with pytest.raises(ValueError, match="jump"):
-        samplers.repaint_timesteps(ts, 0, 2)
+        timesteps.repaint_timesteps(ts, 0, 2)
 
 
 @pytest.mark.parametrize("jump_n_sample", [1, 5])
@@ -188,10 +201,10 @@ def test_inpaint_unknown_pixels_have_the_exact_law(jump_n_sample):
     shape = (6_250, 4, 4, 1)  # 8 of 16 pixels unknown: 50k scalars
     ts = leading(100)
     steps_ = (pairs(ts) if jump_n_sample == 1 else
-              list(zip(*samplers.repaint_timesteps(ts, 5, jump_n_sample))))
+              list(zip(*timesteps.repaint_timesteps(ts, 5, jump_n_sample))))
     m, v, _, _ = propagate(steps_, MU, S, "ddim", eta=1.0)
-    x = samplers.inpaint(gaussian_eps(MU, S), SCHED, jax.random.key(8), jnp.ones(shape), TOP,
-                         num_steps=100, eta=1.0, jump_length=5, jump_n_sample=jump_n_sample)
+    x = editing.inpaint(gaussian_eps(MU, S), SCHED, jax.random.key(8), jnp.ones(shape), TOP,
+                        num_steps=100, eta=1.0, jump_length=5, jump_n_sample=jump_n_sample)
     check_moments(np.asarray(x)[:, 2:], m, v, f"inpaint unknown pixels, resample {jump_n_sample}")
 
 
@@ -213,8 +226,8 @@ def test_repaint_fixes_the_replacement_bias_on_correlated_pixels():
     known, mask = jnp.tile(jnp.asarray([[1.0, 0.0]]), (4000, 1)), jnp.asarray([[1.0, 0.0]])
     err = {}
     for r in (1, 5):
-        x = np.asarray(samplers.inpaint(pair_eps, SCHED, jax.random.key(9), known, mask,
-                                        num_steps=100, eta=1.0, jump_length=5, jump_n_sample=r))
+        x = np.asarray(editing.inpaint(pair_eps, SCHED, jax.random.key(9), known, mask,
+                                       num_steps=100, eta=1.0, jump_length=5, jump_n_sample=r))
         assert np.all(x[:, 0] == 1.0)
         err[r] = abs(x[:, 1].mean() - rho)
         print(f"resample {r}: generated pixel mean {x[:, 1].mean():.4f} std {x[:, 1].std():.4f} "
@@ -233,8 +246,8 @@ def test_ddim_edit_round_trip_and_class_swap():
     src, tgt = conditional(jnp.zeros(4096, jnp.int32)), conditional(jnp.ones(4096, jnp.int32))
     rec, edit = {}, {}
     for n in (50, 200):
-        back, x_T = samplers.ddim_edit(src, src, SCHED, x0, num_steps=n, spacing="trailing")
-        moved, _ = samplers.ddim_edit(src, tgt, SCHED, x0, num_steps=n, spacing="trailing")
+        back, x_T = editing.ddim_edit(src, src, SCHED, x0, num_steps=n, spacing="trailing")
+        moved, _ = editing.ddim_edit(src, tgt, SCHED, x0, num_steps=n, spacing="trailing")
         ideal = exact_ode(exact_ode(np.asarray(x0, np.float64), -1, T - 1, MUS[0], SD),
                           T - 1, -1, MUS[1], SD)
         rec[n], edit[n] = rms(back, x0), rms(moved, ideal)
@@ -294,7 +307,7 @@ def test_make_sample_fn_edit_modes():
     assert rms(back, x0) < 0.03  # first order: 0.040 at 50 steps, 0.010 at 200 (above)
     np.testing.assert_allclose(
         invert(PARAMS, rng, 1 - ones, 1.0, x0, source_labels=ones),
-        samplers.ddim_edit(conditional(ones), conditional(1 - ones), SCHED, x0, num_steps=100,
-                           spacing="trailing")[0], atol=1e-5)
+        editing.ddim_edit(conditional(ones), conditional(1 - ones), SCHED, x0, num_steps=100,
+                          spacing="trailing")[0], atol=1e-5)
     with pytest.raises(ValueError, match="mode"):
         steps.make_sample_fn(OracleModel(), SCHED, cfg, SHAPE, mode="edit")

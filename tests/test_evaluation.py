@@ -14,7 +14,8 @@ import pytest
 import scipy.linalg
 
 from configs import tiny
-from diffusion_jax import data, evaluation as ev
+from diffusion_jax import data, evaluation as ev, generate
+from diffusion_jax.evaluation.inception import _flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "digits", "image_size": 8}
@@ -227,7 +228,7 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         ev.inception_v3(str(tmp_path / "missing.npz"))
     # A file in pytorch-fid's naming/layout converts on load (conv [O,I,kh,kw] -> [kh,kw,I,O]).
-    flat = ev._flatten(variables)
+    flat = _flatten(variables)
     torch_sd = {"fc.weight": np.zeros((1008, 2048), np.float32)}
     for key, shape in flat.items():
         collection, *path, leaf = key.split("/")
@@ -260,7 +261,8 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
 # --------------------------------------------------------------------------- sampling
 
 
-def toy_sample_fn(params, rng, labels, guidance_scale):
+def toy_sample_fn(params, rng, labels, guidance_scale, images=None, mask=None,
+                  source_labels=None):
     """Stands in for steps.make_sample_fn's output: [B, 2, 2, 1] from noise + labels."""
     noise = jax.random.normal(rng, (labels.shape[0], 2, 2, 1))
     return params["w"] * noise + guidance_scale * labels[:, None, None, None]
@@ -268,19 +270,19 @@ def toy_sample_fn(params, rng, labels, guidance_scale):
 
 def test_generate_samples_batches_labels_and_seeds():
     params = {"w": jnp.float32(1.0)}
-    labels = ev.class_balanced_labels(10, 25)
-    assert np.bincount(ev.class_balanced_labels(10, 50)).tolist() == [5] * 10
-    a = ev.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                            guidance_scale=0.0)
+    labels = generate.class_balanced_labels(10, 25)
+    assert np.bincount(generate.class_balanced_labels(10, 50)).tolist() == [5] * 10
+    a = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
+                                  guidance_scale=0.0)
     assert a.shape == (25, 2, 2, 1)
-    b = ev.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                            guidance_scale=0.0)
+    b = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
+                                  guidance_scale=0.0)
     np.testing.assert_array_equal(a, b)
     # batch i uses fold_in(PRNGKey(seed), i), as sample.py does
     first = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 0), (8, 2, 2, 1))
     np.testing.assert_array_equal(a[:8], first)
-    c = ev.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                            guidance_scale=1.0)
+    c = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
+                                  guidance_scale=1.0)
     np.testing.assert_allclose(c - a, np.broadcast_to(labels[:, None, None, None], a.shape),
                                atol=1e-6)
 
@@ -291,12 +293,12 @@ def test_generate_samples_sharded_equals_unsharded():
 
     mesh = parallel.make_mesh()
     params = jax.device_put({"w": jnp.float32(2.0)}, parallel.replicated(mesh))
-    labels = ev.class_balanced_labels(10, 20)
-    one = ev.generate_samples(toy_sample_fn, {"w": jnp.float32(2.0)}, 20, 16, 0, labels)
-    sharded = ev.generate_samples(toy_sample_fn, params, 20, 16, 0, labels, mesh=mesh)
+    labels = generate.class_balanced_labels(10, 20)
+    one = generate.generate_samples(toy_sample_fn, {"w": jnp.float32(2.0)}, 20, 16, 0, labels)
+    sharded = generate.generate_samples(toy_sample_fn, params, 20, 16, 0, labels, mesh=mesh)
     np.testing.assert_allclose(sharded, one, atol=1e-6)
     with pytest.raises(ValueError, match="not divisible"):
-        ev.generate_samples(toy_sample_fn, params, 20, 12, 0, labels, mesh=mesh)
+        generate.generate_samples(toy_sample_fn, params, 20, 12, 0, labels, mesh=mesh)
 
 
 def test_tensorboard_scalars_carry_provenance():
@@ -319,7 +321,8 @@ def test_evaluate_cli_on_tiny_workdir(classifier, cache_dir, tmp_path):
                    timeout=300)
     out = subprocess.run(
         [sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}",
-         "--num_samples=40", "--batch_size=20", "--num_steps=3", "--eta=0.5", "--seed=7",
+         "--num_samples=40", "--batch_size=20", "--config.sampler.num_steps=3",
+         "--config.sampler.eta=0.5", "--seed=7",
          f"--cache_dir={cache_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -334,7 +337,7 @@ def test_evaluate_cli_on_tiny_workdir(classifier, cache_dir, tmp_path):
         assert np.isfinite(record[key]), key
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         assert json.loads(f.readlines()[-1]) == record
-    from diffusion_jax import evaluate, train
+    from diffusion_jax import evaluate, workdir as workdir_lib
 
-    with pytest.raises(train.ConfigError, match="num_steps=1000"):  # checked before sampling
-        evaluate.run(workdir, num_samples=10, overrides={"num_steps": 1000})
+    with pytest.raises(workdir_lib.ConfigError, match="num_steps=1000"):  # before sampling
+        evaluate.run(workdir, num_samples=10, overrides={"sampler.num_steps": 1000})

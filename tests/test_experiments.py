@@ -30,7 +30,7 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path, capsys):
     grown = dataclasses.replace(sweep, evals=sweep.evals + ({"sampler": "ddim", "num_steps": 2},))
     run.run_sweep(grown, root)
     out = capsys.readouterr().out
-    assert out.count("--num_steps=2") == len(workdirs) and "diffusion_jax.main" not in out
+    assert out.count("--config.sampler.num_steps=2") == len(workdirs) and "diffusion_jax.main" not in out
     assert all(not run.pending_evals(grown, wd) for wd in workdirs)
 
     path = report.build(sweep, root, str(tmp_path / "report"))

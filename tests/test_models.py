@@ -15,10 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import (DIT_PRESETS, MODELS, UNET_PRESETS, abstract_params,
-                                  build_model, check_input_shape, constructor_kwargs,
-                                  count_params, xla_forward_flops)
-from diffusion_jax.models import layers
+from diffusion_jax.models import (
+    DIT_PRESETS,
+    MODELS,
+    UNET_PRESETS,
+    abstract_params,
+    build_model,
+    check_input_shape,
+    constructor_kwargs,
+    count_params,
+    layers,
+    xla_forward_flops,
+)
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 

@@ -11,7 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from test_train_cli import REPO, load_state
+from helpers import REPO, load_state
 
 STEPS = 4
 TIMEOUT_S = 600  # per launch; each process compiles the tiny model (~20-90 s on 2 cores)

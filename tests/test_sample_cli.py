@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_train_cli import cli as run
+from helpers import cli as run
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def inputs(tmp_path_factory):
 
 
 def sample(workdir, *args):
-    r = run("diffusion_jax.sample", f"--workdir={workdir}", "--num_steps=4", *args)
+    r = run("diffusion_jax.sample", f"--workdir={workdir}", "--config.sampler.num_steps=4", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -46,8 +46,8 @@ def test_img2img_from_pngs(workdir, inputs, tmp_path):
     _, _, pngs = inputs
     out, png = str(tmp_path / "o.npz"), str(tmp_path / "o.png")
     stdout = sample(workdir, "--mode=img2img", f"--input={','.join(pngs[:2])}", "--num_samples=4",
-                    "--strength=0.6", "--sampler=dpmpp_2m", "--spacing=logsnr",
-                    "--guidance_scale=2", "--guidance_interval=10,80", "--guidance_rescale=0.5",
+                    "--strength=0.6", "--config.sampler.name=dpmpp_2m",
+                    "--config.sampler.spacing=logsnr", "--config.sampler.guidance_scale=2", "--guidance_interval=10,80", "--guidance_rescale=0.5",
                     "--labels=7", f"--npz={out}", f"--out={png}")
     assert "img2img" in stdout and os.path.exists(png)
     res = np.load(out)
@@ -58,7 +58,7 @@ def test_img2img_from_pngs(workdir, inputs, tmp_path):
 def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
     images, npz, _ = inputs
     out = str(tmp_path / "o.npz")
-    sample(workdir, "--mode=inpaint", f"--input={npz}", "--mask=top", "--sampler=heun",
+    sample(workdir, "--mode=inpaint", f"--input={npz}", "--mask=top", "--config.sampler.name=heun",
            "--repaint_resample=2", "--repaint_jump=2", f"--npz={out}")
     res = np.load(out)
     assert res["images"].shape == images.shape

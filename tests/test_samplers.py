@@ -16,10 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers
-from oracles import (SCHED, T, check_moments, coefs, gaussian_eps, gaussian_eps_at, leading,
-                     mixture_eps, pairs, propagate)
+from diffusion_jax import editing, samplers, timesteps
 
+from oracles import (
+    SCHED,
+    T,
+    check_moments,
+    coefs,
+    gaussian_eps,
+    gaussian_eps_at,
+    leading,
+    mixture_eps,
+    pairs,
+    propagate,
+)
 
 # --------------------------------------------------------------------------- 1. Gaussian oracle
 
@@ -98,29 +108,29 @@ def test_gaussian_mixture(sampler):
     ("linspace", 10, list(range(9, -1, -1))), ("trailing", 1, [9]),
 ])
 def test_ddim_timesteps_small_cases(spacing, n, expected):
-    ts = samplers.ddim_timesteps(10, n, spacing)
+    ts = timesteps.ddim_timesteps(10, n, spacing)
     assert ts.dtype == np.int32
     np.testing.assert_array_equal(ts, expected)
 
 
-@pytest.mark.parametrize("spacing", samplers.SPACINGS)
+@pytest.mark.parametrize("spacing", timesteps.SPACINGS)
 def test_ddim_timesteps_all_step_counts(spacing):
     for n in range(1, T + 1):
-        ts = samplers.ddim_timesteps(T, n, spacing, SCHED.log_snr)
+        ts = timesteps.ddim_timesteps(T, n, spacing, SCHED.log_snr)
         assert len(ts) == n and ts[-1] >= 0 and ts[0] <= T - 1, (spacing, n)
         assert np.all(np.diff(ts) < 0), (spacing, n)
         if spacing in ("trailing", "logsnr"):
             assert ts[0] == T - 1  # starts at the last timestep, unlike "leading"
     # The known "leading" flaw: with T % n == 0 it never reaches T - 1.
-    assert samplers.ddim_timesteps(T, 10, "leading")[0] == 900
+    assert timesteps.ddim_timesteps(T, 10, "leading")[0] == 900
 
 
 def test_bad_spacing_and_num_steps_raise():
     for bad in (0, T + 1, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps|integers"):
-            samplers.ddim_timesteps(T, bad, "leading")
+            timesteps.ddim_timesteps(T, bad, "leading")
     with pytest.raises(ValueError, match="spacing"):
-        samplers.ddim_timesteps(T, 10, "uniform")
+        timesteps.ddim_timesteps(T, 10, "uniform")
     model_fn = gaussian_eps(0.0, 1.0)
     with pytest.raises(ValueError, match="spacing"):
         samplers.ddim_sample(model_fn, SCHED, jax.random.key(0), (2,), num_steps=5, spacing="x")
@@ -162,7 +172,7 @@ def test_ddim_inversion_round_trip_is_first_order():
     for n in (100, 200, 400, 1000):
         # trailing spacing: every n walks up to T - 1, so only the step size changes
         # ("leading" at 400 steps would stop at index 798 and skew the ratios).
-        x_T = samplers.ddim_invert(model_fn, SCHED, x0, num_steps=n, spacing="trailing")
+        x_T = editing.ddim_invert(model_fn, SCHED, x0, num_steps=n, spacing="trailing")
         x0_back = samplers.ddim_sample(model_fn, SCHED, jax.random.key(7), x0.shape,
                                        num_steps=n, spacing="trailing", x_T=x_T)
         rms[n] = float(jnp.sqrt(jnp.mean((x0_back - x0) ** 2)))
@@ -181,7 +191,7 @@ def test_ddim_inversion_round_trip_is_first_order():
 def _lower(num_steps):
     """Lower the jitted sampler scan for num_steps steps. The model is a new function
     object each call, so nothing is reused from jit's caches and compile() really compiles."""
-    ts = samplers.ddim_timesteps(T, num_steps, "leading")
+    ts = timesteps.ddim_timesteps(T, num_steps, "leading")
     model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)
     return samplers._scan_sample.lower(
         jax.tree_util.Partial(model_fn), SCHED, jnp.zeros((8, 4, 4, 3)),

@@ -13,10 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers
+from diffusion_jax import samplers, timesteps
 from diffusion_jax.schedules import make_schedule
-from oracles import (SCHED, T, check_moments, exact_ode_sample, gaussian_eps, gaussian_eps_at,
-                     moments, reference_sample)
+
+from oracles import (
+    SCHED,
+    T,
+    check_moments,
+    exact_ode_sample,
+    gaussian_eps,
+    gaussian_eps_at,
+    moments,
+    reference_sample,
+)
 
 MU, S = 0.3, 0.5
 X_T = np.linspace(-2.0, 2.0, 5)  # where deterministic samplers are compared
@@ -52,7 +61,7 @@ def test_ode_solvers_converge_at_their_order(sampler):
     steps = (20, 40, 80, 160)
     errs = []
     for n in steps:
-        ts = samplers.ddim_timesteps(T, n, "linspace")
+        ts = timesteps.ddim_timesteps(T, n, "linspace")
         x = run(sampler, n, "linspace")
         c = reference_sample(sampler, ts, MU, S)  # deterministic: c[0] + c[1] x_T
         # float32 rounding, ~1e-7 relative per operation over <= 319 model calls
@@ -116,7 +125,7 @@ def test_dpmpp_2m_sde_pathwise_equals_reference():
     rng_xT, rng_steps = jax.random.split(rng)
     basis = [np.ones(shape), np.asarray(jax.random.normal(rng_xT, shape))]
     basis += [np.asarray(jax.random.normal(k, shape)) for k in jax.random.split(rng_steps, n)]
-    c = reference_sample("dpmpp_2m_sde", samplers.ddim_timesteps(T, n, "logsnr", SCHED.log_snr),
+    c = reference_sample("dpmpp_2m_sde", timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr),
                          MU, S)
     # float32 rounding as above, over 10 steps with noise: measured max 3e-7.
     np.testing.assert_allclose(x, np.tensordot(c, np.stack(basis), 1), atol=5e-6, rtol=0)
@@ -128,7 +137,7 @@ def test_dpmpp_2m_sde_moments_and_order():
     at second order (the SDE forgets x_T's small mismatch with the true marginal
     differently from the ODE, which bounds the comparison at ~1e-4)."""
     for n in (10, 20):
-        ts = samplers.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
+        ts = timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
         m, v = moments(reference_sample("dpmpp_2m_sde", ts, MU, S))
         x = samplers.sample(gaussian_eps(MU, S), SCHED, jax.random.key(n), (12_500, 2, 2, 1),
                             sampler="dpmpp_2m_sde", num_steps=n, spacing="logsnr")
@@ -136,7 +145,7 @@ def test_dpmpp_2m_sde_moments_and_order():
         assert abs(m - MU) < 3e-3 and abs(np.sqrt(v) - S) < 0.05 * S, (m, np.sqrt(v))
     errs = []
     for n in (20, 40, 80, 160):
-        ts = samplers.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
+        ts = timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
         exact_std = exact_ode_sample(1.0, ts, MU, S) - exact_ode_sample(0.0, ts, MU, S)
         errs.append(abs(np.sqrt(moments(reference_sample("dpmpp_2m_sde", ts, MU, S))[1])
                         - exact_std))
@@ -174,7 +183,7 @@ def test_zero_terminal_snr_v_prediction():
 
 
 def _lower(sampler, num_steps):
-    ts = samplers.ddim_timesteps(T, num_steps, "leading")
+    ts = timesteps.ddim_timesteps(T, num_steps, "leading")
     model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)  # new object: no cache hits
     return samplers._scan_sample.lower(
         jax.tree_util.Partial(model_fn), SCHED, jnp.zeros((8, 4, 4, 3)),
@@ -195,7 +204,7 @@ def test_bad_sampler_and_spacing_raise():
     with pytest.raises(ValueError, match="sampler"):
         run("dpm_fast", 10, "leading")
     with pytest.raises(ValueError, match="log_snr"):
-        samplers.ddim_timesteps(T, 10, "logsnr")
+        timesteps.ddim_timesteps(T, 10, "logsnr")
     assert samplers.num_function_evals("heun", 10, T) == 19
     assert samplers.num_function_evals("ddpm", 10, T) == T
     assert samplers.num_function_evals("dpmpp_2m", 10, T) == 10

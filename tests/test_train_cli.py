@@ -17,15 +17,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import train
-from test_train import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(module, *args, timeout=600, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from helpers import REPO, cli, load_state, tiny_config
 
 
 def test_cli_train_resume_sample(tmp_path):
@@ -50,7 +43,7 @@ def test_cli_train_resume_sample(tmp_path):
     assert "resumed from step 8" in r.stderr
     # sampling restores the 8-device checkpoint onto 1 device
     npz = str(tmp_path / "s.npz")
-    r = cli("diffusion_jax.sample", f"--workdir={wd}", "--num_samples=6", "--num_steps=3",
+    r = cli("diffusion_jax.sample", f"--workdir={wd}", "--num_samples=6", "--config.sampler.num_steps=3",
             f"--npz={npz}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = np.load(npz)
@@ -93,10 +86,6 @@ def test_exact_resume_after_sigkill(tmp_path):
     b = load_state(straight, target)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)  # bit-exact: same programs, same inputs
-
-
-def load_state(workdir, step):
-    return jax.device_get(train.load_state(workdir, step=step)[2])
 
 
 # ----------------------------------------------------------------------------- errors

@@ -15,10 +15,19 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AdaLNModulation, LabelEmbedding, MlpBlock,
-                                         MultiHeadSelfAttention, TimestepEmbedding, modulate,
-                                         patchify, sincos_pos_embed_2d, unpatchify,
-                                         xavier_uniform, zeros)
+from diffusion_jax.models.layers import (
+    AdaLNModulation,
+    LabelEmbedding,
+    MlpBlock,
+    MultiHeadSelfAttention,
+    TimestepEmbedding,
+    modulate,
+    patchify,
+    sincos_pos_embed_2d,
+    unpatchify,
+    xavier_uniform,
+    zeros,
+)
 
 Dtype = Any
 

@@ -233,13 +233,17 @@ def Conv(features: int, kernel_size: Sequence[int], *, conv_impl: str = "xla",
 # --------------------------------------------------------------------------- resampling
 
 
-class Downsample(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv (DDPM, ``use_conv``) or 2x2 average pooling."""
+class _Resample(nn.Module):
+    """What Downsample and Upsample share: an optional 3x3 conv (DDPM) and its dtypes."""
 
     use_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_impl: str = "xla"  # see Conv
+
+
+class Downsample(_Resample):
+    """Halve H and W: 3x3 stride-2 conv (DDPM, ``use_conv``) or 2x2 average pooling."""
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -251,13 +255,8 @@ class Downsample(nn.Module):
         return einops.reduce(x, "b (h 2) (w 2) c -> b h w c", "mean")
 
 
-class Upsample(nn.Module):
+class Upsample(_Resample):
     """Double H and W: nearest-neighbour repeat, then a 3x3 conv if ``use_conv`` (DDPM)."""
-
-    use_conv: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    conv_impl: str = "xla"  # see Conv
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:

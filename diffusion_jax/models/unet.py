@@ -14,9 +14,17 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AttentionBlock, Conv, Downsample, LabelEmbedding,
-                                         ResBlock, TimestepEmbedding, Upsample, xavier_uniform,
-                                         zeros)
+from diffusion_jax.models.layers import (
+    AttentionBlock,
+    Conv,
+    Downsample,
+    LabelEmbedding,
+    ResBlock,
+    TimestepEmbedding,
+    Upsample,
+    xavier_uniform,
+    zeros,
+)
 
 Dtype = Any
 

@@ -1,0 +1,85 @@
+"""Datasets as TFDS builders, one builder per module, looked up by ``data.name``.
+
+Bundled / locally built datasets (registered in ``BUILDERS``, written once on first use):
+  * ``digits`` (:mod:`diffusion_jax.datasets.digits`): scikit-learn's 8x8 handwritten
+    digits, works offline.
+  (Fashion-MNIST, glyphs and latent datasets will follow, each in its own module.)
+
+Any other name is a TFDS dataset that must already be prepared (array_record) in the data
+dir: ``tfds.builder(name, data_dir=...)``. Nothing is downloaded at run time.
+``open_split`` opens a split as a random-access source (``builder.as_data_source``) and
+says how to prepare a dataset that is missing.
+
+A new bundled dataset is a module with its builder class (in a package module: TFDS
+mis-handles builder classes defined in ``__main__`` or a script; override ``code_path``
+like ``digits.SklearnDigits`` does, because TFDS's default probes ``importlib_resources``)
+and a ``(data_dir) -> prepared builder`` function, added to ``BUILDERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from diffusion_jax.datasets import digits
+
+# dataset name -> (data_dir -> prepared TFDS builder), building it on first use.
+BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
+    digits.NAME: digits.builder,
+}
+
+
+def _how_to_prepare(name: str) -> str:
+    """Instructions for preparing TFDS dataset `name` so that it can be read offline."""
+    return (
+        "Prepare it once, in array_record format, on a machine with internet access:\n"
+        f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
+        "(some builders need `pip install tensorflow` for generation only; training never "
+        "imports it), copy DIR here if needed, then pass --config.data.data_dir=DIR. "
+        "Or use --config.data.name=digits, which works offline.")
+
+
+def _not_prepared_message(name: str, data_dir: str) -> str:
+    return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and nothing is "
+            "downloaded at run time. " + _how_to_prepare(name))
+
+
+def builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of dataset `name` in `data_dir` (bundled ones are built if needed).
+
+    For a name outside ``BUILDERS`` this does not check that the dataset is prepared;
+    ``open_split`` does.
+    """
+    if name in BUILDERS:
+        return BUILDERS[name](data_dir)
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        bundled = ", ".join(repr(known) for known in BUILDERS)
+        raise ValueError(
+            f"Unknown dataset {name!r}: it is neither {bundled}, a registered TFDS dataset, "
+            f"nor a prepared dataset under data_dir={data_dir!r}. " + _how_to_prepare(name)
+        ) from None
+
+
+def open_split(name: str, data_dir: str,
+               split: str) -> tuple[tfds.core.DatasetBuilder, Sequence[Any]]:
+    """(builder, random-access source of `split`): ``builder.as_data_source``, no TensorFlow.
+
+    A dataset that is not prepared, or not stored in a random-access format, raises an error
+    that says how to prepare it.
+    """
+    dataset = builder(name, data_dir)
+    try:
+        return dataset, dataset.as_data_source(split=split)
+    except Exception as e:  # translate the common failures into instructions
+        if not dataset.is_prepared():
+            raise FileNotFoundError(_not_prepared_message(name, data_dir)) from None
+        formats = tfds.core.file_adapters.FileFormat.with_random_access()
+        if dataset.info.file_format not in formats:
+            raise ValueError(
+                f"{name!r} in {data_dir!r} is stored as {dataset.info.file_format.value}, "
+                "which has no random access. " + _how_to_prepare(name)) from e
+        raise
