@@ -9,6 +9,7 @@ counted, with abstract shapes (no memory, no compile). Times are per batch, medi
 squared-error loss against random targets. On the 2-core CPU dev box expect noise of
 +-20% or more when other jobs run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,27 @@ from diffusion_jax.models import (
 
 # (label, model config, image shape HWC, batch to time or None = count only)
 ROWS = [
-    ("ddpm_cifar10", {"name": "unet", "num_classes": 0, "unet": UNET_PRESETS["ddpm_cifar10"]},
-     (32, 32, 3), 8),
-    ("digits", {"name": "unet", "num_classes": 10, "unet": UNET_PRESETS["digits"]},
-     (8, 8, 1), 64),
-    ("adm_small", {"name": "unet", "num_classes": 10, "unet": UNET_PRESETS["adm_small"]},
-     (32, 32, 3), None),
+    (
+        "ddpm_cifar10",
+        {"name": "unet", "num_classes": 0, "unet": UNET_PRESETS["ddpm_cifar10"]},
+        (32, 32, 3),
+        8,
+    ),
+    ("digits", {"name": "unet", "num_classes": 10, "unet": UNET_PRESETS["digits"]}, (8, 8, 1), 64),
+    (
+        "adm_small",
+        {"name": "unet", "num_classes": 10, "unet": UNET_PRESETS["adm_small"]},
+        (32, 32, 3),
+        None,
+    ),
 ] + [
     # The paper's setting: 32x32x4 latents, learned sigma (8 output channels), 1000 classes.
-    (name, {"name": "dit", "num_classes": 1000, "dit": dict(DIT_PRESETS[name], out_channels=8)},
-     (32, 32, 4), 8 if name == "DiT-S/2" else None)
+    (
+        name,
+        {"name": "dit", "num_classes": 1000, "dit": dict(DIT_PRESETS[name], out_channels=8)},
+        (32, 32, 4),
+        8 if name == "DiT-S/2" else None,
+    )
     for name in ("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
 ]
 
@@ -67,9 +79,14 @@ def bench_row(label, cfg, shape, batch, repeats):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
-    y = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32) if model.num_classes else None
-    target = jnp.asarray(rng.standard_normal(x.shape[:3] + (model.out_channels or shape[2],)),
-                         jnp.float32)
+    y = (
+        jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+        if model.num_classes
+        else None
+    )
+    target = jnp.asarray(
+        rng.standard_normal(x.shape[:3] + (model.out_channels or shape[2],)), jnp.float32
+    )
     params = jax.jit(model.init)(jax.random.key(0), x, t, y)
 
     fwd = jax.jit(lambda p, x, t, y: model.apply(p, x, t, y))
@@ -79,11 +96,13 @@ def bench_row(label, cfg, shape, batch, repeats):
         def loss(p):
             out = model.apply(p, x, t, y, train=True, rngs={"dropout": key})
             return jnp.mean((out - target) ** 2)
+
         return jax.value_and_grad(loss)(p)
 
     row["fwd_compile_s"], row["fwd_s"] = _time(fwd, params, x, t, y, repeats=repeats)
-    row["bwd_compile_s"], row["fwd_bwd_s"] = _time(fwd_bwd, params, x, t, y, jax.random.key(1),
-                                                   repeats=repeats)
+    row["bwd_compile_s"], row["fwd_bwd_s"] = _time(
+        fwd_bwd, params, x, t, y, jax.random.key(1), repeats=repeats
+    )
     return row
 
 
@@ -94,10 +113,14 @@ def main():
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
 
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-          f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}")
-    header = (f"{'preset':<14}{'input':>10}{'params':>15}{'GFLOPs/img':>12}{'batch':>7}"
-              f"{'fwd ms':>10}{'fwd+bwd ms':>12}{'compile s (fwd/fwd+bwd)':>26}")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
+    )
+    header = (
+        f"{'preset':<14}{'input':>10}{'params':>15}{'GFLOPs/img':>12}{'batch':>7}"
+        f"{'fwd ms':>10}{'fwd+bwd ms':>12}{'compile s (fwd/fwd+bwd)':>26}"
+    )
     print(header)
     print("-" * len(header))
     for label, cfg, shape, batch in ROWS:
@@ -109,8 +132,10 @@ def main():
         if batch is None:
             line += f"{'-':>7}{'-':>10}{'-':>12}{'-':>26}"
         else:
-            line += (f"{batch:>7}{1e3 * r['fwd_s']:>10.0f}{1e3 * r['fwd_bwd_s']:>12.0f}"
-                     f"{r['fwd_compile_s']:>13.1f} / {r['bwd_compile_s']:<10.1f}")
+            line += (
+                f"{batch:>7}{1e3 * r['fwd_s']:>10.0f}{1e3 * r['fwd_bwd_s']:>12.0f}"
+                f"{r['fwd_compile_s']:>13.1f} / {r['bwd_compile_s']:<10.1f}"
+            )
         print(line, flush=True)
     print("GFLOPs: XLA cost analysis / 2 (one multiply-add = 1), per image at batch 1, eval mode.")
 

@@ -17,6 +17,7 @@ Compile time: lower+compile wall time of the whole sampler (jax.jit of make_samp
 function, caches cleared before each, persistent cache off) for DDIM with 10 and with
 1000 steps; the step count only changes the scan length, so the two should be equal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ SHAPES = {"digits_unet": (8, 8, 1), "cifar10_ddpm": (32, 32, 3), "dit_s2": (32, 
 
 def build(config_name: str):
     import bench_train  # same configs as the train benchmark
+
     return bench_train.get_config(config_name)
 
 
@@ -43,19 +45,20 @@ def make_params(model, shape, conditional):
     (cost is value-independent, but the samples should not be trivially constant)."""
     import jax
     import jax.numpy as jnp
+
     x = jnp.zeros((1, *shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if conditional else None
     params = jax.jit(lambda k: model.init(k, x, t, y))(jax.random.key(0))["params"]
     rng = np.random.default_rng(1)
-    return jax.tree.map(lambda p: p + 0.01 * rng.standard_normal(p.shape).astype(p.dtype),
-                        params)
+    return jax.tree.map(lambda p: p + 0.01 * rng.standard_normal(p.shape).astype(p.dtype), params)
 
 
 def sample_fn_for(model, schedule, cfg, shape, name: str, num_steps: int):
     import jax
 
     from diffusion_jax import steps
+
     cfg = cfg.copy_and_resolve_references()
     cfg.sampler.name = name
     cfg.sampler.num_steps = num_steps if name == "ddim" else cfg.sampler.num_steps
@@ -64,6 +67,7 @@ def sample_fn_for(model, schedule, cfg, shape, name: str, num_steps: int):
 
 def timed_compile(jitted, *args, compiler_options=None):
     import jax
+
     jax.clear_caches()
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
@@ -73,27 +77,44 @@ def timed_compile(jitted, *args, compiler_options=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--config", default="digits_unet", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--samplers", default="ddim50,ddpm1000",
-                   help=f"comma-separated subset of {','.join(SAMPLERS)}")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of samplers with <= 100 steps (median)")
-    p.add_argument("--long_repeats", type=int, default=1,
-                   help="timed runs of longer samplers (DDPM-1000), no warmup run")
-    p.add_argument("--compile_steps", default="10,1000",
-                   help="DDIM step counts whose compile time is compared ('' to skip)")
-    p.add_argument("--xla_options", default="default",
-                   help="per-compile XLA options: a preset ("
-                        f"{', '.join(common.XLA_OPTION_PRESETS)}) or a JSON object")
+    p.add_argument(
+        "--samplers",
+        default="ddim50,ddpm1000",
+        help=f"comma-separated subset of {','.join(SAMPLERS)}",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of samplers with <= 100 steps (median)"
+    )
+    p.add_argument(
+        "--long_repeats",
+        type=int,
+        default=1,
+        help="timed runs of longer samplers (DDPM-1000), no warmup run",
+    )
+    p.add_argument(
+        "--compile_steps",
+        default="10,1000",
+        help="DDIM step counts whose compile time is compared ('' to skip)",
+    )
+    p.add_argument(
+        "--xla_options",
+        default="default",
+        help="per-compile XLA options: a preset ("
+        f"{', '.join(common.XLA_OPTION_PRESETS)}) or a JSON object",
+    )
     p.add_argument("--json", action="store_true", help="also print one machine-readable line")
     args = p.parse_args()
 
     import jax
     import jax.numpy as jnp
+
     common.disable_compilation_cache()
     from diffusion_jax import schedules
     from diffusion_jax.models import build_model
@@ -106,8 +127,11 @@ def main():
     full_shape = (args.batch, *shape)
     conditional = cfg.model.num_classes > 0
     model = build_model(cfg.model)
-    schedule = schedules.make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps,
-                                       zero_terminal_snr=cfg.schedule.zero_terminal_snr)
+    schedule = schedules.make_schedule(
+        cfg.schedule.name,
+        cfg.schedule.num_timesteps,
+        zero_terminal_snr=cfg.schedule.zero_terminal_snr,
+    )
     params = make_params(model, shape, conditional)
     labels = jnp.asarray(np.arange(args.batch) % max(cfg.model.num_classes, 1), jnp.int32)
     guidance = jnp.asarray(cfg.sampler.guidance_scale, jnp.float32)
@@ -121,10 +145,12 @@ def main():
     x = jax.random.normal(jax.random.key(2), (fwd_batch, *shape), jnp.float32)
     t = jnp.full((fwd_batch,), 500, jnp.int32)
     y = jnp.zeros((fwd_batch,), jnp.int32) if conditional else None
-    fwd, fwd_lower_s, fwd_compile_s = timed_compile(jax.jit(forward), params, x, t, y,
-                                                    compiler_options=opts)
-    single = common.time_calls(lambda: fwd(params, x, t, y), max(5, args.repeats), warmup=2,
-                               block=jax.block_until_ready)
+    fwd, fwd_lower_s, fwd_compile_s = timed_compile(
+        jax.jit(forward), params, x, t, y, compiler_options=opts
+    )
+    single = common.time_calls(
+        lambda: fwd(params, x, t, y), max(5, args.repeats), warmup=2, block=jax.block_until_ready
+    )
 
     def chain(n):
         h = x
@@ -132,13 +158,22 @@ def main():
             h = fwd(params, h, t, y)
         return h
 
-    rows, result = [], {"config": args.config, "batch": args.batch, "xla_options": opts,
-                        "fwd_single_s": common.median(single), "samplers": {}}
+    rows, result = (
+        [],
+        {
+            "config": args.config,
+            "batch": args.batch,
+            "xla_options": opts,
+            "fwd_single_s": common.median(single),
+            "samplers": {},
+        },
+    )
     for key in filter(None, args.samplers.split(",")):
         name, n = SAMPLERS[key]
         fn = sample_fn_for(model, schedule, cfg, full_shape, name, n)
-        compiled, lower_s, compile_s = timed_compile(fn, params, jax.random.key(3), labels,
-                                                     guidance, compiler_options=opts)
+        compiled, lower_s, compile_s = timed_compile(
+            fn, params, jax.random.key(3), labels, guidance, compiler_options=opts
+        )
         # interleave sampler and baseline runs so load changes hit both alike
         s_times, b_times = [], []
         long = n > 100
@@ -147,45 +182,86 @@ def main():
             jax.block_until_ready(chain(n))
         for _ in range(args.long_repeats if long else args.repeats):
             s_times += common.time_calls(
-                lambda: compiled(params, jax.random.key(3), labels, guidance), 1, warmup=0,
-                block=jax.block_until_ready)
-            b_times += common.time_calls(lambda: chain(n), 1, warmup=0,
-                                         block=jax.block_until_ready)
+                lambda: compiled(params, jax.random.key(3), labels, guidance),
+                1,
+                warmup=0,
+                block=jax.block_until_ready,
+            )
+            b_times += common.time_calls(lambda: chain(n), 1, warmup=0, block=jax.block_until_ready)
         s, b = common.median(s_times), common.median(b_times)
-        result["samplers"][key] = dict(steps=n, sampler_s=s, baseline_s=b,
-                                       single_x_n_s=n * common.median(single),
-                                       overhead=s / b - 1, lower_s=lower_s,
-                                       compile_s=compile_s)
-        rows.append([key, n, f"{s:.3f}", f"{b:.3f}", f"{n * common.median(single):.3f}",
-                     f"{100 * (s / b - 1):+.1f}%", f"{1e3 * s / n:.2f}",
-                     f"{lower_s:.1f}+{compile_s:.1f}"])
-        print(f"  {key}: sampler {common.stats_line(s_times)}; {n} bare forwards "
-              f"{common.stats_line(b_times)}", flush=True)
+        result["samplers"][key] = dict(
+            steps=n,
+            sampler_s=s,
+            baseline_s=b,
+            single_x_n_s=n * common.median(single),
+            overhead=s / b - 1,
+            lower_s=lower_s,
+            compile_s=compile_s,
+        )
+        rows.append(
+            [
+                key,
+                n,
+                f"{s:.3f}",
+                f"{b:.3f}",
+                f"{n * common.median(single):.3f}",
+                f"{100 * (s / b - 1):+.1f}%",
+                f"{1e3 * s / n:.2f}",
+                f"{lower_s:.1f}+{compile_s:.1f}",
+            ]
+        )
+        print(
+            f"  {key}: sampler {common.stats_line(s_times)}; {n} bare forwards "
+            f"{common.stats_line(b_times)}",
+            flush=True,
+        )
 
     ctimes = []
     for n in [int(v) for v in filter(None, args.compile_steps.split(","))]:
         fn = sample_fn_for(model, schedule, cfg, full_shape, "ddim", n)
-        _, lower_s, compile_s = timed_compile(fn, params, jax.random.key(3), labels, guidance,
-                                              compiler_options=opts)
+        _, lower_s, compile_s = timed_compile(
+            fn, params, jax.random.key(3), labels, guidance, compiler_options=opts
+        )
         ctimes.append((n, lower_s, compile_s))
     result["compile"] = [dict(steps=n, lower_s=lo, compile_s=co) for n, lo, co in ctimes]
     load1 = common.load_average()[0]
 
-    print(f"\n{common.jax_versions()}; XLA options: {opts or 'default'}; "
-          f"{args.config} batch {args.batch} ({'x'.join(map(str, shape))}, forward batch "
-          f"{fwd_batch}); 1-min load avg {load0:.2f} at start, {load1:.2f} at end")
-    print(f"one bare forward: median {1e3 * common.median(single):.2f} ms "
-          f"(compile {fwd_lower_s:.1f}+{fwd_compile_s:.1f} s)")
+    print(
+        f"\n{common.jax_versions()}; XLA options: {opts or 'default'}; "
+        f"{args.config} batch {args.batch} ({'x'.join(map(str, shape))}, forward batch "
+        f"{fwd_batch}); 1-min load avg {load0:.2f} at start, {load1:.2f} at end"
+    )
+    print(
+        f"one bare forward: median {1e3 * common.median(single):.2f} ms "
+        f"(compile {fwd_lower_s:.1f}+{fwd_compile_s:.1f} s)"
+    )
     if rows:
-        print(common.format_table(
-            ["sampler", "steps", "sampler s", "N bare fwd s (chained loop)",
-             "N x single fwd s", "overhead vs loop", "ms/step", "lower+compile s"], rows))
+        print(
+            common.format_table(
+                [
+                    "sampler",
+                    "steps",
+                    "sampler s",
+                    "N bare fwd s (chained loop)",
+                    "N x single fwd s",
+                    "overhead vs loop",
+                    "ms/step",
+                    "lower+compile s",
+                ],
+                rows,
+            )
+        )
     if ctimes:
         base = ctimes[0][1] + ctimes[0][2]
-        print(common.format_table(
-            ["DDIM steps", "lower s", "compile s", "total s", "ratio to first"],
-            [[n, f"{lo:.2f}", f"{co:.2f}", f"{lo + co:.2f}", f"{(lo + co) / base:.2f}"]
-             for n, lo, co in ctimes]))
+        print(
+            common.format_table(
+                ["DDIM steps", "lower s", "compile s", "total s", "ratio to first"],
+                [
+                    [n, f"{lo:.2f}", f"{co:.2f}", f"{lo + co:.2f}", f"{(lo + co) / base:.2f}"]
+                    for n, lo, co in ctimes
+                ],
+            )
+        )
     if args.json:
         result["load"] = [load0, load1]
         common.emit_json(result)

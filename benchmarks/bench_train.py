@@ -17,6 +17,7 @@ compiled step (multiply-add = 2, the same convention as the peak) / median step 
 The peak is measured just before and just after the timed steps and averaged, so a load
 change on a shared machine shows up as a gap between the two (printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ DESCRIPTION = {
 def get_config(name: str):
     """The config a row benchmarks, built from configs/ (never a copy of their values)."""
     from configs import base, cifar10_ddpm, digits_unet
+
     if name == "digits_unet":
         return digits_unet.get_config()
     if name == "cifar10_ddpm":
@@ -61,8 +63,16 @@ def get_config(name: str):
 # --------------------------------------------------------------------------- child
 
 
-def run_one(name: str, batch_size: int, steps: int, warmup: int, k: int,
-            xla_options: dict, matmul_n: int, conv_impl: str = "") -> dict:
+def run_one(
+    name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    k: int,
+    xla_options: dict,
+    matmul_n: int,
+    conv_impl: str = "",
+) -> dict:
     import jax
 
     common.disable_compilation_cache()
@@ -78,23 +88,30 @@ def run_one(name: str, batch_size: int, steps: int, warmup: int, k: int,
         cfg.model.unet.conv_impl = conv_impl
     shape = SHAPES[name]
     model = build_model(cfg.model)
-    schedule = schedules.make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps,
-                                       zero_terminal_snr=cfg.schedule.zero_terminal_snr)
+    schedule = schedules.make_schedule(
+        cfg.schedule.name,
+        cfg.schedule.num_timesteps,
+        zero_terminal_snr=cfg.schedule.zero_terminal_snr,
+    )
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
     dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:1]))
     conditional = cfg.model.num_classes > 0
-    state = create_train_state(model, tx, shape, cfg.seed, conditional=conditional,
-                               out_sharding=dp.state_sharding)
+    state = create_train_state(
+        model, tx, shape, cfg.seed, conditional=conditional, out_sharding=dp.state_sharding
+    )
     n_params = count_params(state.params)
 
     rng = np.random.default_rng(0)
     lead = (k, batch_size) if k > 1 else (batch_size,)
-    host_batch = {"image": rng.uniform(-1, 1, lead + shape).astype(np.float32),
-                  "label": rng.integers(0, max(cfg.model.num_classes, 1), lead).astype(np.int32)}
+    host_batch = {
+        "image": rng.uniform(-1, 1, lead + shape).astype(np.float32),
+        "label": rng.integers(0, max(cfg.model.num_classes, 1), lead).astype(np.int32),
+    }
     batch = dp.put_batch(host_batch, k)
 
     step = dp.compile(
-        lambda axis: steps_lib.make_train_step(model, tx, schedule, cfg, axis_name=axis), k)
+        lambda axis: steps_lib.make_train_step(model, tx, schedule, cfg, axis_name=axis), k
+    )
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()
@@ -120,16 +137,30 @@ def run_one(name: str, batch_size: int, steps: int, warmup: int, k: int,
     step_s = common.median(times) / k
     peak = 0.5 * (peak_before["gflops_median"] + peak_after["gflops_median"])
     achieved = flops_per_step / step_s / 1e9
-    out = dict(config=name, batch=batch_size, shape=list(shape), params=n_params, k=k,
-               conv_impl=conv_impl or "config",
-               xla_options=xla_options, step_s=step_s, step_times=[x / k for x in times],
-               images_per_s=batch_size / step_s, gflop_per_step=flops_per_step / 1e9,
-               achieved_gflops=achieved, peak_gflops=peak,
-               peak_before=peak_before["gflops_median"], peak_after=peak_after["gflops_median"],
-               peak_best=max(peak_before["gflops_best"], peak_after["gflops_best"]),
-               ratio=achieved / peak, lower_s=t1 - t0, compile_s=t2 - t1,
-               peak_rss_mb=common.peak_rss_mb(), loss=loss,
-               load_end=common.load_average()[0])
+    out = dict(
+        config=name,
+        batch=batch_size,
+        shape=list(shape),
+        params=n_params,
+        k=k,
+        conv_impl=conv_impl or "config",
+        xla_options=xla_options,
+        step_s=step_s,
+        step_times=[x / k for x in times],
+        images_per_s=batch_size / step_s,
+        gflop_per_step=flops_per_step / 1e9,
+        achieved_gflops=achieved,
+        peak_gflops=peak,
+        peak_before=peak_before["gflops_median"],
+        peak_after=peak_after["gflops_median"],
+        peak_best=max(peak_before["gflops_best"], peak_after["gflops_best"]),
+        ratio=achieved / peak,
+        lower_s=t1 - t0,
+        compile_s=t2 - t1,
+        peak_rss_mb=common.peak_rss_mb(),
+        loss=loss,
+        load_end=common.load_average()[0],
+    )
     out.update(common.memory_stats_mb(compiled))
     return out
 
@@ -142,8 +173,9 @@ def parse_batches(spec: str) -> dict:
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key not in CONFIGS or not value:
-            raise SystemExit(f"--batch wants NAME=INT[,NAME=INT] with NAME in {CONFIGS}; "
-                             f"got {item!r}")
+            raise SystemExit(
+                f"--batch wants NAME=INT[,NAME=INT] with NAME in {CONFIGS}; got {item!r}"
+            )
         batches[key] = int(value)
     return batches
 
@@ -151,49 +183,100 @@ def parse_batches(spec: str) -> dict:
 def print_table(results, header_line):
     rows = []
     for r in results:
-        rows.append([
-            r["config"], r.get("xla_preset", "default")
-            + ("" if r.get("conv_impl", "config") == "config" else f" +{r['conv_impl']}"),
-            f"{r['params'] / 1e6:.2f}M", r["batch"],
-            "x".join(map(str, r["shape"])),
-            r["k"], f"{1e3 * r['step_s']:.0f}", f"{r['images_per_s']:.1f}",
-            f"{r['gflop_per_step']:.1f}", f"{r['achieved_gflops']:.1f}",
-            f"{r['peak_gflops']:.0f} ({r['peak_before']:.0f}/{r['peak_after']:.0f})",
-            f"{100 * r['ratio']:.0f}%", f"{r['lower_s']:.1f}+{r['compile_s']:.1f}",
-            f"{r['peak_rss_mb']:.0f}", f"{r.get('xla_temp_mb', float('nan')):.0f}",
-        ])
+        rows.append(
+            [
+                r["config"],
+                r.get("xla_preset", "default")
+                + ("" if r.get("conv_impl", "config") == "config" else f" +{r['conv_impl']}"),
+                f"{r['params'] / 1e6:.2f}M",
+                r["batch"],
+                "x".join(map(str, r["shape"])),
+                r["k"],
+                f"{1e3 * r['step_s']:.0f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['gflop_per_step']:.1f}",
+                f"{r['achieved_gflops']:.1f}",
+                f"{r['peak_gflops']:.0f} ({r['peak_before']:.0f}/{r['peak_after']:.0f})",
+                f"{100 * r['ratio']:.0f}%",
+                f"{r['lower_s']:.1f}+{r['compile_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r.get('xla_temp_mb', float('nan')):.0f}",
+            ]
+        )
     print(header_line)
-    print(common.format_table(
-        ["config", "XLA options", "params", "batch", "image", "k", "step ms", "img/s", "GFLOP/step",
-         "GFLOP/s", "peak GFLOP/s (before/after)", "of peak", "lower+compile s",
-         "peak RSS MB", "XLA temp MB"], rows))
+    print(
+        common.format_table(
+            [
+                "config",
+                "XLA options",
+                "params",
+                "batch",
+                "image",
+                "k",
+                "step ms",
+                "img/s",
+                "GFLOP/step",
+                "GFLOP/s",
+                "peak GFLOP/s (before/after)",
+                "of peak",
+                "lower+compile s",
+                "peak RSS MB",
+                "XLA temp MB",
+            ],
+            rows,
+        )
+    )
 
 
 def main():
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)}")
-    p.add_argument("--batch", default="", help="per-config batch overrides, e.g. "
-                   "cifar10_ddpm=16,dit_s2=16 (defaults: "
-                   + ", ".join(f"{k}={v}" for k, v in DEFAULT_BATCH.items()) + ")")
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)}",
+    )
+    p.add_argument(
+        "--batch",
+        default="",
+        help="per-config batch overrides, e.g. "
+        "cifar10_ddpm=16,dit_s2=16 (defaults: "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_BATCH.items())
+        + ")",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-    p.add_argument("--steps_per_dispatch", type=int, default=1,
-                   help="k > 1: lax.scan over k steps per call (train.steps_per_dispatch)")
-    p.add_argument("--xla_options", default="default",
-                   help="per-compile XLA options: comma-separated presets "
-                        f"({', '.join(common.XLA_OPTION_PRESETS)}; each config runs once per "
-                        "preset) or one JSON object of XLA DebugOptions fields")
+    p.add_argument(
+        "--steps_per_dispatch",
+        type=int,
+        default=1,
+        help="k > 1: lax.scan over k steps per call (train.steps_per_dispatch)",
+    )
+    p.add_argument(
+        "--xla_options",
+        default="default",
+        help="per-compile XLA options: comma-separated presets "
+        f"({', '.join(common.XLA_OPTION_PRESETS)}; each config runs once per "
+        "preset) or one JSON object of XLA DebugOptions fields",
+    )
     p.add_argument("--matmul_n", type=int, default=2048, help="size of the peak matmul")
-    p.add_argument("--conv_impl", default="",
-                   help="UNet convolution gradients: 'xla' or 'explicit_grad' (layers.Conv); "
-                        "default: the config's")
-    p.add_argument("--json", action="store_true",
-                   help="also print the results as one machine-readable line")
-    p.add_argument("--in_process", action="store_true",
-                   help="run configs in this process (peak RSS then accumulates)")
+    p.add_argument(
+        "--conv_impl",
+        default="",
+        help="UNet convolution gradients: 'xla' or 'explicit_grad' (layers.Conv); "
+        "default: the config's",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="also print the results as one machine-readable line"
+    )
+    p.add_argument(
+        "--in_process",
+        action="store_true",
+        help="run configs in this process (peak RSS then accumulates)",
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -210,9 +293,16 @@ def main():
             raise SystemExit(f"unknown config {n!r}; valid: {list(CONFIGS)}")
 
     if args.child:
-        r = run_one(args.child, batches[args.child], args.steps, args.warmup,
-                    args.steps_per_dispatch, common.xla_options_from_arg(option_sets[0]),
-                    args.matmul_n, args.conv_impl)
+        r = run_one(
+            args.child,
+            batches[args.child],
+            args.steps,
+            args.warmup,
+            args.steps_per_dispatch,
+            common.xla_options_from_arg(option_sets[0]),
+            args.matmul_n,
+            args.conv_impl,
+        )
         r["xla_preset"] = option_sets[0]
         common.emit_json(r)
         return
@@ -224,29 +314,54 @@ def main():
         for opt in option_sets:
             t0 = time.time()
             if args.in_process:
-                r = run_one(name, batches[name], args.steps, args.warmup,
-                            args.steps_per_dispatch, common.xla_options_from_arg(opt),
-                            args.matmul_n, args.conv_impl)
+                r = run_one(
+                    name,
+                    batches[name],
+                    args.steps,
+                    args.warmup,
+                    args.steps_per_dispatch,
+                    common.xla_options_from_arg(opt),
+                    args.matmul_n,
+                    args.conv_impl,
+                )
                 r["xla_preset"] = opt
             else:
                 argv = common.self_argv(__file__) + [
-                    "--child", name, "--batch", f"{name}={batches[name]}", "--steps",
-                    str(args.steps), "--warmup", str(args.warmup), "--steps_per_dispatch",
-                    str(args.steps_per_dispatch), "--xla_options", opt,
-                    "--matmul_n", str(args.matmul_n), "--conv_impl", args.conv_impl]
+                    "--child",
+                    name,
+                    "--batch",
+                    f"{name}={batches[name]}",
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--steps_per_dispatch",
+                    str(args.steps_per_dispatch),
+                    "--xla_options",
+                    opt,
+                    "--matmul_n",
+                    str(args.matmul_n),
+                    "--conv_impl",
+                    args.conv_impl,
+                ]
                 r = common.run_child(argv)
             results.append(r)
-            print(f"  {name} [{opt}]: {common.stats_line(r['step_times'])} per step "
-                  f"({time.time() - t0:.0f} s incl. init/compile), loss {r['loss']:.3f}, "
-                  f"load {common.load_average()[0]:.2f}", flush=True)
+            print(
+                f"  {name} [{opt}]: {common.stats_line(r['step_times'])} per step "
+                f"({time.time() - t0:.0f} s incl. init/compile), loss {r['loss']:.3f}, "
+                f"load {common.load_average()[0]:.2f}",
+                flush=True,
+            )
     load1 = common.load_average()[0]
     import jax  # noqa: F401  (versions for the header only)
-    header = (f"\n{common.jax_versions()}; 1-min load avg {load0:.2f} at start, "
-              f"{load1:.2f} at end")
+
+    header = f"\n{common.jax_versions()}; 1-min load avg {load0:.2f} at start, {load1:.2f} at end"
     print_table(results, header)
-    print("FLOPs: XLA cost analysis of the compiled step, multiply-add = 2 (same as the "
-          "2*N^3 peak matmul). 'of peak' = GFLOP/s / peak (median 2048^3 f32 matmul, "
-          "measured in the same process before and after the timed steps).")
+    print(
+        "FLOPs: XLA cost analysis of the compiled step, multiply-add = 2 (same as the "
+        "2*N^3 peak matmul). 'of peak' = GFLOP/s / peak (median 2048^3 f32 matmul, "
+        "measured in the same process before and after the timed steps)."
+    )
     if args.json:
         common.emit_json({"results": results, "load": [load0, load1]})
 

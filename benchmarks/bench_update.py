@@ -14,6 +14,7 @@ in the real step (so the update runs in place):
 folded; the gradients are finite, so both guards apply the update. Interleaved rounds,
 median of each; the spread across rounds is printed since a shared machine drifts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def make_update(kind: str, tx, optim_cfg):
 
     def update(state, grads):
         finite = jnp.isfinite(optax.tree.norm(grads))
-        apply = lambda s: steps.apply_gradients(s, grads, tx, optim_cfg)  # noqa: E731
+        apply = lambda s: steps.apply_gradients(s, grads, tx, optim_cfg)
         if kind == "none":
             return apply(state)
         if kind == "cond":
@@ -63,12 +64,15 @@ def main():
     cfg = get_config(args.config)
     model = build_model(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
-    state = create_train_state(model, tx, SHAPES[args.config], cfg.seed,
-                               conditional=cfg.model.num_classes > 0)
+    state = create_train_state(
+        model, tx, SHAPES[args.config], cfg.seed, conditional=cfg.model.num_classes > 0
+    )
     grads = jax.tree.map(lambda x: 1e-3 * x, state.params)
     print(common.describe_machine())
-    print(f"{args.config}: {count_params(state.params):,} params; state donated; "
-          f"{args.rounds} rounds x {args.repeats} calls")
+    print(
+        f"{args.config}: {count_params(state.params):,} params; state donated; "
+        f"{args.rounds} rounds x {args.repeats} calls"
+    )
 
     kinds = ("none", "cond", "where")
     fns = {k: make_update(k, tx, cfg.optim) for k in kinds}
@@ -76,16 +80,24 @@ def main():
     medians = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:
+
             def call(k=k):
                 states[k] = fns[k](states[k], grads)
                 return states[k]
+
             times = common.time_calls(call, args.repeats, warmup=1, block=jax.block_until_ready)
             medians[k].append(1e3 * common.median(times))
     base = float(np.median(medians["none"]))
-    rows = [[k, f"{np.median(medians[k]):.1f}", f"{min(medians[k]):.1f}-{max(medians[k]):.1f}",
-             f"{np.median(medians[k]) - base:+.1f}"] for k in kinds]
-    print(common.format_table(["guard", "ms (median of rounds)", "round medians", "vs none"],
-                              rows))
+    rows = [
+        [
+            k,
+            f"{np.median(medians[k]):.1f}",
+            f"{min(medians[k]):.1f}-{max(medians[k]):.1f}",
+            f"{np.median(medians[k]) - base:+.1f}",
+        ]
+        for k in kinds
+    ]
+    print(common.format_table(["guard", "ms (median of rounds)", "round medians", "vs none"], rows))
 
 
 if __name__ == "__main__":

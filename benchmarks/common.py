@@ -9,6 +9,7 @@ matmul (2 N^3), so "achieved / peak" compares like with like. (bench_models.py d
 Imports only numpy and the standard library at module level, so the PyTorch peer script
 can use it from a venv without JAX.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ _YNN = "xla_cpu_experimental_ynn_fusion_type"
 XLA_OPTION_PRESETS = {
     "default": {},
     "eigen_conv": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "eigen_conv_ynn_reduce": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+    "eigen_conv_ynn_reduce": {
+        _YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    },
 }
 XLA_FLAG_PRESETS = {
     "default": "",
@@ -86,8 +89,10 @@ def load_average() -> tuple:
 def describe_machine(extra: str = "") -> str:
     """One line: CPU, usable cores, memory, load average (+ framework versions)."""
     l1, l5, _ = load_average()
-    line = (f"{cpu_model()}, {usable_cores()} usable core(s) of {os.cpu_count()}, "
-            f"{mem_total_gb():.0f} GiB RAM, load avg {l1:.2f} (1 min) / {l5:.2f} (5 min)")
+    line = (
+        f"{cpu_model()}, {usable_cores()} usable core(s) of {os.cpu_count()}, "
+        f"{mem_total_gb():.0f} GiB RAM, load avg {l1:.2f} (1 min) / {l5:.2f} (5 min)"
+    )
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if xla_flags:
         line += f", XLA_FLAGS='{xla_flags}'"
@@ -106,8 +111,12 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1,
-               block: Optional[Callable[[Any], Any]] = None) -> List[float]:
+def time_calls(
+    fn: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    block: Optional[Callable[[Any], Any]] = None,
+) -> List[float]:
     """Wall seconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones, each
     waited for with ``block`` (e.g. jax.block_until_ready): JAX dispatch is async."""
     block = block or (lambda x: x)
@@ -124,6 +133,7 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1,
 def disable_compilation_cache() -> None:
     """Benchmarks measure real compiles: make sure no persistent cache answers them."""
     import jax
+
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -140,8 +150,11 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 7) -> Dict[str, float]:
     mm = jax.jit(jnp.matmul)
     times = time_calls(lambda: mm(a, b), repeats, warmup=2, block=jax.block_until_ready)
     flops = 2.0 * n**3
-    return {"n": n, "gflops_median": flops / median(times) / 1e9,
-            "gflops_best": flops / min(times) / 1e9}
+    return {
+        "n": n,
+        "gflops_median": flops / median(times) / 1e9,
+        "gflops_best": flops / min(times) / 1e9,
+    }
 
 
 def cost_flops(compiled) -> float:
@@ -160,9 +173,13 @@ def memory_stats_mb(compiled) -> Dict[str, float]:
         return {}
     if m is None:
         return {}
-    mb = lambda v: float(v) / 2**20  # noqa: E731
-    return {"xla_args_mb": mb(m.argument_size_in_bytes), "xla_out_mb": mb(m.output_size_in_bytes),
-            "xla_temp_mb": mb(m.temp_size_in_bytes), "xla_alias_mb": mb(m.alias_size_in_bytes)}
+    mb = lambda v: float(v) / 2**20
+    return {
+        "xla_args_mb": mb(m.argument_size_in_bytes),
+        "xla_out_mb": mb(m.output_size_in_bytes),
+        "xla_temp_mb": mb(m.temp_size_in_bytes),
+        "xla_alias_mb": mb(m.alias_size_in_bytes),
+    }
 
 
 # --------------------------------------------------------------------------- processes
@@ -173,8 +190,9 @@ def emit_json(obj: Dict[str, Any]) -> None:
     print(JSON_TAG + json.dumps(obj), flush=True)
 
 
-def run_child(argv: Sequence[str], env: Optional[Dict[str, str]] = None,
-              timeout: Optional[float] = None) -> Dict[str, Any]:
+def run_child(
+    argv: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: Optional[float] = None
+) -> Dict[str, Any]:
     """Run ``argv`` in a fresh process (so its peak RSS is its own) and return the JSON it
     emitted; raise with its stderr tail if it failed."""
     full_env = dict(os.environ)
@@ -182,11 +200,12 @@ def run_child(argv: Sequence[str], env: Optional[Dict[str, str]] = None,
     full_env.setdefault("PYTHONPATH", REPO)
     if REPO not in full_env["PYTHONPATH"].split(os.pathsep):
         full_env["PYTHONPATH"] = REPO + os.pathsep + full_env["PYTHONPATH"]
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(JSON_TAG):
-            return json.loads(line[len(JSON_TAG):])
+            return json.loads(line[len(JSON_TAG) :])
     tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-25:])
     raise RuntimeError(f"benchmark child {' '.join(argv)} failed (rc {proc.returncode}):\n{tail}")
 
@@ -203,7 +222,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Markdown table (readable as plain text too); floats pre-formatted by the caller."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([fmt(cells[0]), sep] + [fmt(r) for r in cells[1:]])
 
@@ -211,6 +230,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def jax_versions() -> str:
     import jax
     import jaxlib
+
     return f"jax {jax.__version__} / jaxlib {jaxlib.__version__}, backend {jax.default_backend()}"
 
 
@@ -222,8 +242,9 @@ def xla_options_from_arg(value: str) -> Dict[str, Any]:
     if value in XLA_OPTION_PRESETS:
         return dict(XLA_OPTION_PRESETS[value])
     if not value.lstrip().startswith("{"):
-        raise SystemExit(f"--xla_options {value!r}: not a preset "
-                         f"{sorted(XLA_OPTION_PRESETS)} nor a JSON object")
+        raise SystemExit(
+            f"--xla_options {value!r}: not a preset {sorted(XLA_OPTION_PRESETS)} nor a JSON object"
+        )
     return dict(json.loads(value))
 
 

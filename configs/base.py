@@ -4,6 +4,7 @@ values; they never add keys (the config is locked, so a typo in an override is a
 Run:  python -m diffusion_jax.main --config=configs/base.py --workdir=runs/base
 (equivalent to configs/digits_unet.py's defaults but with a longer run.)
 """
+
 import ml_collections
 
 from diffusion_jax.models.dit import DIT_PRESETS
@@ -21,10 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
-    c.model.unet = ml_collections.ConfigDict(dict(UNET_PRESETS["digits"], conv_impl="xla",
-                                                  out_channels=None))
-    c.model.dit = ml_collections.ConfigDict(dict(DIT_PRESETS["DiT-S/2"], freq_embed_dim=256,
-                                                 out_channels=None))
+    c.model.unet = ml_collections.ConfigDict(
+        dict(UNET_PRESETS["digits"], conv_impl="xla", out_channels=None)
+    )
+    c.model.dit = ml_collections.ConfigDict(
+        dict(DIT_PRESETS["DiT-S/2"], freq_embed_dim=256, out_channels=None)
+    )
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES

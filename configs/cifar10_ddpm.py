@@ -9,6 +9,7 @@ Needs the cifar10 tfds dataset prepared once on a machine with internet
 Expect (paper, 800k steps at batch 128 on TPU v3-8): FID 3.17, IS 9.46 with DDPM-1000
 sampling. On a CPU this config is only for benchmarking one step.
 """
+
 from configs import base
 from diffusion_jax.models.unet import UNET_PRESETS
 

@@ -5,6 +5,7 @@ Expect: sample grids in class order (0..9 per row, guidance scale 2). Not yet me
 end to end on CPU: the class-conditional quality numbers in the README come from the
 UNet with --config.model.num_classes=10.
 """
+
 from configs import base
 
 

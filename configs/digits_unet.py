@@ -5,6 +5,7 @@ Expect: ~10 min on a 2-core Intel Xeon, ~20 min on a 2-core AMD EPYC guest (READ
 falls from ~0.6 at step 100 to ~0.08; the final grid runs/digits/samples/step_*.png (DDIM-50
 from EMA params) shows legible digits.
 """
+
 from configs import base
 
 

@@ -13,6 +13,7 @@ CFG scale 1.5. The paper's learned-sigma output (8 channels, hybrid VLB loss) is
 implemented here: we train the eps-MSE with 4 output channels (the paper's appendix shows
 the simple loss with fixed variance works at slightly worse FID).
 """
+
 from configs import base
 from diffusion_jax.models.dit import DIT_PRESETS
 

@@ -3,13 +3,20 @@
 Run:  python -m diffusion_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
 Expect: 8 steps in a few seconds after compilation; samples are noise (too few steps).
 """
+
 from configs import base
 
 
 def get_config():
     c = base.get_config()
-    c.model.unet.update(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(4,), dropout=0.0, norm_groups=8)
+    c.model.unet.update(
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+        norm_groups=8,
+    )
     c.schedule.num_timesteps = 100
     c.sampler.num_steps = 5
     c.optim.warmup_steps = 2

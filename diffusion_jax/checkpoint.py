@@ -40,6 +40,7 @@ instead of hanging forever, but the job fails and needs a manual look.
 
 Preemption (SIGTERM -> save and exit) lives in preemption.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,9 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         directory = str(directory)
-        self.directory = epath.Path(directory if "://" in directory else epath.Path(directory).resolve())
+        self.directory = epath.Path(
+            directory if "://" in directory else epath.Path(directory).resolve()
+        )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=1,  # the trainer decides when to save
@@ -114,7 +117,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state: Any, *, extra: dict | None = None, force: bool = False) -> None:
+    def save(
+        self, step: int, state: Any, *, extra: dict | None = None, force: bool = False
+    ) -> None:
         """Starts writing ``state`` and ``extra`` as checkpoint ``step`` (all processes call this).
 
         Async by default: returns once the arrays are copied to host memory (the caller may
@@ -128,25 +133,40 @@ class Checkpointer:
         try:  # fail here, not in orbax's background thread
             json.dumps(extra)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"Checkpointer.save: extra must be a JSON-serialisable dict: {e}") from e
+            raise TypeError(
+                f"Checkpointer.save: extra must be a JSON-serialisable dict: {e}"
+            ) from e
         if step in self._manager.all_steps():
-            log.info("Checkpoint for step %d already exists in %s; not saving it again.", step, self.directory)
+            log.info(
+                "Checkpoint for step %d already exists in %s; not saving it again.",
+                step,
+                self.directory,
+            )
             return
         try:
             saved = self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    **{STATE_ITEM: ocp.args.StandardSave(state), EXTRA_ITEM: ocp.args.JsonSave(extra)}
+                    **{
+                        STATE_ITEM: ocp.args.StandardSave(state),
+                        EXTRA_ITEM: ocp.args.JsonSave(extra),
+                    }
                 ),
                 force=force,
             )
         except ocp.checkpoint_manager.StepAlreadyExistsError:  # written by someone else meanwhile
-            log.info("Checkpoint for step %d already exists in %s; not saving it again.", step, self.directory)
+            log.info(
+                "Checkpoint for step %d already exists in %s; not saving it again.",
+                step,
+                self.directory,
+            )
             return
         if not saved:
             log.info(
                 "Not saving step %d in %s: older than the latest checkpoint (step %s); pass force=True to save it.",
-                step, self.directory, self._manager.latest_step(),
+                step,
+                self.directory,
+                self._manager.latest_step(),
             )
 
     def wait(self) -> None:
@@ -185,14 +205,18 @@ class Checkpointer:
         if step is not None:
             step = int(step)
             if step not in steps:
-                raise ValueError(f"No checkpoint for step {step} in {self.directory}; available steps: {sorted(steps)}")
+                raise ValueError(
+                    f"No checkpoint for step {step} in {self.directory}; available steps: {sorted(steps)}"
+                )
             problem = self._structural_problem(step)
             if problem is not None:
                 raise RuntimeError(f"Checkpoint {self._step_dir(step)} is unusable: {problem}.")
             self._check_tree(step, abstract_state)
             try:
                 return self._restore_step(step, abstract_state)
-            except Exception as e:  # orbax/TensorStore raise bare Exception, ValueError, KeyError...
+            except (
+                Exception
+            ) as e:  # orbax/TensorStore raise bare Exception, ValueError, KeyError...
                 raise RuntimeError(
                     f"Could not read checkpoint {self._step_dir(step)} ({_short(e)}); it is probably "
                     "corrupt. restore(step=None) falls back to the newest readable one."
@@ -214,7 +238,8 @@ class Checkpointer:
             if problem is not None:
                 log.warning(
                     "Checkpoint %s is corrupt or incomplete (%s); trying the previous step.",
-                    self._step_dir(s), problem,
+                    self._step_dir(s),
+                    problem,
                 )
                 bad.append((s, problem))
                 continue
@@ -235,7 +260,10 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardRestore(abstract_state), EXTRA_ITEM: ocp.args.JsonRestore()}
+                **{
+                    STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                    EXTRA_ITEM: ocp.args.JsonRestore(),
+                }
             ),
         )
         extra = restored[EXTRA_ITEM]
@@ -247,7 +275,9 @@ class Checkpointer:
         return self.directory / str(step)
 
     def _is_in_flight(self, step: int) -> bool:
-        return self._manager.is_saving_in_progress() and step == max(self._manager.all_steps(), default=None)
+        return self._manager.is_saving_in_progress() and step == max(
+            self._manager.all_steps(), default=None
+        )
 
     def _structural_problem(self, step: int) -> str | None:
         """Cheap completeness check of a finalized step directory; None when it looks fine."""
@@ -266,7 +296,9 @@ class Checkpointer:
             stored = self._manager.item_metadata(step)[STATE_ITEM]
             stored_tree = stored.tree if hasattr(stored, "tree") else stored
         except Exception as e:  # unreadable metadata: let the restore itself decide
-            log.debug("No readable tree metadata for step %d (%s); skipping the structure check.", step, e)
+            log.debug(
+                "No readable tree metadata for step %d (%s); skipping the structure check.", step, e
+            )
             return
         if stored_tree is None:
             return
@@ -279,9 +311,19 @@ class Checkpointer:
             want_shape, want_dtype = _stored_form(wanted_leaves[path])
             have = stored_leaves[path]
             have_shape, have_dtype = getattr(have, "shape", None), getattr(have, "dtype", None)
-            if want_shape is not None and have_shape is not None and tuple(have_shape) != tuple(want_shape):
-                shape_diffs.append(f"{_fmt(path)}: checkpoint {tuple(have_shape)} vs wanted {tuple(want_shape)}")
-            elif want_dtype is not None and have_dtype is not None and str(have_dtype) != str(want_dtype):
+            if (
+                want_shape is not None
+                and have_shape is not None
+                and tuple(have_shape) != tuple(want_shape)
+            ):
+                shape_diffs.append(
+                    f"{_fmt(path)}: checkpoint {tuple(have_shape)} vs wanted {tuple(want_shape)}"
+                )
+            elif (
+                want_dtype is not None
+                and have_dtype is not None
+                and str(have_dtype) != str(want_dtype)
+            ):
                 dtype_diffs.append(f"{_fmt(path)}: {have_dtype} -> {want_dtype}")
         if missing or unexpected or shape_diffs:
             details = []
@@ -299,7 +341,8 @@ class Checkpointer:
         if dtype_diffs:
             log.warning(
                 "Checkpoint %s stores other dtypes than requested; casting on restore: %s",
-                self._step_dir(step), _fmt_list(dtype_diffs, fmt=str),
+                self._step_dir(step),
+                _fmt_list(dtype_diffs, fmt=str),
             )
 
     def _move_aside(self, bad: Iterable[tuple[int, str]], good_step: int) -> None:
@@ -313,7 +356,10 @@ class Checkpointer:
                 "Checkpoint %s is corrupt or incomplete (%s), so step %d was restored instead. "
                 "Moved the broken directory to %s (nothing was deleted): inspect it if you like, "
                 "then delete it to free the space.",
-                src, problem, good_step, dst,
+                src,
+                problem,
+                good_step,
+                dst,
             )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("diffusion_jax.checkpoint.move_aside")
@@ -327,7 +373,8 @@ class Checkpointer:
                 log.warning(
                     "Ignoring %s: a save that never finished (e.g. the job was killed while writing). "
                     "It is not a usable checkpoint; it is safe to delete, and is replaced if that step "
-                    "is saved again.", path,
+                    "is saved again.",
+                    path,
                 )
 
     def _warn_once(self, step: int, problem: str) -> None:
@@ -335,7 +382,9 @@ class Checkpointer:
             self._warned.add((step, problem))
             log.warning(
                 "Skipping checkpoint %s: %s. restore() falls back to an older step; inspect or delete "
-                "the directory.", self._step_dir(step), problem,
+                "the directory.",
+                self._step_dir(step),
+                problem,
             )
 
 

@@ -35,19 +35,22 @@ def parse_flags(argv, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     except flags.Error as e:
         # absl wraps errors raised while parsing a flag; the cause names the bad key
         cause = e.__cause__ or e.__context__ or e
-        fail(f"bad command-line flag: {e} ({type(cause).__name__}: {cause}). Config keys are "
-             "declared in configs/base.py; check the spelling and type.")
+        fail(
+            f"bad command-line flag: {e} ({type(cause).__name__}: {cause}). Config keys are "
+            "declared in configs/base.py; check the spelling and type."
+        )
     except (AttributeError, KeyError) as e:
         text = str(e.args[0] if e.args else e)
         key = re.search(r"'(\w+)", text)
         hint = re.search(r'Did you mean "(\w+)"', text)
-        fail(f"unknown config key {key.group(1) if key else text!r} in a --config override"
-             f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}. Config keys are "
-             "declared in configs/base.py; check the spelling.")
+        fail(
+            f"unknown config key {key.group(1) if key else text!r} in a --config override"
+            f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}. Config keys are "
+            "declared in configs/base.py; check the spelling."
+        )
 
 
-def run(main: Callable[[dict], object], flag_values: flags.FlagValues, doc: str,
-        argv=None):
+def run(main: Callable[[dict], object], flag_values: flags.FlagValues, doc: str, argv=None):
     """Entry point of a CLI that reads a workdir (sample, evaluate): ``--config.KEY=VALUE``
     overrides are split off, the other arguments parsed into ``flag_values`` (its own
     FlagValues, so the CLIs can be imported side by side) with one-line errors; ``--help``
@@ -58,8 +61,12 @@ def run(main: Callable[[dict], object], flag_values: flags.FlagValues, doc: str,
         print(doc + "\n" + flag_values.get_help())
         sys.exit(0)
     if "verbosity" not in flag_values:
-        flags.DEFINE_integer("verbosity", None, "Library log level (absl: 0 INFO, 1 DEBUG; "
-                             "default: warnings only).", flag_values=flag_values)
+        flags.DEFINE_integer(
+            "verbosity",
+            None,
+            "Library log level (absl: 0 INFO, 1 DEBUG; default: warnings only).",
+            flag_values=flag_values,
+        )
     rest, overrides = split_config_overrides(argv)
     extra = parse_flags(rest, flag_values)
     if len(extra) > 1:
@@ -76,7 +83,7 @@ def split_config_overrides(argv) -> tuple[list[str], dict[str, str]]:
     rest, overrides = [], {}
     for arg in argv:
         if arg.startswith(CONFIG_PREFIX):
-            key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
+            key, sep, value = arg[len(CONFIG_PREFIX) :].partition("=")
             if not sep:
                 fail(f"{arg}: config overrides take the form --config.KEY=VALUE")
             overrides[key] = value
@@ -128,7 +135,8 @@ def apply_overrides(config, overrides: dict) -> None:
                 raise ConfigError(
                     f"unknown config key {key!r}: {where} has no {part!r}"
                     f"{f' (did you mean {close[0]!r}?)' if close else ''}; keys are declared "
-                    "in configs/base.py")
+                    "in configs/base.py"
+                )
             if i < len(sections):
                 node = node[part]
         current = node[name]

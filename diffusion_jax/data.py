@@ -96,9 +96,11 @@ def _parse_config(data_cfg: Any) -> _Config:
     if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, (int, np.integer)):
         raise ValueError(f"data.image_size must be an int, got {cfg.image_size!r}")
     if cfg.name == DIGITS and cfg.image_size < digits.IMAGE_SIZE:
-        raise ValueError(f"digits are {digits.IMAGE_SIZE}x{digits.IMAGE_SIZE}: "
-                         f"data.image_size must be >= {digits.IMAGE_SIZE}, "
-                         f"got {cfg.image_size}")
+        raise ValueError(
+            f"digits are {digits.IMAGE_SIZE}x{digits.IMAGE_SIZE}: "
+            f"data.image_size must be >= {digits.IMAGE_SIZE}, "
+            f"got {cfg.image_size}"
+        )
     if cfg.image_size < 1:
         raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
     if not isinstance(cfg.random_flip, (bool, np.bool_)):
@@ -106,8 +108,11 @@ def _parse_config(data_cfg: Any) -> _Config:
     if not isinstance(cfg.worker_count, (int, np.integer)) or cfg.worker_count < 0:
         raise ValueError(f"data.worker_count must be an int >= 0, got {cfg.worker_count!r}")
     return dataclasses.replace(
-        cfg, image_size=int(cfg.image_size), random_flip=bool(cfg.random_flip),
-        worker_count=int(cfg.worker_count))
+        cfg,
+        image_size=int(cfg.image_size),
+        random_flip=bool(cfg.random_flip),
+        worker_count=int(cfg.worker_count),
+    )
 
 
 def _open(cfg: _Config, split: str):
@@ -146,14 +151,15 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
         out = np.asarray(Image.fromarray(mode_image).resize((size, size), Image.BILINEAR))
         return out.reshape(size, size, channels)
     return np.stack(  # any other channel count: one grayscale resize per channel
-        [_resize(image[..., c:c + 1], size)[..., 0] for c in range(channels)], axis=-1)
+        [_resize(image[..., c : c + 1], size)[..., 0] for c in range(channels)], axis=-1
+    )
 
 
 def _center_crop_square(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    return image[top:top + side, left:left + side]
+    return image[top : top + side, left : left + side]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +257,15 @@ class _ProcessRows(grain.MapDataset):
     the selected parent elements are ever read.
     """
 
-    def __init__(self, parent: grain.MapDataset, *, num_examples: int, batch_size: int,
-                 process_index: int, process_count: int):
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        num_examples: int,
+        batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
         super().__init__(parent)
         self._n = num_examples
         self._b = batch_size
@@ -292,8 +305,15 @@ class TrainIterator:
     valid for any process layout with the same global batch size.
     """
 
-    def __init__(self, batches: grain.MapDataset, *, spec: DatasetSpec, steps_per_epoch: int,
-                 worker_count: int, identity: dict[str, Any]):
+    def __init__(
+        self,
+        batches: grain.MapDataset,
+        *,
+        spec: DatasetSpec,
+        steps_per_epoch: int,
+        worker_count: int,
+        identity: dict[str, Any],
+    ):
         self.spec = spec
         self.steps_per_epoch = steps_per_epoch
         self._batches = batches
@@ -331,7 +351,8 @@ class TrainIterator:
         if self._worker_count == 0:
             # One background thread prepares the next batches in-process.
             ds = remaining.to_iter_dataset(
-                grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES))
+                grain.ReadOptions(num_threads=1, prefetch_buffer_size=_PREFETCH_BATCHES)
+            )
         else:
             # Worker processes each build whole batches (batch k on worker k % worker_count);
             # the order stays the same as with worker_count == 0.
@@ -339,10 +360,12 @@ class TrainIterator:
                 # grain's worker processes read its absl flags; outside absl.app.run (tests,
                 # notebooks) nothing parsed them, so use their defaults.
                 flags.FLAGS.mark_as_parsed()
-            ds = remaining.to_iter_dataset(
-                grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self._worker_count, per_worker_buffer_size=_PREFETCH_BATCHES))
+            ds = remaining.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._worker_count, per_worker_buffer_size=_PREFETCH_BATCHES
+                )
+            )
         return iter(ds)
 
     def get_state(self) -> dict[str, Any]:
@@ -353,7 +376,8 @@ class TrainIterator:
             if key in state and state[key] != value:
                 raise ValueError(
                     f"data iterator state has {key}={state[key]!r} but this iterator has "
-                    f"{key}={value!r}; cannot resume the same stream")
+                    f"{key}={value!r}; cannot resume the same stream"
+                )
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"negative step in data iterator state: {step}")
@@ -392,8 +416,9 @@ def dataset_spec(data_cfg) -> DatasetSpec:
     return spec
 
 
-def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: int = 0,
-                          process_count: int = 1) -> TrainIterator:
+def create_train_iterator(
+    data_cfg, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> TrainIterator:
     """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples.
 
     ``batch_size`` is per process; the global batch is ``batch_size * process_count``. See
@@ -404,29 +429,47 @@ def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     source, spec, has_label, crop = _open(cfg, cfg.split)
     n = spec.num_examples
     global_batch = batch_size * process_count
     if global_batch > n:
-        raise ValueError(f"global batch {global_batch} (= {batch_size} x {process_count} "
-                         f"processes) exceeds the {n} examples of {cfg.name}:{cfg.split}")
+        raise ValueError(
+            f"global batch {global_batch} (= {batch_size} x {process_count} "
+            f"processes) exceeds the {n} examples of {cfg.name}:{cfg.split}"
+        )
 
     # Index space of `ds`: epoch * n + position in that epoch's permutation.
     ds = _EpochShuffle(grain.MapDataset.source(source), seed=int(seed))
     ds = ds.map(_PrepareExample(cfg.image_size, crop=crop, has_label=has_label))
     if cfg.random_flip:
         ds = ds.random_map(_random_flip, seed=_flip_seed(int(seed)))
-    ds = _ProcessRows(ds, num_examples=n, batch_size=batch_size, process_index=process_index,
-                      process_count=process_count)
+    ds = _ProcessRows(
+        ds,
+        num_examples=n,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     batches = ds.batch(batch_size, drop_remainder=True).map(_to_float)
-    identity = {"seed": int(seed), "global_batch_size": global_batch, "num_examples": n,
-                "dataset": cfg.name, "split": cfg.split}
-    return TrainIterator(batches, spec=spec, steps_per_epoch=n // global_batch,
-                         worker_count=cfg.worker_count, identity=identity)
+    identity = {
+        "seed": int(seed),
+        "global_batch_size": global_batch,
+        "num_examples": n,
+        "dataset": cfg.name,
+        "split": cfg.split,
+    }
+    return TrainIterator(
+        batches,
+        spec=spec,
+        steps_per_epoch=n // global_batch,
+        worker_count=cfg.worker_count,
+        identity=identity,
+    )
 
 
 def load_split_arrays(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ wrapper from guidance.py, an analytic oracle) and draw their noise like ``sample
 so the same rng gives the same x_T and step noise (see samplers.py for the scan, the
 compile-once rules and the RNG).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,15 @@ def _scan_invert(model_fn, schedule, x0, ts_from, ts_to, *, prediction):
     return jax.lax.scan(step, x0, (ts_from, ts_to))[0]
 
 
-def ddim_invert(model_fn: ModelFn, schedule: NoiseSchedule, x0: jnp.ndarray, *,
-                num_steps: int, prediction: str = "eps", spacing: str = "leading") -> jnp.ndarray:
+def ddim_invert(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x0: jnp.ndarray,
+    *,
+    num_steps: int,
+    prediction: str = "eps",
+    spacing: str = "leading",
+) -> jnp.ndarray:
     """x_T that deterministic DDIM (same num_steps and spacing) maps back to about x0.
 
     Walks the sampler's timesteps in ascending order, from alpha_bar = 1 to the largest
@@ -58,14 +66,27 @@ def ddim_invert(model_fn: ModelFn, schedule: NoiseSchedule, x0: jnp.ndarray, *,
     check_choice("prediction", prediction, PREDICTIONS)
     ts_to = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, schedule.log_snr)[::-1]
     ts_from = np.append(-1, ts_to[:-1]).astype(np.int32)
-    return _scan_invert(samplers.as_pytree_fn(model_fn), schedule, jnp.asarray(x0),
-                        jnp.asarray(np.ascontiguousarray(ts_from)),
-                        jnp.asarray(np.ascontiguousarray(ts_to)), prediction=prediction)
+    return _scan_invert(
+        samplers.as_pytree_fn(model_fn),
+        schedule,
+        jnp.asarray(x0),
+        jnp.asarray(np.ascontiguousarray(ts_from)),
+        jnp.asarray(np.ascontiguousarray(ts_to)),
+        prediction=prediction,
+    )
 
 
-def ddim_edit(source_model_fn: ModelFn, target_model_fn: ModelFn, schedule: NoiseSchedule,
-              x0: jnp.ndarray, *, num_steps: int, prediction: str = "eps",
-              spacing: str = "leading", clip_x0: bool = False):
+def ddim_edit(
+    source_model_fn: ModelFn,
+    target_model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x0: jnp.ndarray,
+    *,
+    num_steps: int,
+    prediction: str = "eps",
+    spacing: str = "leading",
+    clip_x0: bool = False,
+):
     """DDIM-inversion editing -> (edited x0, x_T).
 
     Inverts the real image x0 to x_T with ``source_model_fn`` (e.g. the model conditioned
@@ -76,19 +97,39 @@ def ddim_edit(source_model_fn: ModelFn, target_model_fn: ModelFn, schedule: Nois
     inversion does not clip, so clipping would break the round trip.
     """
     x0 = jnp.asarray(x0)
-    x_T = ddim_invert(source_model_fn, schedule, x0, num_steps=num_steps,
-                      prediction=prediction, spacing=spacing)
+    x_T = ddim_invert(
+        source_model_fn, schedule, x0, num_steps=num_steps, prediction=prediction, spacing=spacing
+    )
     # eta = 0 and x_T given: the rng is not used.
-    x = samplers.ddim_sample(target_model_fn, schedule, jax.random.PRNGKey(0), x0.shape,
-                             num_steps=num_steps, prediction=prediction, spacing=spacing,
-                             clip_x0=clip_x0, x_T=x_T)
+    x = samplers.ddim_sample(
+        target_model_fn,
+        schedule,
+        jax.random.PRNGKey(0),
+        x0.shape,
+        num_steps=num_steps,
+        prediction=prediction,
+        spacing=spacing,
+        clip_x0=clip_x0,
+        x_T=x_T,
+    )
     return x, x_T
 
 
-def img2img(model_fn: ModelFn, schedule: NoiseSchedule, rng, x0: jnp.ndarray, *,
-            strength: float, sampler: str = "ddim", num_steps: int = 50, eta=0.0,
-            spacing: str = "leading", variance: str = "fixedlarge", prediction: str = "eps",
-            clip_x0: bool = False):
+def img2img(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    rng,
+    x0: jnp.ndarray,
+    *,
+    strength: float,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta=0.0,
+    spacing: str = "leading",
+    variance: str = "fixedlarge",
+    prediction: str = "eps",
+    clip_x0: bool = False,
+):
     """SDEdit (Meng et al. 2022): noise x0 to an intermediate level and denoise it.
 
     Of the n timesteps ``sampler`` would visit, the last k = round(strength * n) are run,
@@ -107,17 +148,41 @@ def img2img(model_fn: ModelFn, schedule: NoiseSchedule, rng, x0: jnp.ndarray, *,
     if k == 0:
         return x0
     x_T, keys = samplers.start(rng, x0.shape, None, n)
-    ts = ts[n - k:]
+    ts = ts[n - k :]
     if k < n:
         x_T = q_sample(schedule, x0, jnp.full((x0.shape[0],), ts[0], jnp.int32), x_T)
-    return samplers.run(model_fn, schedule, x_T.astype(x0.dtype), ts, None, keys[n - k:],
-                        eta, update=update, prediction=prediction, clip_x0=clip_x0)
+    return samplers.run(
+        model_fn,
+        schedule,
+        x_T.astype(x0.dtype),
+        ts,
+        None,
+        keys[n - k :],
+        eta,
+        update=update,
+        prediction=prediction,
+        clip_x0=clip_x0,
+    )
 
 
-def inpaint(model_fn: ModelFn, schedule: NoiseSchedule, rng, x_known: jnp.ndarray, mask, *,
-            sampler: str = "ddim", num_steps: int = 50, eta=0.0, spacing: str = "leading",
-            variance: str = "fixedlarge", prediction: str = "eps", clip_x0: bool = False,
-            jump_length: int = 10, jump_n_sample: int = 1, x_T: Optional[jnp.ndarray] = None):
+def inpaint(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    rng,
+    x_known: jnp.ndarray,
+    mask,
+    *,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta=0.0,
+    spacing: str = "leading",
+    variance: str = "fixedlarge",
+    prediction: str = "eps",
+    clip_x0: bool = False,
+    jump_length: int = 10,
+    jump_n_sample: int = 1,
+    x_T: Optional[jnp.ndarray] = None,
+):
     """Fill in the pixels where mask = 0, keeping those where mask = 1 (``x_known``'s).
 
     Replacement method (Song et al. 2021 score SDE, app. I; RePaint eq. 8): after each
@@ -133,8 +198,10 @@ def inpaint(model_fn: ModelFn, schedule: NoiseSchedule, rng, x_known: jnp.ndarra
     try:
         mask = jnp.broadcast_to(jnp.asarray(mask, x_known.dtype), x_known.shape)
     except ValueError:
-        raise ValueError(f"mask of shape {jnp.shape(mask)} does not broadcast to the "
-                         f"images' shape {x_known.shape}") from None
+        raise ValueError(
+            f"mask of shape {jnp.shape(mask)} does not broadcast to the "
+            f"images' shape {x_known.shape}"
+        ) from None
     ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta)
     ts_prev, renoise = None, jump_n_sample != 1
     if renoise:
@@ -142,9 +209,26 @@ def inpaint(model_fn: ModelFn, schedule: NoiseSchedule, rng, x_known: jnp.ndarra
     # Same x_T and step keys as ``sample`` (an all-zero mask reproduces it exactly); the
     # known pixels' noise comes from fold_in(key, 1) of the same keys.
     x_T, keys = samplers.start(rng, x_known.shape, x_T, len(ts))
-    x_T = samplers.replace_known(schedule, x_T, x_known, mask,
-                                 jnp.full((x_known.shape[0],), ts[0], jnp.int32),
-                                 jax.random.fold_in(rng, 1))
-    return samplers.run(model_fn, schedule, x_T, ts, ts_prev, keys, eta, update=update,
-                        prediction=prediction, clip_x0=clip_x0, known=x_known, mask=mask,
-                        renoise=renoise)
+    x_T = samplers.replace_known(
+        schedule,
+        x_T,
+        x_known,
+        mask,
+        jnp.full((x_known.shape[0],), ts[0], jnp.int32),
+        jax.random.fold_in(rng, 1),
+    )
+    return samplers.run(
+        model_fn,
+        schedule,
+        x_T,
+        ts,
+        ts_prev,
+        keys,
+        eta,
+        update=update,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        known=x_known,
+        mask=mask,
+        renoise=renoise,
+    )

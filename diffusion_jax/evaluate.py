@@ -22,6 +22,7 @@ of M images each), fid_matched (M samples vs M real images, the same reference d
 fid_matched_ratio = fid_matched / fid_floor. Only fid_matched is comparable with the floor;
 "fid" (N samples vs the whole split) has a different sample-size bias.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,21 +40,43 @@ flags.DEFINE_integer("num_samples", 1000, "Samples to generate and score.", **OW
 flags.DEFINE_integer("batch_size", 500, "Samples per compiled sampling call.", **OWN)
 flags.DEFINE_integer("seed", 0, "Sampling seed (batch i uses fold_in(PRNGKey(seed), i)).", **OWN)
 flags.DEFINE_string("ref_split", "train", "Dataset split of the reference statistics.", **OWN)
-flags.DEFINE_string("cache_dir", "", "Feature net + reference stats cache "
-                    "(default ~/.cache/diffusion_jax/eval).", **OWN)
-flags.DEFINE_string("inception_weights", "", "InceptionV3 weights (.npz/.pkl) for datasets "
-                    "other than digits.", **OWN)
-flags.DEFINE_bool("floor", True, "Also report the real-vs-real floor and the matched FID.",
-                  **OWN)
-flags.DEFINE_integer("floor_num_samples", 0, "Images per side for the floor and matched FID "
-                     "(0: min(num_samples, half the reference split)).", **OWN)
+flags.DEFINE_string(
+    "cache_dir",
+    "",
+    "Feature net + reference stats cache (default ~/.cache/diffusion_jax/eval).",
+    **OWN,
+)
+flags.DEFINE_string(
+    "inception_weights",
+    "",
+    "InceptionV3 weights (.npz/.pkl) for datasets other than digits.",
+    **OWN,
+)
+flags.DEFINE_bool("floor", True, "Also report the real-vs-real floor and the matched FID.", **OWN)
+flags.DEFINE_integer(
+    "floor_num_samples",
+    0,
+    "Images per side for the floor and matched FID "
+    "(0: min(num_samples, half the reference split)).",
+    **OWN,
+)
 flags.DEFINE_string("out", "", "JSONL file to append to (default <workdir>/eval.jsonl).", **OWN)
 flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
-def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None,
-        seed: int = 0, ref_split: str = "train", cache_dir: str = "",
-        inception_weights: str = "", floor: bool = True, floor_num_samples: int = 0) -> dict:
+def run(
+    workdir: str,
+    *,
+    num_samples: int,
+    batch_size: int = 500,
+    overrides=None,
+    seed: int = 0,
+    ref_split: str = "train",
+    cache_dir: str = "",
+    inception_weights: str = "",
+    floor: bool = True,
+    floor_num_samples: int = 0,
+) -> dict:
     """Evaluate ``workdir``'s latest EMA params; returns the record (see module docstring).
     ``overrides``: {dotted config key: value or CLI text} applied to the workdir's config,
     e.g. {"sampler.num_steps": 20}."""
@@ -69,28 +92,49 @@ def run(workdir: str, *, num_samples: int, batch_size: int = 500, overrides=None
     model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
     bs = min(batch_size, num_samples)
-    sample_fn = steps.make_sample_fn(model, schedules.build(config.schedule), config,
-                                     (bs, *spec.image_shape))
+    sample_fn = steps.make_sample_fn(
+        model, schedules.build(config.schedule), config, (bs, *spec.image_shape)
+    )
 
-    extractor = evaluation.make_extractor(config.data, cache_dir=cache_dir,
-                                          inception_weights=inception_weights)
+    extractor = evaluation.make_extractor(
+        config.data, cache_dir=cache_dir, inception_weights=inception_weights
+    )
     ref = evaluation.reference_stats(extractor, config.data, ref_split, cache_dir)
     matched = 0
     if floor:
         matched = floor_num_samples or min(num_samples, ref.n // 2)
-    info = {**evaluation.sampler_info(config), "workdir": os.path.abspath(workdir),
-            "checkpoint_step": step, "dataset": config.data.name, "ref_split": ref_split,
-            "image_size": int(config.data.image_size)}
+    info = {
+        **evaluation.sampler_info(config),
+        "workdir": os.path.abspath(workdir),
+        "checkpoint_step": step,
+        "dataset": config.data.name,
+        "ref_split": ref_split,
+        "image_size": int(config.data.image_size),
+    }
     result = evaluation.evaluate_sampler(
-        sample_fn, params, extractor, ref, num_samples=num_samples, batch_size=bs, seed=seed,
-        num_classes=config.model.num_classes, guidance_scale=config.sampler.guidance_scale,
-        matched_num_samples=matched or None, info=info)
+        sample_fn,
+        params,
+        extractor,
+        ref,
+        num_samples=num_samples,
+        batch_size=bs,
+        seed=seed,
+        num_classes=config.model.num_classes,
+        guidance_scale=config.sampler.guidance_scale,
+        matched_num_samples=matched or None,
+        info=info,
+    )
     if matched:
-        fl = evaluation.real_floor(extractor, config.data, num_samples=matched, split=ref_split,
-                                   cache_dir=cache_dir)
-        result.update(fid_floor=fl["fid"], fid_floor_std=fl["fid_std"], kid_floor=fl["kid"],
-                      kid_floor_std=fl["kid_std"],
-                      fid_matched_ratio=result["fid_matched"] / max(fl["fid"], 1e-12))
+        fl = evaluation.real_floor(
+            extractor, config.data, num_samples=matched, split=ref_split, cache_dir=cache_dir
+        )
+        result.update(
+            fid_floor=fl["fid"],
+            fid_floor_std=fl["fid_std"],
+            kid_floor=fl["kid"],
+            kid_floor_std=fl["kid_std"],
+            fid_matched_ratio=result["fid_matched"] / max(fl["fid"], 1e-12),
+        )
     result["jax_devices"] = f"{jax.device_count()}x{jax.devices()[0].platform}"
     return result
 
@@ -101,10 +145,18 @@ def main(overrides: dict) -> dict:
 
     runtime.configure_cpu_xla_flags()
     try:
-        result = run(FLAGS.workdir, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-                     overrides=overrides, seed=FLAGS.seed, ref_split=FLAGS.ref_split,
-                     cache_dir=FLAGS.cache_dir, inception_weights=FLAGS.inception_weights,
-                     floor=FLAGS.floor, floor_num_samples=FLAGS.floor_num_samples)
+        result = run(
+            FLAGS.workdir,
+            num_samples=FLAGS.num_samples,
+            batch_size=FLAGS.batch_size,
+            overrides=overrides,
+            seed=FLAGS.seed,
+            ref_split=FLAGS.ref_split,
+            cache_dir=FLAGS.cache_dir,
+            inception_weights=FLAGS.inception_weights,
+            floor=FLAGS.floor,
+            floor_num_samples=FLAGS.floor_num_samples,
+        )
     except (ConfigError, FileNotFoundError, ValueError) as e:
         cli.fail(str(e))
     print(json.dumps(result, sort_keys=True))

@@ -49,9 +49,20 @@ def _place(value, mesh, batched: bool):
     return parallel.host_value_to_global(value, sharding)
 
 
-def generate_samples(sample_fn: Callable, params, num_samples: int, batch_size: int,
-                     seed: int, labels=None, *, guidance_scale: float = 1.0, mesh=None,
-                     images=None, mask=None, source_labels=None) -> np.ndarray:
+def generate_samples(
+    sample_fn: Callable,
+    params,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    labels=None,
+    *,
+    guidance_scale: float = 1.0,
+    mesh=None,
+    images=None,
+    mask=None,
+    source_labels=None,
+) -> np.ndarray:
     """``num_samples`` images [N, H, W, C] in [-1, 1] on the host, in batches.
 
     ``sample_fn(params, rng, labels [B], guidance_scale, images, mask, source_labels)`` is
@@ -70,13 +81,13 @@ def generate_samples(sample_fn: Callable, params, num_samples: int, batch_size: 
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples, batch_size >= 1, got {num_samples}, {batch_size}")
-    labels = (np.zeros((num_samples,), np.int32) if labels is None
-              else np.asarray(labels, np.int32))
+    labels = np.zeros((num_samples,), np.int32) if labels is None else np.asarray(labels, np.int32)
     if labels.shape != (num_samples,):
         raise ValueError(f"labels must be [{num_samples}], got {labels.shape}")
     if mesh is not None and batch_size % mesh.size:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the {mesh.size} "
-                         "mesh devices")
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {mesh.size} mesh devices"
+        )
     per_image_mask = mask is not None and np.ndim(mask) >= 4
     fn = _compiled(sample_fn, mesh)
     if mesh is not None:
@@ -85,11 +96,15 @@ def generate_samples(sample_fn: Callable, params, num_samples: int, batch_size: 
     shared_mask = None if per_image_mask else _place(mask, mesh, batched=False)
     chunks = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
+
         def cut(a):  # this batch's rows of a, cycled up to batch_size
             if a is None:
                 return None
-            return _place(np.resize(a[start:start + batch_size], (batch_size, *a.shape[1:])),
-                          mesh, batched=True)
+            return _place(
+                np.resize(a[start : start + batch_size], (batch_size, *a.shape[1:])),
+                mesh,
+                batched=True,
+            )
 
         rng = _place(jax.random.fold_in(jax.random.PRNGKey(seed), i), mesh, batched=False)
         batch_mask = cut(np.asarray(mask, np.float32)) if per_image_mask else shared_mask

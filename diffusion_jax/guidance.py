@@ -6,6 +6,7 @@ the samplers never need to know about guidance. It returns a ``jax.tree_util.Par
 whose bound arguments (params, conditions, scale, interval, rescale) are traced pytree
 leaves, so a new guidance scale or label batch never recompiles the sampler's scan.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,12 @@ class _Guided:
     prediction: str
 
     def __call__(self, params, cond, null_cond, scale, interval, rescale, schedule, x_t, t):
-        both = self.apply_fn(params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                             jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond))
+        both = self.apply_fn(
+            params,
+            jnp.concatenate([x_t, x_t]),
+            jnp.concatenate([t, t]),
+            jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond),
+        )
         out_cond, out_uncond = jnp.split(both.astype(x_t.dtype), 2)
         w = _per_example(scale, x_t.ndim)
         if interval is not None:
@@ -49,17 +54,26 @@ class _Guided:
         x0, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out)
         axes = tuple(range(1, x_t.ndim))
         ratio = jnp.std(x0_cond, axis=axes, keepdims=True) / jnp.maximum(
-            jnp.std(x0, axis=axes, keepdims=True), 1e-12)
+            jnp.std(x0, axis=axes, keepdims=True), 1e-12
+        )
         phi = _per_example(rescale, x_t.ndim)
         x0 = x0 * (phi * ratio + 1.0 - phi)
         _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
         return target(schedule, self.prediction, x0, eps, t)
 
 
-def guided_model_fn(apply_fn: Callable, params, cond, null_cond, guidance_scale, *,
-                    interval: Optional[Sequence[int]] = None, rescale=None,
-                    schedule: Optional[NoiseSchedule] = None,
-                    prediction: str = "eps") -> jax.tree_util.Partial:
+def guided_model_fn(
+    apply_fn: Callable,
+    params,
+    cond,
+    null_cond,
+    guidance_scale,
+    *,
+    interval: Optional[Sequence[int]] = None,
+    rescale=None,
+    schedule: Optional[NoiseSchedule] = None,
+    prediction: str = "eps",
+) -> jax.tree_util.Partial:
     """Classifier-free guidance (Ho & Salimans 2022) as a sampler model_fn.
 
     ``apply_fn(params, x_t, t, cond) -> output`` is evaluated once on the doubled batch
@@ -85,7 +99,12 @@ def guided_model_fn(apply_fn: Callable, params, cond, null_cond, guidance_scale,
         if interval.shape != (2,):
             raise ValueError(f"interval must be (t_lo, t_hi), got shape {interval.shape}")
     return jax.tree_util.Partial(
-        _Guided(apply_fn, prediction), params, cond, null_cond,
-        jnp.asarray(guidance_scale, jnp.float32), interval,
+        _Guided(apply_fn, prediction),
+        params,
+        cond,
+        null_cond,
+        jnp.asarray(guidance_scale, jnp.float32),
+        interval,
         None if rescale is None else jnp.asarray(rescale, jnp.float32),
-        schedule if rescale is not None else None)
+        schedule if rescale is not None else None,
+    )

@@ -1,6 +1,7 @@
 """Scalar/image logging (TensorBoard via tensorboardX: no TensorFlow needed), image grids
 and a console progress line with ETA. Only process 0 writes; other processes get no-ops.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,14 @@ from PIL import Image
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8 [0, 255] (clipped, rounded)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
 
 
-def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
-              upscale: int = 1) -> np.ndarray:
+def make_grid(
+    images: np.ndarray, ncols: int | None = None, pad: int = 1, upscale: int = 1
+) -> np.ndarray:
     """Tile [N, H, W, C] images in [-1, 1] into one uint8 [rows*(H+pad)+pad, ..., C] grid,
     each image upscaled ``upscale`` x by pixel repetition (8x8 digits are tiny)."""
     images = to_uint8(images)
@@ -32,8 +36,10 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = img
     return grid
 
 
@@ -50,6 +56,7 @@ class MetricWriter:
         self._writer, self._jsonl = None, None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
             self._writer = SummaryWriter(logdir, flush_secs=10)
             if jsonl_path:
                 self._jsonl = open(jsonl_path, "a")
@@ -88,8 +95,7 @@ class Progress:
         rate = (step - self.start) / elapsed if elapsed > 0 and step > self.start else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         fields = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        line = (f"step {step}/{self.total} {fields} | {rate:.2f} it/s | "
-                f"ETA {_fmt_seconds(eta)}")
+        line = f"step {step}/{self.total} {fields} | {rate:.2f} it/s | ETA {_fmt_seconds(eta)}"
         if jax.process_index() == 0:
             if self.tty:
                 sys.stdout.write("\r" + line + " " * 8)

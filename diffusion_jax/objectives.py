@@ -6,6 +6,7 @@ Notation (Ho et al. 2020; Salimans & Ho 2022 for v):
   v   = sqrt(a_bar) eps - sqrt(1 - a_bar) x0
 Timesteps ``t`` are int32 arrays of shape [B] indexing the schedule (see schedules.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -25,17 +26,22 @@ def check_choice(kind: str, value: str, valid) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid: {list(valid)}")
 
 
-def q_sample(schedule: NoiseSchedule, x0: jnp.ndarray, t: jnp.ndarray,
-             noise: jnp.ndarray) -> jnp.ndarray:
+def q_sample(
+    schedule: NoiseSchedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray
+) -> jnp.ndarray:
     """Sample x_t ~ q(x_t | x0) using the given standard-normal ``noise``."""
-    return (at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-            + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+    return (
+        at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+        + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+    )
 
 
 def v_from_x0_eps(schedule: NoiseSchedule, x0, eps, t):
     """The v-prediction target."""
-    return (at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
-            - at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+    return (
+        at(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
+        - at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+    )
 
 
 def target(schedule: NoiseSchedule, prediction: str, x0, eps, t):
@@ -71,14 +77,20 @@ def x0_eps_from_prediction(schedule: NoiseSchedule, prediction: str, x_t, t, mod
 
 def q_posterior(schedule: NoiseSchedule, x0, x_t, t):
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
-    mean = (at(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
-            + at(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t)
-    return (mean, at(schedule.posterior_variance, t, x_t.ndim),
-            at(schedule.posterior_log_variance_clipped, t, x_t.ndim))
+    mean = (
+        at(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
+        + at(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
+    )
+    return (
+        mean,
+        at(schedule.posterior_variance, t, x_t.ndim),
+        at(schedule.posterior_log_variance_clipped, t, x_t.ndim),
+    )
 
 
-def loss_weight(schedule: NoiseSchedule, t, prediction: str, weighting: str,
-                min_snr_gamma: float = 5.0):
+def loss_weight(
+    schedule: NoiseSchedule, t, prediction: str, weighting: str, min_snr_gamma: float = 5.0
+):
     """Per-example weight [B] of the MSE in ``prediction`` space.
 
     min_snr (Hang et al. 2023) weights the x0-space error by min(SNR, gamma); since
@@ -108,9 +120,18 @@ def per_example_keys(rng, example_ids: jnp.ndarray):
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
 
 
-def diffusion_loss(apply_fn: ApplyFn, params, schedule: NoiseSchedule, batch: dict, rng,
-                   *, prediction: str = "eps", weighting: str = "uniform",
-                   min_snr_gamma: float = 5.0, example_ids: Optional[jnp.ndarray] = None):
+def diffusion_loss(
+    apply_fn: ApplyFn,
+    params,
+    schedule: NoiseSchedule,
+    batch: dict,
+    rng,
+    *,
+    prediction: str = "eps",
+    weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
+    example_ids: Optional[jnp.ndarray] = None,
+):
     """Weighted MSE between the model output and its ``prediction`` target.
 
     ``batch["image"]`` holds x0 [B, ...] in [-1, 1]; ``batch.get("label")`` is passed to
@@ -128,10 +149,14 @@ def diffusion_loss(apply_fn: ApplyFn, params, schedule: NoiseSchedule, batch: di
         example_ids = jnp.arange(x0.shape[0])
     rng_examples, rng_model = jax.random.split(rng)
     keys = per_example_keys(rng_examples, example_ids)
-    t = jax.vmap(lambda k: jax.random.randint(
-        jax.random.fold_in(k, 0), (), 0, schedule.num_timesteps, dtype=jnp.int32))(keys)
-    eps = jax.vmap(lambda k: jax.random.normal(
-        jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32))(keys).astype(x0.dtype)
+    t = jax.vmap(
+        lambda k: jax.random.randint(
+            jax.random.fold_in(k, 0), (), 0, schedule.num_timesteps, dtype=jnp.int32
+        )
+    )(keys)
+    eps = jax.vmap(
+        lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32)
+    )(keys).astype(x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     out = apply_fn(params, x_t, t, batch.get("label"), rng_model)
     err = jnp.square(out.astype(jnp.float32) - target(schedule, prediction, x0, eps, t))

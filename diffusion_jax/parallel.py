@@ -9,6 +9,7 @@
 The rest of the code sees one canonical state (global arrays replicated on the mesh),
 converted at the boundary by ``DataParallel``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,8 @@ def check_batch_size(global_batch: int, num_devices: int) -> None:
     if global_batch % num_devices:
         raise ValueError(
             f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
-            f"set --config.train.batch_size to a multiple of {num_devices}")
+            f"set --config.train.batch_size to a multiple of {num_devices}"
+        )
 
 
 def host_value_to_global(value, sharding: NamedSharding) -> jax.Array:
@@ -75,8 +77,7 @@ def sync_processes(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
     """
     if jax.process_count() == 1:
         return
-    coordination_client().wait_at_barrier(f"diffusion_jax:{name}",
-                                          timeout_in_ms=timeout_s * 1000)
+    coordination_client().wait_at_barrier(f"diffusion_jax:{name}", timeout_in_ms=timeout_s * 1000)
 
 
 def coordination_client():
@@ -142,10 +143,12 @@ class DataParallel:
         if self.mode == "jit":
             step = make_step(None)
             step = scan_steps(step) if scanned else step
-            return jax.jit(step, in_shardings=(self.state_sharding,
-                                               batch_sharding(self.mesh, int(scanned))),
-                           out_shardings=(self.state_sharding, self.state_sharding),
-                           donate_argnums=0)
+            return jax.jit(
+                step,
+                in_shardings=(self.state_sharding, batch_sharding(self.mesh, int(scanned))),
+                out_shardings=(self.state_sharding, self.state_sharding),
+                donate_argnums=0,
+            )
         step = make_step(AXIS)
         step = scan_steps(step) if scanned else step
         return jax.pmap(step, axis_name=AXIS, donate_argnums=0)
@@ -161,8 +164,9 @@ class DataParallel:
         """Canonical (replicated global) state, for checkpoints and sampling."""
         if self.mode == "jit":
             return state
-        return jax.tree.map(lambda x: replicate_host_value(np.asarray(x), self.mesh),
-                            jax_utils.unreplicate(state))
+        return jax.tree.map(
+            lambda x: replicate_host_value(np.asarray(x), self.mesh), jax_utils.unreplicate(state)
+        )
 
     def put_batch(self, local_batch: dict, steps_per_dispatch: int = 1):
         """This process's rows -> the mode's global batch. ``local_batch`` arrays are
@@ -186,7 +190,6 @@ class DataParallel:
             return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
         return jax.tree.map(split, local_batch)
-
 
     def get_metrics(self, metrics):
         """Metrics as host numpy; pmap metrics are identical across devices (pmean/psum)."""

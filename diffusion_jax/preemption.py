@@ -5,6 +5,7 @@ SIGTERM (what schedulers send before killing), on one process or many.
 and multi-process behaviour. Use it as a context manager: ``with PreemptionHandler() as
 should_stop:`` installs it once and restores the previous signal handlers on exit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ import jax
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
 
 class PreemptionHandler:
     """Tells the training loop to save and exit once the job is being preempted.
@@ -91,7 +93,8 @@ class PreemptionHandler:
             self._reported = True
             log.warning(
                 "Received %s at %s: the run should save a checkpoint and exit.",
-                signal.Signals(self._received).name, time.strftime("%H:%M:%S", time.localtime(self._received_at)),
+                signal.Signals(self._received).name,
+                time.strftime("%H:%M:%S", time.localtime(self._received_at)),
             )
         return self._received is not None
 

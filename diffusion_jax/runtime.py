@@ -2,6 +2,7 @@
 compilation cache, JAX's multi-controller runtime (jax.distributed) and log verbosity.
 The CLIs call these first; nothing else in the package depends on them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,20 @@ log = logging.getLogger(__name__)
 
 # Environment variables that mark a cluster where jax.distributed.initialize() can find
 # its coordinator, process count and id by itself (TPU pod slices, SLURM, Open MPI).
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                "OMPI_COMM_WORLD_SIZE")
+_CLUSTER_ENV = (
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, mode: str = "auto") -> None:
+def initialize_distributed(
+    coordinator_address: str = "",
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    mode: str = "auto",
+) -> None:
     """Start JAX's multi-controller runtime (one Python process per host).
 
     mode "off": single process. "on": always call jax.distributed.initialize, with the
@@ -37,12 +46,20 @@ def initialize_distributed(coordinator_address: str = "", num_processes: Optiona
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                      process_id=process_id)
+        kwargs = dict(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices%s",
-             jax.process_index(), jax.process_count(), jax.local_device_count(),
-             jax.device_count(), f" (detected {detected})" if detected else "")
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices%s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        f" (detected {detected})" if detected else "",
+    )
 
 
 # XLA:CPU in jaxlib 0.10.2 sends convolutions to YNNPACK, whose weight-gradient conv runs

@@ -27,6 +27,7 @@ Writes a PNG grid (default <workdir>/samples/<mode>_<sampler>.png; edit modes sh
 input, masked for inpaint, next to its output) and optionally the raw outputs as uint8
 images with their class labels to an .npz (keys: images, labels).
 """
+
 import os
 
 import numpy as np
@@ -42,29 +43,57 @@ FLAGS = flags.FlagValues()
 OWN = dict(flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.main.", **OWN)
 flags.DEFINE_enum("mode", "sample", list(samplers.MODES), "What to do (see the module doc).", **OWN)
-flags.DEFINE_integer("num_samples", 64, "How many samples (edit modes: default one per "
-                     "input; more cycles the inputs).", **OWN)
+flags.DEFINE_integer(
+    "num_samples",
+    64,
+    "How many samples (edit modes: default one per input; more cycles the inputs).",
+    **OWN,
+)
 flags.DEFINE_integer("batch_size", 256, "Samples per compiled call.", **OWN)
-flags.DEFINE_string("guidance_interval", "", "'t_lo,t_hi': guide only at schedule indices "
-                    "in [t_lo, t_hi] (default: all).", **OWN)
-flags.DEFINE_float("guidance_rescale", None, "Guidance rescale phi in [0, 1] (default: off).",
-                   **OWN)
-flags.DEFINE_string("labels", "", "Comma-separated class labels cycled over samples "
-                    "(default: 0..num_classes-1 cycled, or the --input .npz's labels; "
-                    "invert: the labels to regenerate with). Class-conditional models only.",
-                    **OWN)
-flags.DEFINE_string("input", "", "img2img / inpaint / invert: PNG file(s), comma-separated, "
-                    "or an .npz with uint8 'images' [N, H, W, C].", **OWN)
-flags.DEFINE_string("mask", "", f"inpaint: PNG, .npz with 'mask' (1 = known) or one of "
-                    f"{', '.join(MASKS)}.", **OWN)
-flags.DEFINE_float("strength", 0.5, "img2img: fraction of the sampler's steps to run "
-                   "(0 = return the input, 1 = sample from noise).", **OWN)
-flags.DEFINE_integer("repaint_jump", 10, "inpaint: RePaint jump length (in sampler steps).",
-                     **OWN)
-flags.DEFINE_integer("repaint_resample", 1, "inpaint: RePaint resamplings per jump "
-                     "(1 = plain replacement).", **OWN)
-flags.DEFINE_string("source_labels", "", "invert: labels to invert with (default: the "
-                    "--input .npz's labels, else --labels).", **OWN)
+flags.DEFINE_string(
+    "guidance_interval",
+    "",
+    "'t_lo,t_hi': guide only at schedule indices in [t_lo, t_hi] (default: all).",
+    **OWN,
+)
+flags.DEFINE_float(
+    "guidance_rescale", None, "Guidance rescale phi in [0, 1] (default: off).", **OWN
+)
+flags.DEFINE_string(
+    "labels",
+    "",
+    "Comma-separated class labels cycled over samples "
+    "(default: 0..num_classes-1 cycled, or the --input .npz's labels; "
+    "invert: the labels to regenerate with). Class-conditional models only.",
+    **OWN,
+)
+flags.DEFINE_string(
+    "input",
+    "",
+    "img2img / inpaint / invert: PNG file(s), comma-separated, "
+    "or an .npz with uint8 'images' [N, H, W, C].",
+    **OWN,
+)
+flags.DEFINE_string(
+    "mask", "", f"inpaint: PNG, .npz with 'mask' (1 = known) or one of {', '.join(MASKS)}.", **OWN
+)
+flags.DEFINE_float(
+    "strength",
+    0.5,
+    "img2img: fraction of the sampler's steps to run "
+    "(0 = return the input, 1 = sample from noise).",
+    **OWN,
+)
+flags.DEFINE_integer("repaint_jump", 10, "inpaint: RePaint jump length (in sampler steps).", **OWN)
+flags.DEFINE_integer(
+    "repaint_resample", 1, "inpaint: RePaint resamplings per jump (1 = plain replacement).", **OWN
+)
+flags.DEFINE_string(
+    "source_labels",
+    "",
+    "invert: labels to invert with (default: the --input .npz's labels, else --labels).",
+    **OWN,
+)
 flags.DEFINE_integer("seed", 0, "Sampling seed.", **OWN)
 flags.DEFINE_string("out", "", "PNG path (default <workdir>/samples/<mode>_<sampler>.png).", **OWN)
 flags.DEFINE_string("npz", "", "If set, also write uint8 images + labels to this .npz.", **OWN)
@@ -93,6 +122,7 @@ def load_images(spec_arg: str, image_shape):
     """(uint8 [N, H, W, C], labels [N] or None) from --input, checked against the model's
     (H, W, C); raises ConfigError with a one-line reason."""
     from PIL import Image
+
     paths = [p for p in spec_arg.split(",") if p]
     for p in paths:
         if not os.path.exists(p):
@@ -101,18 +131,17 @@ def load_images(spec_arg: str, image_shape):
     if len(paths) == 1 and paths[0].endswith(".npz"):
         with np.load(paths[0]) as f:
             if "images" not in f:
-                raise ConfigError(f"{paths[0]} has no 'images' array "
-                                        f"(keys: {list(f.keys())})")
+                raise ConfigError(f"{paths[0]} has no 'images' array (keys: {list(f.keys())})")
             images = f["images"]
             labels = f["labels"].astype(np.int32) if "labels" in f else None
         if images.ndim == 3:  # [N, H, W] grayscale
             images = images[..., None]
         if images.ndim != 4:
-            raise ConfigError(f"{paths[0]}: 'images' must be [N, H, W, C], got shape "
-                                    f"{images.shape}")
+            raise ConfigError(
+                f"{paths[0]}: 'images' must be [N, H, W, C], got shape {images.shape}"
+            )
         if images.dtype != np.uint8:
-            raise ConfigError(f"{paths[0]}: 'images' must be uint8 (0..255), got "
-                                    f"{images.dtype}")
+            raise ConfigError(f"{paths[0]}: 'images' must be uint8 (0..255), got {images.dtype}")
     else:
         arrays = []
         for p in paths:
@@ -130,7 +159,8 @@ def load_images(spec_arg: str, image_shape):
     if images.shape[1:] != tuple(image_shape):
         raise ConfigError(
             f"--input images are {_shape_text(images.shape[1:])} (HxWxC) but the model "
-            f"expects {_shape_text(image_shape)}; resize/convert them first")
+            f"expects {_shape_text(image_shape)}; resize/convert them first"
+        )
     if labels is not None and labels.shape != (images.shape[0],):
         labels = None
     return images, labels
@@ -139,20 +169,21 @@ def load_images(spec_arg: str, image_shape):
 def load_mask(spec_arg: str, image_shape) -> np.ndarray:
     """float32 mask (1 = known) broadcastable to [N, H, W, C] from --mask."""
     from PIL import Image
+
     h, w, c = image_shape
     if spec_arg in MASKS:
         m = np.zeros((h, w, 1), np.float32)
         if spec_arg == "top":
             m[: h // 2] = 1
         elif spec_arg == "bottom":
-            m[h - h // 2:] = 1
+            m[h - h // 2 :] = 1
         elif spec_arg == "left":
             m[:, : w // 2] = 1
         elif spec_arg == "right":
-            m[:, w - w // 2:] = 1
+            m[:, w - w // 2 :] = 1
         else:
             m[:] = 1
-            m[h // 4: h - h // 4, w // 4: w - w // 4] = 0
+            m[h // 4 : h - h // 4, w // 4 : w - w // 4] = 0
         return m
     if not os.path.exists(spec_arg):
         raise ConfigError(f"--mask {spec_arg!r} is neither a file nor one of {MASKS}")
@@ -167,9 +198,11 @@ def load_mask(spec_arg: str, image_shape) -> np.ndarray:
         m = (np.asarray(Image.open(spec_arg).convert("L"), np.float32) >= 128)[..., None]
         m = m.astype(np.float32)
     if m.ndim not in (3, 4) or m.shape[-3:-1] != (h, w) or m.shape[-1] not in (1, c):
-        raise ConfigError(f"--mask is {_shape_text(m.shape)} but the images are "
-                                f"{_shape_text(image_shape)} (HxWxC; mask HxW, HxWx1, HxWxC "
-                                "or NxHxWxC)")
+        raise ConfigError(
+            f"--mask is {_shape_text(m.shape)} but the images are "
+            f"{_shape_text(image_shape)} (HxWxC; mask HxW, HxWx1, HxWxC "
+            "or NxHxWxC)"
+        )
     if np.any((m < 0) | (m > 1)):
         raise ConfigError("--mask values must lie in [0, 1] (1 = known)")
     return m
@@ -195,8 +228,9 @@ def setup(overrides: dict):
     check_config(config, spec, training=False)
     mode = FLAGS.mode
     if mode == "invert" and config.sampler.name != "ddim" and "sampler.name" in overrides:
-        raise ConfigError("--mode=invert always uses deterministic DDIM; drop "
-                          "--config.sampler.name")
+        raise ConfigError(
+            "--mode=invert always uses deterministic DDIM; drop --config.sampler.name"
+        )
     if mode == "sample" and (FLAGS.input or FLAGS.mask):
         raise ConfigError("--input/--mask need --mode=img2img, inpaint or invert")
     if mode != "sample" and not FLAGS.input:
@@ -225,12 +259,17 @@ def setup(overrides: dict):
         if mode == "invert":
             inputs["source_labels"] = (
                 parse_labels(FLAGS.source_labels, n, num_classes, "--source_labels")
-                if FLAGS.source_labels or input_labels is None else input_labels)
+                if FLAGS.source_labels or input_labels is None
+                else input_labels
+            )
             default = inputs["source_labels"]
         else:
             default = input_labels
-        labels = (parse_labels(FLAGS.labels, n, num_classes) if FLAGS.labels or default is None
-                  else default)
+        labels = (
+            parse_labels(FLAGS.labels, n, num_classes)
+            if FLAGS.labels or default is None
+            else default
+        )
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
     model, spec, state = load_state(FLAGS.workdir, config)
@@ -247,18 +286,34 @@ def main(overrides: dict):
     mode, s_cfg = FLAGS.mode, config.sampler
     bs = min(FLAGS.batch_size, n)
     sample_fn = steps.make_sample_fn(
-        model, schedules.build(config.schedule), config, (bs, *spec.image_shape), mode=mode,
-        strength=FLAGS.strength, jump_length=FLAGS.repaint_jump,
-        jump_n_sample=FLAGS.repaint_resample, guidance_interval=inputs["interval"],
-        guidance_rescale=FLAGS.guidance_rescale)
+        model,
+        schedules.build(config.schedule),
+        config,
+        (bs, *spec.image_shape),
+        mode=mode,
+        strength=FLAGS.strength,
+        jump_length=FLAGS.repaint_jump,
+        jump_n_sample=FLAGS.repaint_resample,
+        guidance_interval=inputs["interval"],
+        guidance_rescale=FLAGS.guidance_rescale,
+    )
     images_in = inputs.get("images")
     x_in = None if images_in is None else images_in.astype(np.float32) / 127.5 - 1.0
     mask = inputs.get("mask")
 
     def run(target_labels, guidance_scale):
         return generate.generate_samples(
-            sample_fn, params, n, bs, FLAGS.seed, target_labels, guidance_scale=guidance_scale,
-            images=x_in, mask=mask, source_labels=inputs.get("source_labels"))
+            sample_fn,
+            params,
+            n,
+            bs,
+            FLAGS.seed,
+            target_labels,
+            guidance_scale=guidance_scale,
+            images=x_in,
+            mask=mask,
+            source_labels=inputs.get("source_labels"),
+        )
 
     try:
         images = run(labels, s_cfg.guidance_scale)
@@ -277,11 +332,14 @@ def main(overrides: dict):
         pairs = np.stack([shown, images], axis=1).reshape(-1, *images.shape[1:])
         grid = metrics.make_grid(pairs, ncols=2 * int(np.ceil(np.sqrt(n))), upscale=upscale)
     metrics.save_png(out, grid)
-    extra = {"img2img": f", strength {FLAGS.strength}",
-             "inpaint": f", mask {FLAGS.mask}, repaint {FLAGS.repaint_resample}x"
-                        f"{FLAGS.repaint_jump}"}.get(mode, "")
-    print(f"wrote {out} ({mode}, {n} images, step {step}, sampler {name}, eta {s_cfg.eta}, "
-          f"guidance {s_cfg.guidance_scale}{extra})")
+    extra = {
+        "img2img": f", strength {FLAGS.strength}",
+        "inpaint": f", mask {FLAGS.mask}, repaint {FLAGS.repaint_resample}x{FLAGS.repaint_jump}",
+    }.get(mode, "")
+    print(
+        f"wrote {out} ({mode}, {n} images, step {step}, sampler {name}, eta {s_cfg.eta}, "
+        f"guidance {s_cfg.guidance_scale}{extra})"
+    )
     if mode == "invert":
         # the round trip: invert and regenerate under the source labels, unguided
         same = np.array_equal(labels, inputs["source_labels"]) and s_cfg.guidance_scale == 1.0

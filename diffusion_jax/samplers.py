@@ -38,6 +38,7 @@ Schedule indexing follows schedules.py: index ``t`` in 0..T-1 is the paper's ste
 and index -1 stands for the clean end of the chain, alpha_bar = 1. Every sampler steps
 from its smallest visited index to -1 with a first-order (DDIM / x0-prediction) step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,9 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # The grids themselves (spacings, RePaint's walk) are in timesteps.py.
 
 
-def sampler_timesteps(sampler: str, num_timesteps: int, num_steps: int,
-                      spacing: str = "leading", log_snr=None) -> np.ndarray:
+def sampler_timesteps(
+    sampler: str, num_timesteps: int, num_steps: int, spacing: str = "leading", log_snr=None
+) -> np.ndarray:
     """The descending indices ``sampler`` visits: all T for ddpm, else ddim_timesteps."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
@@ -99,8 +101,10 @@ def sqrt_alpha_bar(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
     computed as 1 - alpha_bar in float32, which loses ~4 digits near t = 0."""
     i = jnp.maximum(t, 0)
     clean = (t < 0).reshape(t.shape + (1,) * (ndim - t.ndim))
-    return (jnp.where(clean, 1.0, at(schedule.sqrt_alphas_cumprod, i, ndim)),
-            jnp.where(clean, 0.0, at(schedule.sqrt_one_minus_alphas_cumprod, i, ndim)))
+    return (
+        jnp.where(clean, 1.0, at(schedule.sqrt_alphas_cumprod, i, ndim)),
+        jnp.where(clean, 0.0, at(schedule.sqrt_one_minus_alphas_cumprod, i, ndim)),
+    )
 
 
 def _lambda(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
@@ -193,8 +197,11 @@ def _edm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, heun):
 
 def _dpmpp_init(x):
     """DPM-Solver++ history: (previous x0 prediction, previous step's h, have one)."""
-    return (jnp.zeros_like(x), jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype),
-            jnp.zeros((), bool))
+    return (
+        jnp.zeros_like(x),
+        jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype),
+        jnp.zeros((), bool),
+    )
 
 
 def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
@@ -221,8 +228,11 @@ def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
     d = x0 + jnp.where(second, 0.5 / r, 0.0) * (x0 - x0_last)
     if sde:
         noise = _normal(key, x_t.shape, x_t.dtype)
-        x = ((s_prev / s) * jnp.exp(-h) * x_t - a_prev * jnp.expm1(-2.0 * h) * d
-             + s_prev * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise)
+        x = (
+            (s_prev / s) * jnp.exp(-h) * x_t
+            - a_prev * jnp.expm1(-2.0 * h) * d
+            + s_prev * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise
+        )
     else:
         x = (s_prev / s) * x_t - a_prev * jnp.expm1(-h) * d
     return x, (x0, h, jnp.ones((), bool))
@@ -268,10 +278,26 @@ def replace_known(schedule, x, known, mask, t, key):
     return mask * known_t + (1.0 - mask) * x
 
 
-@functools.partial(jax.jit, static_argnames=("update", "prediction", "clip_x0", "return_every",
-                                             "renoise"))
-def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, mask=None, *,
-                 update, prediction, clip_x0, return_every, renoise=False):
+@functools.partial(
+    jax.jit, static_argnames=("update", "prediction", "clip_x0", "return_every", "renoise")
+)
+def _scan_sample(
+    model_fn,
+    schedule,
+    x_T,
+    ts,
+    ts_prev,
+    keys,
+    eta,
+    known=None,
+    mask=None,
+    *,
+    update,
+    prediction,
+    clip_x0,
+    return_every,
+    renoise=False,
+):
     """Run rule ``update`` over the steps ts[i] -> ts_prev[i] (int32 [n], traced) from x_T,
     step i drawing from keys[i].
 
@@ -317,9 +343,10 @@ def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, ma
         return carry, carry[0]
 
     m = n // return_every
-    head = jax.tree.map(lambda a: a[:m * return_every].reshape((m, return_every) + a.shape[1:]),
-                        steps)
-    tail = jax.tree.map(lambda a: a[m * return_every:], steps)
+    head = jax.tree.map(
+        lambda a: a[: m * return_every].reshape((m, return_every) + a.shape[1:]), steps
+    )
+    tail = jax.tree.map(lambda a: a[m * return_every :], steps)
     carry, traj = jax.lax.scan(chunk, carry, head)
     return jax.lax.scan(step, carry, tail)[0][0], traj
 
@@ -331,7 +358,9 @@ def _scan_sample(model_fn, schedule, x_T, ts, ts_prev, keys, eta, known=None, ma
 
 def as_pytree_fn(model_fn) -> jax.tree_util.Partial:
     """model_fn as the jax.tree_util.Partial the scans take (a Partial is kept as is)."""
-    return model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
+    return (
+        model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
+    )
 
 
 def plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, variance: str, eta):
@@ -346,8 +375,23 @@ def plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, varianc
     return ts, (variance if sampler == "ddpm" else sampler)
 
 
-def run(model_fn, schedule, x_start, ts, ts_prev, keys, eta, *, update, prediction, clip_x0,
-        return_every=0, known=None, mask=None, renoise=False):
+def run(
+    model_fn,
+    schedule,
+    x_start,
+    ts,
+    ts_prev,
+    keys,
+    eta,
+    *,
+    update,
+    prediction,
+    clip_x0,
+    return_every=0,
+    known=None,
+    mask=None,
+    renoise=False,
+):
     """Check the options and run ``_scan_sample`` from x_start over ts -> ts_prev (default:
     each next index of ts, then -1), step i drawing from keys[i]."""
     check_choice("prediction", prediction, PREDICTIONS)
@@ -355,10 +399,22 @@ def run(model_fn, schedule, x_start, ts, ts_prev, keys, eta, *, update, predicti
         raise ValueError(f"return_every must be >= 0, got {return_every}")
     if ts_prev is None:
         ts_prev = np.append(ts[1:], -1).astype(np.int32)
-    return _scan_sample(as_pytree_fn(model_fn), schedule, x_start, jnp.asarray(ts),
-                        jnp.asarray(ts_prev), keys, jnp.asarray(eta, jnp.float32), known, mask,
-                        update=update, prediction=prediction, clip_x0=bool(clip_x0),
-                        return_every=int(return_every), renoise=renoise)
+    return _scan_sample(
+        as_pytree_fn(model_fn),
+        schedule,
+        x_start,
+        jnp.asarray(ts),
+        jnp.asarray(ts_prev),
+        keys,
+        jnp.asarray(eta, jnp.float32),
+        known,
+        mask,
+        update=update,
+        prediction=prediction,
+        clip_x0=bool(clip_x0),
+        return_every=int(return_every),
+        renoise=renoise,
+    )
 
 
 def start(rng, shape, x_T, n):
@@ -373,10 +429,22 @@ def start(rng, shape, x_T, n):
     return x_T, jax.random.split(rng_steps, n)
 
 
-def sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
-           sampler: str = "ddim", num_steps: int = 50, eta=0.0, spacing: str = "leading",
-           variance: str = "fixedlarge", prediction: str = "eps", clip_x0: bool = False,
-           x_T: Optional[jnp.ndarray] = None, return_every: int = 0):
+def sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    rng,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta=0.0,
+    spacing: str = "leading",
+    variance: str = "fixedlarge",
+    prediction: str = "eps",
+    clip_x0: bool = False,
+    x_T: Optional[jnp.ndarray] = None,
+    return_every: int = 0,
+):
     """Sample [*shape] with the named sampler (one of ``SAMPLERS``) -> x0.
 
     ddpm runs all T steps with ``variance``; the others visit
@@ -387,13 +455,33 @@ def sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int]
     """
     ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta)
     x_T, keys = start(rng, shape, x_T, len(ts))
-    return run(model_fn, schedule, x_T, ts, None, keys, eta, update=update,
-                prediction=prediction, clip_x0=clip_x0, return_every=return_every)
+    return run(
+        model_fn,
+        schedule,
+        x_T,
+        ts,
+        None,
+        keys,
+        eta,
+        update=update,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        return_every=return_every,
+    )
 
 
-def ddpm_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
-                prediction: str = "eps", variance: str = "fixedlarge", clip_x0: bool = False,
-                x_T: Optional[jnp.ndarray] = None, return_every: int = 0):
+def ddpm_sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    rng,
+    shape: Sequence[int],
+    *,
+    prediction: str = "eps",
+    variance: str = "fixedlarge",
+    clip_x0: bool = False,
+    x_T: Optional[jnp.ndarray] = None,
+    return_every: int = 0,
+):
     """Ancestral sampling over all T steps (Ho et al. 2020, Alg. 2) -> x0 [*shape].
 
     variance: "fixedlarge" (sigma^2 = beta_t, Ho et al.'s CIFAR-10 choice) or "fixedsmall"
@@ -401,20 +489,51 @@ def ddpm_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence
     the x0 implied by the model (clipped to [-1, 1] if clip_x0). With return_every = k > 0
     returns (x0, traj), traj[i] = x after (i + 1) * k steps.
     """
-    return sample(model_fn, schedule, rng, shape, sampler="ddpm", variance=variance,
-                  prediction=prediction, clip_x0=clip_x0, x_T=x_T, return_every=return_every)
+    return sample(
+        model_fn,
+        schedule,
+        rng,
+        shape,
+        sampler="ddpm",
+        variance=variance,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        x_T=x_T,
+        return_every=return_every,
+    )
 
 
-def ddim_sample(model_fn: ModelFn, schedule: NoiseSchedule, rng, shape: Sequence[int], *,
-                num_steps: int, eta=0.0, prediction: str = "eps", spacing: str = "leading",
-                clip_x0: bool = False, x_T: Optional[jnp.ndarray] = None,
-                return_every: int = 0):
+def ddim_sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    rng,
+    shape: Sequence[int],
+    *,
+    num_steps: int,
+    eta=0.0,
+    prediction: str = "eps",
+    spacing: str = "leading",
+    clip_x0: bool = False,
+    x_T: Optional[jnp.ndarray] = None,
+    return_every: int = 0,
+):
     """DDIM (Song et al. 2021, eq. 12) over ``ddim_timesteps(T, num_steps, spacing)`` -> x0.
 
     eta in [0, 1] scales the per-step noise: 0 is the deterministic sampler, 1 over all T
     steps is DDPM with beta_tilde. eta may be a traced array (changing it never
     recompiles). return_every as in ddpm_sample.
     """
-    return sample(model_fn, schedule, rng, shape, sampler="ddim", num_steps=num_steps, eta=eta,
-                  spacing=spacing, prediction=prediction, clip_x0=clip_x0, x_T=x_T,
-                  return_every=return_every)
+    return sample(
+        model_fn,
+        schedule,
+        rng,
+        shape,
+        sampler="ddim",
+        num_steps=num_steps,
+        eta=eta,
+        spacing=spacing,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        x_T=x_T,
+        return_every=return_every,
+    )

@@ -12,6 +12,7 @@ Indexing convention: array index ``t`` in ``0..T-1`` is the paper's timestep ``t
 Registered schedules are never changed once committed, so ablations stay reproducible:
 a variant gets a new name in ``SCHEDULES``.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,10 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np
     total noise is (approximately) the same for every T (Nichol & Dhariwal 2021)."""
     scale = 1000.0 / T
     if scale * beta_end >= 1.0:
-        raise ValueError(f"linear schedule with T={T}: beta_end * 1000/T = {scale * beta_end:g} "
-                         f">= 1; use T > {int(1000 * beta_end)} or another schedule")
+        raise ValueError(
+            f"linear schedule with T={T}: beta_end * 1000/T = {scale * beta_end:g} "
+            f">= 1; use T > {int(1000 * beta_end)} or another schedule"
+        )
     return np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64)
 
 
@@ -140,7 +143,7 @@ def schedule_from_betas(betas: np.ndarray) -> NoiseSchedule:
     post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
     # beta_tilde_1 = 0: use beta_tilde_2 in the log so it stays finite (as Ho et al.'s code).
     post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]]))
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
     return NoiseSchedule(
         betas=f32(betas),
         alphas=f32(alphas),
@@ -156,8 +159,9 @@ def schedule_from_betas(betas: np.ndarray) -> NoiseSchedule:
     )
 
 
-def make_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = False,
-                  **options) -> NoiseSchedule:
+def make_schedule(
+    name: str, num_timesteps: int, *, zero_terminal_snr: bool = False, **options
+) -> NoiseSchedule:
     """The named schedule for ``num_timesteps`` steps.
 
     ``options`` go to the schedule's beta function (e.g. ``s`` for cosine,
@@ -181,5 +185,8 @@ def build(schedule_cfg) -> NoiseSchedule:
     """The schedule a config's ``schedule`` section names (``name``, ``num_timesteps``,
     ``zero_terminal_snr``): the one place configs become schedules, as
     ``models.build_model`` is for models."""
-    return make_schedule(schedule_cfg.name, schedule_cfg.num_timesteps,
-                         zero_terminal_snr=schedule_cfg.zero_terminal_snr)
+    return make_schedule(
+        schedule_cfg.name,
+        schedule_cfg.num_timesteps,
+        zero_terminal_snr=schedule_cfg.zero_terminal_snr,
+    )

@@ -4,6 +4,7 @@ The state holds only arrays (no functions), so orbax can save it and restore it 
 sharding; the model and optimizer definitions live outside it and are rebuilt from the
 config.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,10 +28,12 @@ def make_lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     lr, warmup = optim_cfg.learning_rate, int(optim_cfg.warmup_steps)
     if optim_cfg.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup, max(num_steps, warmup + 1), end_value=lr * optim_cfg.final_lr_fraction)
+            0.0, lr, warmup, max(num_steps, warmup + 1), end_value=lr * optim_cfg.final_lr_fraction
+        )
     if optim_cfg.decay == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
     raise ValueError(f"unknown optim.decay {optim_cfg.decay!r}; valid: ['constant', 'cosine']")
 
 
@@ -39,9 +42,15 @@ def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
     chain = []
     if optim_cfg.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-    chain.append(optax.adamw(make_lr_schedule(optim_cfg, num_steps), b1=optim_cfg.b1,
-                             b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay))
+    chain.append(
+        optax.adamw(
+            make_lr_schedule(optim_cfg, num_steps),
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+        )
+    )
     return optax.chain(*chain)
 
 
@@ -53,8 +62,15 @@ def ema_decay_at(decay: float, warmup: bool, step):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
 
 
-def create_train_state(model, tx: optax.GradientTransformation, image_shape, seed: int,
-                       *, conditional: bool, out_sharding=None) -> TrainState:
+def create_train_state(
+    model,
+    tx: optax.GradientTransformation,
+    image_shape,
+    seed: int,
+    *,
+    conditional: bool,
+    out_sharding=None,
+) -> TrainState:
     """Initialize the state directly onto ``out_sharding`` (e.g. replicated over a mesh),
     so no device ever holds an unsharded copy it doesn't need."""
 
@@ -64,8 +80,13 @@ def create_train_state(model, tx: optax.GradientTransformation, image_shape, see
         t = jnp.zeros((1,), jnp.int32)
         y = jnp.zeros((1,), jnp.int32) if conditional else None
         params = model.init({"params": init_rng}, x, t, y, train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params), rng=state_rng)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=tx.init(params),
+            rng=state_rng,
+        )
 
     return jax.jit(init, out_shardings=out_sharding)(jax.random.PRNGKey(seed))
 
@@ -73,4 +94,5 @@ def create_train_state(model, tx: optax.GradientTransformation, image_shape, see
 def abstract_train_state(model, tx, image_shape, seed: int, *, conditional: bool):
     """Shapes/dtypes of the state without allocating it (for restores and param counts)."""
     return jax.eval_shape(
-        lambda: create_train_state(model, tx, image_shape, seed, conditional=conditional))
+        lambda: create_train_state(model, tx, image_shape, seed, conditional=conditional)
+    )

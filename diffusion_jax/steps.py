@@ -2,6 +2,7 @@
 (jit over a mesh, pmap) live in parallel.py; nothing here knows about devices except the
 optional ``axis_name`` collective of the pmap path.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -27,14 +28,14 @@ def drop_labels(rng, labels, example_ids, p: float, null_label: int):
     return jnp.where(drop, null_label, labels)
 
 
-def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
-                    optim_cfg) -> TrainState:
+def apply_gradients(
+    state: TrainState, grads, tx: optax.GradientTransformation, optim_cfg
+) -> TrainState:
     """One optimizer update of ``state.params`` and the EMA after it (``step`` unchanged)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(optim_cfg.ema_decay, optim_cfg.ema_warmup, state.step)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                              state.ema_params, params)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
 
 
@@ -50,8 +51,14 @@ def skip_if_not_finite(finite, update: Callable, state: TrainState) -> TrainStat
     return jax.lax.cond(finite, update, lambda s: s, state)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: NoiseSchedule, config,
-                    *, axis_name: Optional[str] = None) -> Callable:
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    schedule: NoiseSchedule,
+    config,
+    *,
+    axis_name: Optional[str] = None,
+) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` for one global batch.
 
     With ``axis_name`` (pmap) the batch is this device's slice, gradients and metrics are
@@ -70,45 +77,71 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: NoiseSche
         ids = device * local_b + jnp.arange(local_b)
         batch = dict(batch)
         if conditional:
-            batch["label"] = drop_labels(rng_labels, batch["label"], ids, obj.label_dropout,
-                                         model_cfg.num_classes)
+            batch["label"] = drop_labels(
+                rng_labels, batch["label"], ids, obj.label_dropout, model_cfg.num_classes
+            )
         else:
             batch.pop("label", None)
 
         def apply_fn(params, x_t, t, y, rng_model):
             # dropout masks: decorrelated across pmap devices
             rng_model = jax.random.fold_in(rng_model, device)
-            return model.apply({"params": params}, x_t, t, y, train=True,
-                               rngs={"dropout": rng_model})
+            return model.apply(
+                {"params": params}, x_t, t, y, train=True, rngs={"dropout": rng_model}
+            )
 
         def loss_fn(params):
             return objectives.diffusion_loss(
-                apply_fn, params, schedule, batch, rng_loss, prediction=obj.prediction,
-                weighting=obj.weighting, min_snr_gamma=obj.min_snr_gamma, example_ids=ids)
+                apply_fn,
+                params,
+                schedule,
+                batch,
+                rng_loss,
+                prediction=obj.prediction,
+                weighting=obj.weighting,
+                min_snr_gamma=obj.min_snr_gamma,
+                example_ids=ids,
+            )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         bucket = aux["t"] * NUM_LOSS_BUCKETS // schedule.num_timesteps
         bucket_sum = jax.ops.segment_sum(aux["loss_per_example"], bucket, NUM_LOSS_BUCKETS)
-        bucket_count = jax.ops.segment_sum(jnp.ones_like(bucket, jnp.float32), bucket,
-                                           NUM_LOSS_BUCKETS)
+        bucket_count = jax.ops.segment_sum(
+            jnp.ones_like(bucket, jnp.float32), bucket, NUM_LOSS_BUCKETS
+        )
         if axis_name:
             grads, loss = jax.lax.pmean((grads, loss), axis_name)
             bucket_sum, bucket_count = jax.lax.psum((bucket_sum, bucket_count), axis_name)
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        update = lambda s: apply_gradients(s, grads, tx, config.optim)  # noqa: E731
+        update = lambda s: apply_gradients(s, grads, tx, config.optim)
         new_state = skip_if_not_finite(finite, update, state).replace(step=state.step + 1)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
-                   "loss_bucket_sum": bucket_sum, "loss_bucket_count": bucket_count}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "finite": finite.astype(jnp.float32),
+            "loss_bucket_sum": bucket_sum,
+            "loss_bucket_count": bucket_count,
+        }
         return new_state, metrics
 
     return train_step
 
 
-def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str = "sample",
-                   strength: float = 0.5, jump_length: int = 10, jump_n_sample: int = 1,
-                   guidance_interval=None, guidance_rescale=None) -> Callable:
+def make_sample_fn(
+    model,
+    schedule: NoiseSchedule,
+    config,
+    shape,
+    *,
+    mode: str = "sample",
+    strength: float = 0.5,
+    jump_length: int = 10,
+    jump_n_sample: int = 1,
+    guidance_interval=None,
+    guidance_rescale=None,
+) -> Callable:
     """``sample(params, rng, labels, guidance_scale, images=None, mask=None,
     source_labels=None) -> images [B, H, W, C]`` with the configured sampler.
 
@@ -134,9 +167,15 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
     prediction = config.objective.prediction
     objectives.check_choice("sampler.name", s_cfg.name, SAMPLERS)
     objectives.check_choice("mode", mode, samplers.MODES)
-    options = dict(sampler=s_cfg.name, num_steps=s_cfg.num_steps, eta=s_cfg.eta,
-                   spacing=s_cfg.spacing, variance=s_cfg.variance, prediction=prediction,
-                   clip_x0=s_cfg.clip_x0)
+    options = dict(
+        sampler=s_cfg.name,
+        num_steps=s_cfg.num_steps,
+        eta=s_cfg.eta,
+        spacing=s_cfg.spacing,
+        variance=s_cfg.variance,
+        prediction=prediction,
+        clip_x0=s_cfg.clip_x0,
+    )
 
     # One function object per make_sample_fn call: the samplers' jit caches key on it.
     def apply_fn(params, x_t, t, y):
@@ -149,12 +188,19 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
         if not conditional:
             return jax.tree_util.Partial(apply_uncond, params)
         null = jnp.full_like(labels, model_cfg.num_classes)
-        return guidance.guided_model_fn(apply_fn, params, labels, null, guidance_scale,
-                                        interval=guidance_interval, rescale=guidance_rescale,
-                                        schedule=schedule, prediction=prediction)
+        return guidance.guided_model_fn(
+            apply_fn,
+            params,
+            labels,
+            null,
+            guidance_scale,
+            interval=guidance_interval,
+            rescale=guidance_rescale,
+            schedule=schedule,
+            prediction=prediction,
+        )
 
-    def sample(params, rng, labels, guidance_scale, images=None, mask=None,
-               source_labels=None):
+    def sample(params, rng, labels, guidance_scale, images=None, mask=None, source_labels=None):
         fn = model_fn(params, labels, guidance_scale)
         if mode == "sample":
             return samplers.sample(fn, schedule, rng, shape, **options)
@@ -165,10 +211,25 @@ def make_sample_fn(model, schedule: NoiseSchedule, config, shape, *, mode: str =
         if mode == "inpaint":
             if mask is None:
                 raise ValueError("mode 'inpaint' needs a mask (1 = known)")
-            return editing.inpaint(fn, schedule, rng, images, mask, jump_length=jump_length,
-                                   jump_n_sample=jump_n_sample, **options)
+            return editing.inpaint(
+                fn,
+                schedule,
+                rng,
+                images,
+                mask,
+                jump_length=jump_length,
+                jump_n_sample=jump_n_sample,
+                **options,
+            )
         source = model_fn(params, labels if source_labels is None else source_labels, 1.0)
-        return editing.ddim_edit(source, fn, schedule, images, num_steps=s_cfg.num_steps,
-                                 prediction=prediction, spacing=s_cfg.spacing)[0]
+        return editing.ddim_edit(
+            source,
+            fn,
+            schedule,
+            images,
+            num_steps=s_cfg.num_steps,
+            prediction=prediction,
+            spacing=s_cfg.spacing,
+        )[0]
 
     return sample

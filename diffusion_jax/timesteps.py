@@ -8,6 +8,7 @@ call, outside jit, and handed to the samplers' scan as a traced array (see sampl
 Schedule indexing follows schedules.py: index ``t`` in 0..T-1 is the paper's step t+1,
 and index -1 stands for the clean end of the chain, alpha_bar = 1.
 """
+
 from __future__ import annotations
 
 import operator
@@ -20,8 +21,9 @@ from diffusion_jax.objectives import check_choice
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
-                   log_snr=None) -> np.ndarray:
+def ddim_timesteps(
+    num_timesteps: int, num_steps: int, spacing: str = "leading", log_snr=None
+) -> np.ndarray:
     """The schedule indices a ``num_steps`` DDIM sampler visits, strictly descending, int32.
 
     With T = num_timesteps and n = num_steps:
@@ -46,8 +48,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading",
     try:
         T, n = operator.index(num_timesteps), operator.index(num_steps)
     except TypeError:
-        raise ValueError(f"num_timesteps and num_steps must be integers, got "
-                         f"{num_timesteps!r} and {num_steps!r}") from None
+        raise ValueError(
+            f"num_timesteps and num_steps must be integers, got {num_timesteps!r} and {num_steps!r}"
+        ) from None
     if not 1 <= n <= T:
         raise ValueError(f"num_steps must be in 1..{T} (the schedule's steps), got {n}")
     if spacing == "leading":
@@ -101,8 +104,9 @@ def repaint_timesteps(ts: np.ndarray, jump_length: int, jump_n_sample: int):
     """
     jump_length, jump_n_sample = operator.index(jump_length), operator.index(jump_n_sample)
     if jump_length < 1 or jump_n_sample < 1:
-        raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length} "
-                         f"and {jump_n_sample}")
+        raise ValueError(
+            f"jump_length and jump_n_sample must be >= 1, got {jump_length} and {jump_n_sample}"
+        )
     n = len(ts)
     jumps = {p: jump_n_sample - 1 for p in range(0, n - jump_length, jump_length)}
     p, walk = n - 1, [n - 1]
@@ -116,5 +120,7 @@ def repaint_timesteps(ts: np.ndarray, jump_length: int, jump_n_sample: int):
                 walk.append(p)
     level = np.append(np.asarray(ts, np.int32)[::-1], -1)  # level[p] = ts[n-1-p]; [-1] = -1
     idx = np.asarray(walk)
-    return (np.ascontiguousarray(level[idx[:-1]], dtype=np.int32),
-            np.ascontiguousarray(level[idx[1:]], dtype=np.int32))
+    return (
+        np.ascontiguousarray(level[idx[:-1]], dtype=np.int32),
+        np.ascontiguousarray(level[idx[1:]], dtype=np.int32),
+    )

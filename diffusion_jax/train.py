@@ -2,6 +2,7 @@
 checkpoints. All math lives in steps.py / objectives.py, all parallelism in parallel.py,
 the workdir's config and checkpoints in workdir.py, sampling in generate.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,11 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
     data-parallel over the mesh; the record carries N, seed, sampler, steps, eta and
     guidance scale (a FID means nothing without them)."""
     spec = data.dataset_spec(config.data)
-    extractor = evaluation.make_extractor(config.data, cache_dir=config.eval.cache_dir,
-                                          inception_weights=config.eval.inception_weights)
+    extractor = evaluation.make_extractor(
+        config.data,
+        cache_dir=config.eval.cache_dir,
+        inception_weights=config.eval.inception_weights,
+    )
     ref = evaluation.reference_stats(extractor, config.data, "train", config.eval.cache_dir)
     n = config.eval.metrics_num_samples
     batch = generate.padded_batch_size(min(n, 500), dp.mesh)
@@ -48,11 +52,19 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
 
     def quality(params, step: int) -> dict:
         return evaluation.evaluate_sampler(
-            sample_fn, params, extractor, ref, num_samples=n, batch_size=batch,
-            seed=config.eval.metrics_seed, num_classes=config.model.num_classes,
-            guidance_scale=config.sampler.guidance_scale, mesh=dp.mesh,
+            sample_fn,
+            params,
+            extractor,
+            ref,
+            num_samples=n,
+            batch_size=batch,
+            seed=config.eval.metrics_seed,
+            num_classes=config.model.num_classes,
+            guidance_scale=config.sampler.guidance_scale,
+            mesh=dp.mesh,
             matched_num_samples=min(n, ref.n // 2),
-            info={**evaluation.sampler_info(config), "step": step})
+            info={**evaluation.sampler_info(config), "step": step},
+        )
 
     return quality
 
@@ -77,12 +89,22 @@ def train_and_evaluate(config, workdir_path: str):
     ckpt = workdir.checkpointer(workdir_path, config)
     restored = workdir.restore_state(ckpt, config, model, tx, spec, dp.state_sharding)
     process_batch = config.train.batch_size // jax.process_count()
-    it = data.create_train_iterator(config.data, batch_size=process_batch, seed=config.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    it = data.create_train_iterator(
+        config.data,
+        batch_size=process_batch,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     if restored is None:
-        state = create_train_state(model, tx, spec.image_shape, config.seed,
-                                   conditional=conditional, out_sharding=dp.state_sharding)
+        state = create_train_state(
+            model,
+            tx,
+            spec.image_shape,
+            config.seed,
+            conditional=conditional,
+            out_sharding=dp.state_sharding,
+        )
     else:
         state, extra = restored
         it.set_state(extra["data"])
@@ -90,12 +112,14 @@ def train_and_evaluate(config, workdir_path: str):
 
     k = config.train.steps_per_dispatch
     train_step = dp.compile(
-        lambda axis: steps.make_train_step(model, tx, schedule, config, axis_name=axis), k)
+        lambda axis: steps.make_train_step(model, tx, schedule, config, axis_name=axis), k
+    )
     n_samples = config.eval.num_samples
     grid_batch = generate.padded_batch_size(n_samples, dp.mesh)
     sample_fn = steps.make_sample_fn(model, schedule, config, (grid_batch, *spec.image_shape))
-    writer = metrics.MetricWriter(os.path.join(workdir_path, "tensorboard"),
-                                  os.path.join(workdir_path, "metrics.jsonl"))
+    writer = metrics.MetricWriter(
+        os.path.join(workdir_path, "tensorboard"), os.path.join(workdir_path, "metrics.jsonl")
+    )
     step = int(state.step)
     progress = metrics.Progress(num_steps, start=step, quiet=config.train.quiet)
     dstate = dp.put_state(state)
@@ -109,8 +133,9 @@ def train_and_evaluate(config, workdir_path: str):
         if not pending:
             return
         ms = [dp.get_metrics(m) for m in pending]
-        ms = [jax.tree.map(lambda x: x.reshape(-1, *x.shape[1:]) if k > 1 else x[None], m)
-              for m in ms]
+        ms = [
+            jax.tree.map(lambda x: x.reshape(-1, *x.shape[1:]) if k > 1 else x[None], m) for m in ms
+        ]
         m = jax.tree.map(lambda *xs: np.concatenate(xs), *ms)
         first = step - len(m["loss"]) + 1
         bad = np.flatnonzero(m["finite"] == 0)
@@ -118,13 +143,17 @@ def train_and_evaluate(config, workdir_path: str):
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {first + bad[0]} (loss "
                 f"{m['loss'][bad[0]]}); that update was skipped and no bad state was saved. "
-                f"Lower optim.learning_rate or check the data.")
+                f"Lower optim.learning_rate or check the data."
+            )
         elapsed = time.time() - last_log
         n = len(m["loss"])
-        scalars = {"train/loss": m["loss"].mean(), "train/grad_norm": m["grad_norm"].mean(),
-                   "train/learning_rate": float(lr_at(step)),
-                   "train/steps_per_sec": n / elapsed,
-                   "train/images_per_sec": n * config.train.batch_size / elapsed}
+        scalars = {
+            "train/loss": m["loss"].mean(),
+            "train/grad_norm": m["grad_norm"].mean(),
+            "train/learning_rate": float(lr_at(step)),
+            "train/steps_per_sec": n / elapsed,
+            "train/images_per_sec": n * config.train.batch_size / elapsed,
+        }
         sums, counts = m["loss_bucket_sum"].sum(0), m["loss_bucket_count"].sum(0)
         for b in range(steps.NUM_LOSS_BUCKETS):
             if counts[b]:
@@ -134,15 +163,22 @@ def train_and_evaluate(config, workdir_path: str):
         pending, last_log = [], time.time()
         outcome["loss"] = float(m["loss"].mean())
 
-    quality = make_quality_eval(config, model, schedule, dp) \
-        if config.eval.metrics_every_steps else None
+    quality = (
+        make_quality_eval(config, model, schedule, dp) if config.eval.metrics_every_steps else None
+    )
 
     def write_samples():
         """The sample grid: what `diffusion_jax.sample --seed=<seed + 1>` draws too."""
         images = generate.generate_samples(
-            sample_fn, dp.get_state(dstate).ema_params, n_samples, grid_batch, config.seed + 1,
+            sample_fn,
+            dp.get_state(dstate).ema_params,
+            n_samples,
+            grid_batch,
+            config.seed + 1,
             generate.class_balanced_labels(config.model.num_classes, n_samples),
-            guidance_scale=config.sampler.guidance_scale, mesh=dp.mesh)
+            guidance_scale=config.sampler.guidance_scale,
+            mesh=dp.mesh,
+        )
         grid = metrics.make_grid(images, upscale=max(1, 32 // spec.image_shape[0]))
         path = os.path.join(workdir_path, "samples", f"step_{step:07d}.png")
         if jax.process_index() == 0:
@@ -169,8 +205,7 @@ def train_and_evaluate(config, workdir_path: str):
                 flush_metrics()
                 # orbax copies to host before save() returns, so donating dstate in the
                 # next step is safe (tests/test_checkpoint.py deletes the buffers to check)
-                ckpt.save(step, dp.get_state(dstate), extra={"data": it.get_state()},
-                          force=stop)
+                ckpt.save(step, dp.get_state(dstate), extra={"data": it.get_state()}, force=stop)
             if stop:
                 log.warning("preempted (SIGTERM): saved step %d, exiting", step)
                 outcome["preempted"] = True
@@ -195,15 +230,25 @@ def train_and_evaluate(config, workdir_path: str):
 
 def summary(workdir_path: str, step: int, num_steps: int, *, loss, samples, preempted) -> str:
     """The run's last lines: where everything is and what to run next."""
-    head = (f"preempted at step {step}/{num_steps}; run the same command again to resume"
-            if preempted else f"done: step {step}/{num_steps}")
+    head = (
+        f"preempted at step {step}/{num_steps}; run the same command again to resume"
+        if preempted
+        else f"done: step {step}/{num_steps}"
+    )
     if loss is not None:
         head += f", loss {loss:.4f} (mean over the last logged steps)"
-    rows = [("samples", samples), ("checkpoints", os.path.join(workdir_path, "checkpoints")),
-            ("metrics", os.path.join(workdir_path, "metrics.jsonl")),
-            ("TensorBoard", f"tensorboard --logdir {os.path.join(workdir_path, 'tensorboard')}"),
-            ("sample more", f"python -m diffusion_jax.sample --workdir={workdir_path} "
-                            "--num_samples=64"),
-            ("evaluate", f"python -m diffusion_jax.evaluate --workdir={workdir_path} "
-                         "--num_samples=1000")]
+    rows = [
+        ("samples", samples),
+        ("checkpoints", os.path.join(workdir_path, "checkpoints")),
+        ("metrics", os.path.join(workdir_path, "metrics.jsonl")),
+        ("TensorBoard", f"tensorboard --logdir {os.path.join(workdir_path, 'tensorboard')}"),
+        (
+            "sample more",
+            f"python -m diffusion_jax.sample --workdir={workdir_path} --num_samples=64",
+        ),
+        (
+            "evaluate",
+            f"python -m diffusion_jax.evaluate --workdir={workdir_path} --num_samples=1000",
+        ),
+    ]
     return "\n".join([head] + [f"  {name + ':':<13}{value}" for name, value in rows if value])

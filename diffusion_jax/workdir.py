@@ -52,36 +52,57 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
     check_choice("sampler.name", c.sampler.name, samplers.SAMPLERS)
     check_choice("sampler.spacing", c.sampler.spacing, timesteps.SPACINGS)
     check_choice("schedule.name", c.schedule.name, sorted(schedules.SCHEDULES))
-    for key in ("train.num_steps", "train.batch_size", "train.steps_per_dispatch",
-                "train.log_every_steps", "ckpt.every_steps", "ckpt.keep", "eval.num_samples"):
+    for key in (
+        "train.num_steps",
+        "train.batch_size",
+        "train.steps_per_dispatch",
+        "train.log_every_steps",
+        "ckpt.every_steps",
+        "ckpt.keep",
+        "eval.num_samples",
+    ):
         section, name = key.split(".")
         if c[section][name] < 1:
             raise ValueError(f"{key} must be >= 1, got {c[section][name]}")
     if training:
         k = c.train.steps_per_dispatch
-        for key, value in (("train.num_steps", c.train.num_steps),
-                           ("ckpt.every_steps", c.ckpt.every_steps),
-                           ("eval.every_steps", c.eval.every_steps),
-                           ("eval.metrics_every_steps", c.eval.metrics_every_steps),
-                           ("train.log_every_steps", c.train.log_every_steps)):
+        for key, value in (
+            ("train.num_steps", c.train.num_steps),
+            ("ckpt.every_steps", c.ckpt.every_steps),
+            ("eval.every_steps", c.eval.every_steps),
+            ("eval.metrics_every_steps", c.eval.metrics_every_steps),
+            ("train.log_every_steps", c.train.log_every_steps),
+        ):
             if value % k:
-                raise ValueError(f"{key}={value} is not a multiple of "
-                                 f"train.steps_per_dispatch={k}; make it one")
+                raise ValueError(
+                    f"{key}={value} is not a multiple of train.steps_per_dispatch={k}; make it one"
+                )
         parallel.check_batch_size(c.train.batch_size, jax.device_count())
     if c.model.num_classes not in (0, spec.num_classes):
-        raise ValueError(f"model.num_classes={c.model.num_classes} but dataset "
-                         f"{spec.name!r} has {spec.num_classes} classes; set it to 0 "
-                         f"(unconditional) or {spec.num_classes}")
+        raise ValueError(
+            f"model.num_classes={c.model.num_classes} but dataset "
+            f"{spec.name!r} has {spec.num_classes} classes; set it to 0 "
+            f"(unconditional) or {spec.num_classes}"
+        )
     if not 1 <= c.sampler.num_steps <= c.schedule.num_timesteps:
-        raise ValueError(f"sampler.num_steps={c.sampler.num_steps} must be in "
-                         f"1..schedule.num_timesteps={c.schedule.num_timesteps}")
+        raise ValueError(
+            f"sampler.num_steps={c.sampler.num_steps} must be in "
+            f"1..schedule.num_timesteps={c.schedule.num_timesteps}"
+        )
     check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
-    if (training and c.train.steps_per_dispatch > 1 and c.model.name == "unet"
-            and c.model.unet.conv_impl == "xla" and jax.default_backend() == "cpu"):
-        log.warning("train.steps_per_dispatch=%d with model.unet.conv_impl='xla' is ~38x "
-                    "slower on CPU (XLA:CPU runs autodiff conv gradients inside lax.scan "
-                    "as naive loops); set model.unet.conv_impl=explicit_grad",
-                    c.train.steps_per_dispatch)
+    if (
+        training
+        and c.train.steps_per_dispatch > 1
+        and c.model.name == "unet"
+        and c.model.unet.conv_impl == "xla"
+        and jax.default_backend() == "cpu"
+    ):
+        log.warning(
+            "train.steps_per_dispatch=%d with model.unet.conv_impl='xla' is ~38x "
+            "slower on CPU (XLA:CPU runs autodiff conv gradients inside lax.scan "
+            "as naive loops); set model.unet.conv_impl=explicit_grad",
+            c.train.steps_per_dispatch,
+        )
 
 
 def save_config(config, workdir: str) -> None:
@@ -108,19 +129,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def checkpointer(workdir: str, config=None) -> Checkpointer:
     """The workdir's checkpoint manager (``config`` given: with its ckpt options)."""
-    options = {} if config is None else dict(keep=config.ckpt.keep,
-                                              async_save=config.ckpt.async_save)
+    options = (
+        {} if config is None else dict(keep=config.ckpt.keep, async_save=config.ckpt.async_save)
+    )
     return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), **options)
 
 
-def restore_state(ckpt: Checkpointer, config, model, tx, spec: data.DatasetSpec, sharding,
-                  step: Optional[int] = None):
+def restore_state(
+    ckpt: Checkpointer,
+    config,
+    model,
+    tx,
+    spec: data.DatasetSpec,
+    sharding,
+    step: Optional[int] = None,
+):
     """``(TrainState, extra)`` of the latest (or ``step``) checkpoint, every array placed
     on ``sharding``; None when there is no checkpoint yet."""
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        abstract_train_state(model, tx, spec.image_shape, config.seed,
-                             conditional=config.model.num_classes > 0))
+        abstract_train_state(
+            model, tx, spec.image_shape, config.seed, conditional=config.model.num_classes > 0
+        ),
+    )
     return ckpt.restore(abstract, step=step)
 
 

@@ -7,6 +7,7 @@ its runs' metrics.jsonl (training) and eval.jsonl (in-loop and evaluate.py recor
 Runs are grouped by every axis except ``seed``. Whatever has finished is reported; a
 missing value shows as "—".
 """
+
 from __future__ import annotations
 
 import json
@@ -60,22 +61,35 @@ def collect(sweep, root: str) -> dict:
         wd = workdir_of(sweep, overrides, root)
         group = ",".join(f"{k}={overrides[k]}" for k in sweep.axes if k != "seed")
         evals = [r for r in read_jsonl(os.path.join(wd, "eval.jsonl"))]
-        groups[group].append({
-            "overrides": overrides,
-            "train": read_jsonl(os.path.join(wd, "metrics.jsonl")),
-            "inloop": [r for r in evals if "step" in r and "checkpoint_step" not in r],
-            "evals": [r for r in evals if "checkpoint_step" in r
-                      and r.get("num_samples") == sweep.eval_samples],
-        })
+        groups[group].append(
+            {
+                "overrides": overrides,
+                "train": read_jsonl(os.path.join(wd, "metrics.jsonl")),
+                "inloop": [r for r in evals if "step" in r and "checkpoint_step" not in r],
+                "evals": [
+                    r
+                    for r in evals
+                    if "checkpoint_step" in r and r.get("num_samples") == sweep.eval_samples
+                ],
+            }
+        )
     return dict(groups)
 
 
 def final_loss_buckets(train: list[dict]) -> np.ndarray:
     """Mean loss per timestep bucket over the last quarter of training logs."""
     rows = [r for r in train if "loss_by_t/bucket_0" in r]
-    rows = rows[-max(1, len(rows) // 4):]
-    return np.array([np.mean([r.get(f"loss_by_t/bucket_{b}", np.nan) for r in rows])
-                     for b in range(NUM_LOSS_BUCKETS)]) if rows else np.full(NUM_LOSS_BUCKETS, np.nan)
+    rows = rows[-max(1, len(rows) // 4) :]
+    return (
+        np.array(
+            [
+                np.mean([r.get(f"loss_by_t/bucket_{b}", np.nan) for r in rows])
+                for b in range(NUM_LOSS_BUCKETS)
+            ]
+        )
+        if rows
+        else np.full(NUM_LOSS_BUCKETS, np.nan)
+    )
 
 
 def eval_value(run: dict, spec: dict, key: str):
@@ -86,57 +100,102 @@ def eval_value(run: dict, spec: dict, key: str):
 def build(sweep, root: str, out_dir: str) -> str:
     groups = collect(sweep, root)
     os.makedirs(out_dir, exist_ok=True)
-    floors = [r["fid_floor"] for runs in groups.values() for run in runs
-              for r in run["evals"] if "fid_floor" in r]
-    floor = (f" The real-vs-real floor (FID between two disjoint real sets of the same N) is "
-             f"{floors[0]:.3f}." if floors else "")
-    lines = [f"# {sweep.name}", "",
-             f"Base config `{sweep.config}`; axes {sweep.axes}; fixed overrides "
-             f"{sweep.fixed}. Budget: {sweep.budget}. Each evaluation uses "
-             f"{sweep.eval_samples} samples from the final EMA parameters with a fixed seed; "
-             "features from the project's digits classifier (diffusion_jax.evaluation)."
-             + floor + " Values are mean ± std over seeds (n = number of finished runs).", ""]
+    floors = [
+        r["fid_floor"]
+        for runs in groups.values()
+        for run in runs
+        for r in run["evals"]
+        if "fid_floor" in r
+    ]
+    floor = (
+        f" The real-vs-real floor (FID between two disjoint real sets of the same N) is "
+        f"{floors[0]:.3f}."
+        if floors
+        else ""
+    )
+    lines = [
+        f"# {sweep.name}",
+        "",
+        f"Base config `{sweep.config}`; axes {sweep.axes}; fixed overrides "
+        f"{sweep.fixed}. Budget: {sweep.budget}. Each evaluation uses "
+        f"{sweep.eval_samples} samples from the final EMA parameters with a fixed seed; "
+        "features from the project's digits classifier (diffusion_jax.evaluation)."
+        + floor
+        + " Values are mean ± std over seeds (n = number of finished runs).",
+        "",
+    ]
 
     # sample quality vs sampler and steps
-    metric_keys = (("fid_matched", "classifier-FID (N matched to the floor)"),
-                   ("fid_matched_ratio", "FID / real-vs-real floor"),
-                   ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
+    metric_keys = (
+        ("fid_matched", "classifier-FID (N matched to the floor)"),
+        ("fid_matched_ratio", "FID / real-vs-real floor"),
+        ("kid", "KID"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+    )
     for key, title in metric_keys:
-        lines += [f"## {title}", "", "| sampler | " + " | ".join(
-            f"{g} (n={sum(1 for r in runs if r['evals'])})" for g, runs in groups.items()) + " |",
-            "|---" * (len(groups) + 1) + "|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| sampler | "
+            + " | ".join(
+                f"{g} (n={sum(1 for r in runs if r['evals'])})" for g, runs in groups.items()
+            )
+            + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
         for spec in sweep.evals:
-            lines.append(f"| {spec_label(spec)} | " + " | ".join(
-                mean_std([eval_value(r, spec, key) for r in runs]) for runs in groups.values())
-                + " |")
+            lines.append(
+                f"| {spec_label(spec)} | "
+                + " | ".join(
+                    mean_std([eval_value(r, spec, key) for r in runs]) for runs in groups.values()
+                )
+                + " |"
+            )
         lines.append("")
 
     # in-loop evaluation during training
     inloop = {g: inloop_by_step(runs) for g, runs in groups.items()}
     steps_seen = sorted({s for by_step in inloop.values() for s in by_step})
     if steps_seen:
-        lines += ["## classifier-FID during training (in-loop, DDIM-50, EMA params)", "",
-                  "| training step | " + " | ".join(groups) + " |",
-                  "|---" * (len(groups) + 1) + "|"]
+        lines += [
+            "## classifier-FID during training (in-loop, DDIM-50, EMA params)",
+            "",
+            "| training step | " + " | ".join(groups) + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
         for step in steps_seen:
-            lines.append(f"| {step} | " + " | ".join(
-                mean_std(inloop[g].get(step, [])) for g in groups) + " |")
+            lines.append(
+                f"| {step} | "
+                + " | ".join(mean_std(inloop[g].get(step, [])) for g in groups)
+                + " |"
+            )
         lines.append("")
 
     # training loss per timestep bucket
-    lines += ["## Training loss by timestep bucket (last quarter of training)", "",
-              "| t bucket | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-    buckets = {g: np.array([final_loss_buckets(r["train"]) for r in runs])
-               for g, runs in groups.items()}
+    lines += [
+        "## Training loss by timestep bucket (last quarter of training)",
+        "",
+        "| t bucket | " + " | ".join(groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    buckets = {
+        g: np.array([final_loss_buckets(r["train"]) for r in runs]) for g, runs in groups.items()
+    }
     for b in range(NUM_LOSS_BUCKETS):
-        lines.append(f"| {b / NUM_LOSS_BUCKETS:.1f}-{(b + 1) / NUM_LOSS_BUCKETS:.1f} T | "
-                     + " | ".join(mean_std(buckets[g][:, b]) for g in groups) + " |")
+        lines.append(
+            f"| {b / NUM_LOSS_BUCKETS:.1f}-{(b + 1) / NUM_LOSS_BUCKETS:.1f} T | "
+            + " | ".join(mean_std(buckets[g][:, b]) for g in groups)
+            + " |"
+        )
     lines.append("")
 
-    plots = {"loss_by_t.png": plot_buckets(buckets),
-             "fid_vs_train_step.png": plot_inloop(groups),
-             "fid_vs_sampler_steps.png": plot_steps(groups, sweep),
-             "log_snr.png": plot_log_snr(sweep)}
+    plots = {
+        "loss_by_t.png": plot_buckets(buckets),
+        "fid_vs_train_step.png": plot_inloop(groups),
+        "fid_vs_sampler_steps.png": plot_steps(groups, sweep),
+        "log_snr.png": plot_log_snr(sweep),
+    }
     for name, fig in plots.items():
         if fig is not None:
             fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
@@ -175,10 +234,20 @@ def plot_inloop(groups):
         if by_step:
             any_data = True
             steps_ = sorted(by_step)
-            ax.errorbar(steps_, [np.mean(by_step[s]) for s in steps_],
-                        yerr=[np.std(by_step[s]) for s in steps_], marker="o", label=g, capsize=3)
-    ax.set(xlabel="training step", ylabel="classifier-FID (matched N)", yscale="log",
-           title="Sample quality during training (DDIM-50, EMA)")
+            ax.errorbar(
+                steps_,
+                [np.mean(by_step[s]) for s in steps_],
+                yerr=[np.std(by_step[s]) for s in steps_],
+                marker="o",
+                label=g,
+                capsize=3,
+            )
+    ax.set(
+        xlabel="training step",
+        ylabel="classifier-FID (matched N)",
+        yscale="log",
+        title="Sample quality during training (DDIM-50, EMA)",
+    )
     ax.legend(fontsize=7)
     return fig if any_data else None
 
@@ -195,16 +264,22 @@ def plot_steps(groups, sweep):
         for style, specs in zip(styles, families.values()):
             xs, ys = [], []
             for spec in specs:
-                vals = [v for v in (eval_value(r, spec, "fid_matched") for r in runs)
-                        if v is not None]
+                vals = [
+                    v for v in (eval_value(r, spec, "fid_matched") for r in runs) if v is not None
+                ]
                 if vals:
                     xs.append(spec.get("num_steps", 1000))  # DDPM runs all T = 1000 steps
                     ys.append(np.mean(vals))
             if xs:
                 label = spec_label(specs[0]).replace(f"-{specs[0].get('num_steps')}", "")
                 ax.plot(xs, ys, style, color=f"C{i}", label=f"{g} {label}")
-    ax.set(xscale="log", yscale="log", xlabel="sampler steps (network evaluations)",
-           ylabel="classifier-FID (matched N)", title="Quality vs sampling steps")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sampler steps (network evaluations)",
+        ylabel="classifier-FID (matched N)",
+        title="Quality vs sampling steps",
+    )
     ax.legend(fontsize=5, ncol=2)
     return fig
 

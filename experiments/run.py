@@ -7,6 +7,7 @@ checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` doe
 yet. Trained runs are not retrained and recorded evaluations are not rerun. Afterwards
 build the report with experiments.report.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ def workdir_of(sweep, overrides, root: str) -> str:
 
 
 def train_command(sweep, overrides, workdir: str) -> list[str]:
-    return [sys.executable, "-m", "diffusion_jax.main", f"--config={sweep.config}",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [
+        sys.executable,
+        "-m",
+        "diffusion_jax.main",
+        f"--config={sweep.config}",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def matches(record: dict, spec: dict) -> bool:
@@ -44,21 +50,32 @@ def pending_evals(sweep, workdir: str) -> list[dict]:
     records = []
     if os.path.exists(path):
         with open(path) as f:
-            records = [r for r in map(json.loads, filter(str.strip, f))
-                       if "checkpoint_step" in r and r.get("num_samples") == sweep.eval_samples]
+            records = [
+                r
+                for r in map(json.loads, filter(str.strip, f))
+                if "checkpoint_step" in r and r.get("num_samples") == sweep.eval_samples
+            ]
     return [spec for spec in sweep.evals if not any(matches(r, spec) for r in records)]
 
 
 # An evaluation spec's keys are those of the evaluate.py record; each sets a config key.
-EVAL_SPEC_KEYS = {"sampler": "sampler.name", "num_steps": "sampler.num_steps",
-                  "eta": "sampler.eta", "spacing": "sampler.spacing",
-                  "guidance_scale": "sampler.guidance_scale"}
+EVAL_SPEC_KEYS = {
+    "sampler": "sampler.name",
+    "num_steps": "sampler.num_steps",
+    "eta": "sampler.eta",
+    "spacing": "sampler.spacing",
+    "guidance_scale": "sampler.guidance_scale",
+}
 
 
 def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
-    return [sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}",
-            f"--num_samples={num_samples}"] + [f"--config.{EVAL_SPEC_KEYS[k]}={v}"
-                                               for k, v in spec.items()]
+    return [
+        sys.executable,
+        "-m",
+        "diffusion_jax.evaluate",
+        f"--workdir={workdir}",
+        f"--num_samples={num_samples}",
+    ] + [f"--config.{EVAL_SPEC_KEYS[k]}={v}" for k, v in spec.items()]
 
 
 def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
@@ -72,15 +89,15 @@ def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
         marker = os.path.join(wd, "TRAINED")
         trained = os.path.exists(marker)
         commands = [] if trained else [train_command(sweep, overrides, wd)]
-        commands += [eval_command(spec, wd, sweep.eval_samples)
-                     for spec in pending_evals(sweep, wd)]
+        commands += [
+            eval_command(spec, wd, sweep.eval_samples) for spec in pending_evals(sweep, wd)
+        ]
         if not commands:
             print(f"[skip] {wd} (trained and evaluated)")
         for cmd in commands:
             print("[run]", " ".join(cmd[1:]), flush=True)
             if not dry_run:
-                subprocess.run(cmd, cwd=REPO, check=True,
-                               env=dict(os.environ, PYTHONPATH=REPO))
+                subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
                 if cmd is commands[0] and not trained:
                     open(marker, "w").close()
     return workdirs

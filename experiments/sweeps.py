@@ -4,6 +4,7 @@ runs) and the evaluations to run on each trained workdir.
 A run is named by its axis values, e.g. ``schedule.name=cosine,seed=1``; its workdir is
 ``<root>/<sweep>/<run name>``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,10 @@ class Sweep:
     def runs(self) -> list[dict[str, Any]]:
         """One dict of overrides (axes + fixed) per run, in a stable order."""
         keys = list(self.axes)
-        return [dict(zip(keys, values), **self.fixed)
-                for values in itertools.product(*(self.axes[k] for k in keys))]
+        return [
+            dict(zip(keys, values), **self.fixed)
+            for values in itertools.product(*(self.axes[k] for k in keys))
+        ]
 
     def run_name(self, overrides: dict[str, Any]) -> str:
         return ",".join(f"{k}={overrides[k]}" for k in self.axes)
@@ -36,8 +39,9 @@ class Sweep:
 # deterministic DDIM, stochastic DDIM (eta=1) at 50 steps, full DDPM and a second-order
 # solver. experiments/results/schedule_ablation was built with exactly this list; a spec
 # added later runs only on its own (experiments.run skips recorded evaluations).
-STEPS_AXIS = tuple({"sampler": "ddim", "num_steps": n, "eta": 0.0}
-                   for n in (10, 20, 50, 100, 1000)) + (
+STEPS_AXIS = tuple(
+    {"sampler": "ddim", "num_steps": n, "eta": 0.0} for n in (10, 20, 50, 100, 1000)
+) + (
     {"sampler": "ddim", "num_steps": 50, "eta": 1.0},
     {"sampler": "ddpm"},
     {"sampler": "dpmpp_2m", "num_steps": 10, "spacing": "logsnr"},
@@ -49,13 +53,19 @@ SWEEPS = {
         name="schedule_ablation",
         config="configs/digits_unet.py",
         axes={"schedule.name": ("linear", "cosine"), "seed": (0, 1)},
-        fixed={"train.quiet": True, "eval.every_steps": 400, "eval.metrics_every_steps": 400,
-               "eval.metrics_num_samples": 300},
+        fixed={
+            "train.quiet": True,
+            "eval.every_steps": 400,
+            "eval.metrics_every_steps": 400,
+            "eval.metrics_num_samples": 300,
+        },
         evals=STEPS_AXIS,
         eval_samples=300,
-        budget=("4 runs x (~10 min training incl. in-loop FID + ~9 min evaluation) on the "
-                "2-core Intel Xeon dev box: ~80 min in total (~2.5x that on a 2-core AMD "
-                "EPYC guest)"),
+        budget=(
+            "4 runs x (~10 min training incl. in-loop FID + ~9 min evaluation) on the "
+            "2-core Intel Xeon dev box: ~80 min in total (~2.5x that on a 2-core AMD "
+            "EPYC guest)"
+        ),
     ),
     # A seconds-long sweep for the launcher's own tests.
     "smoke": Sweep(

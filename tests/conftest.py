@@ -8,11 +8,16 @@
   backend optimizations cost more than they save (halves compile time; measured: tiny
   train step 19 s -> 10-12 s). Benchmarks and real runs keep the default level.
 """
+
 import os
 
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-    "--xla_backend_optimization_level=0"]).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+        "--xla_backend_optimization_level=0",
+    ]
+).strip()
 
 import jax  # noqa: E402  (import after XLA_FLAGS on purpose)
 
@@ -22,7 +27,9 @@ runtime.configure_cpu_xla_flags()
 jax.config.update("jax_platforms", "cpu")
 # Same persistent cache as training runs (runtime.setup_compilation_cache): a second test
 # run skips most XLA compilation.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla"))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla"),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

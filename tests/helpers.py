@@ -1,6 +1,7 @@
 """Code the test modules share (no test module imports another): the tiny config with
 overrides, synthetic batches, running the CLIs in a subprocess, restoring a workdir's
 state, and comparing parameter trees."""
+
 import os
 import subprocess
 import sys
@@ -26,15 +27,26 @@ def tiny_config(**overrides):
 
 def synthetic_batches(n, batch_size, shape=(8, 8, 1), seed=0):
     rng = np.random.default_rng(seed)
-    return [{"image": rng.uniform(-1, 1, (batch_size, *shape)).astype(np.float32),
-             "label": rng.integers(0, 10, batch_size).astype(np.int32)} for _ in range(n)]
+    return [
+        {
+            "image": rng.uniform(-1, 1, (batch_size, *shape)).astype(np.float32),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
 
 
 def cli(module, *args, timeout=600, env_extra=None):
     """Run ``python -m module args`` from the repository root; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def load_state(workdir_path, step):
@@ -43,5 +55,6 @@ def load_state(workdir_path, step):
 
 
 def max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )

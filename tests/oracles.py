@@ -15,6 +15,7 @@ increasing and maps the marginal at one level onto the marginal at another, so i
 the standardized value z = (x_t - sqrt(ab) mu) / sqrt(V) fixed (``exact_ode``), whatever
 continuous path interpolates the discrete schedule.
 """
+
 import functools
 
 import jax
@@ -100,7 +101,10 @@ def propagate(steps, mu, s, rule, eta=0.0):
             G, off = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
         else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta or beta_tilde, none at t=0
             assert tp == t - 1
-            c1, c2 = BETAS[t] * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - BETAS[t]) / (1 - ab)
+            c1, c2 = (
+                BETAS[t] * np.sqrt(abp) / (1 - ab),
+                (1 - abp) * np.sqrt(1 - BETAS[t]) / (1 - ab),
+            )
             G, off = c1 * g0 + c2, c1 * o0
             beta_tilde = BETAS[t] * (1 - abp) / (1 - ab)
             sig2 = 0.0 if t == 0 else (BETAS[t] if rule == "fixedlarge" else beta_tilde)
@@ -181,8 +185,11 @@ def reference_sample(sampler, ts, mu, s):
             if sampler == "dpmpp_2m":
                 v = (sp / sig) * v + ap * (1.0 - np.exp(-h)) * d
             else:
-                v = ((sp / sig) * np.exp(-h) * v + ap * (1.0 - np.exp(-2.0 * h)) * d
-                     + sp * np.sqrt(1.0 - np.exp(-2.0 * h)) * z)
+                v = (
+                    (sp / sig) * np.exp(-h) * v
+                    + ap * (1.0 - np.exp(-2.0 * h)) * d
+                    + sp * np.sqrt(1.0 - np.exp(-2.0 * h)) * z
+                )
             x0_last, h_last = x0, h
     return v
 
@@ -199,7 +206,9 @@ def check_moments(x, m, v, label):
     x = np.asarray(x, np.float64).ravel()
     n = x.size
     se_m, se_v = np.sqrt(v / n), v * np.sqrt(2.0 / (n - 1))
-    print(f"{label}: mean {x.mean():.5f} exact {m:.5f} ({(x.mean() - m) / se_m:+.2f} se); "
-          f"var {x.var(ddof=1):.5f} exact {v:.5f} ({(x.var(ddof=1) - v) / se_v:+.2f} se)")
+    print(
+        f"{label}: mean {x.mean():.5f} exact {m:.5f} ({(x.mean() - m) / se_m:+.2f} se); "
+        f"var {x.var(ddof=1):.5f} exact {v:.5f} ({(x.var(ddof=1) - v) / se_v:+.2f} se)"
+    )
     assert abs(x.mean() - m) < 5 * se_m, label
     assert abs(x.var(ddof=1) - v) < 5 * se_v, label

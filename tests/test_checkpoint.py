@@ -1,5 +1,6 @@
 """Checkpointer: 8-device save -> 1-device restore, corrupt/partial checkpoints, config
 mismatch, retention, and the SIGTERM preemption flag."""
+
 import logging
 import os
 import shutil
@@ -38,10 +39,17 @@ def _make_state(seed: int, width: int = 64, extra_layer: bool = False) -> _State
     # 64x64 float32 = 16 KiB: larger than OCDBT's 1 KiB inline limit, so the array bytes live in
     # data files that the corruption tests can damage (tiny arrays sit inside b-tree nodes).
     k1, k2 = jax.random.split(jax.random.key(seed))
-    params = {"dense": {"kernel": jax.random.normal(k1, (width, 64)), "bias": jnp.full((64,), float(seed))}}
+    params = {
+        "dense": {
+            "kernel": jax.random.normal(k1, (width, 64)),
+            "bias": jnp.full((64,), float(seed)),
+        }
+    }
     if extra_layer:
         params["out"] = {"kernel": jnp.ones((64, 2))}
-    return _State(step=jnp.int32(seed), params=params, opt_state=optax.adam(1e-3).init(params), rng=k2)
+    return _State(
+        step=jnp.int32(seed), params=params, opt_state=optax.adam(1e-3).init(params), rng=k2
+    )
 
 
 def _abstract(state_fn, sharding):
@@ -55,10 +63,12 @@ def _one_device():
 
 def _host_copy(state):
     """numpy copies of every leaf (typed keys as their raw key data)."""
+
     def to_np(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         return np.array(x)
+
     return jax.tree.map(to_np, state)
 
 
@@ -84,7 +94,8 @@ def test_save_on_8_devices_restore_on_1_bit_exact(tmp_path):
     state = _make_state(0)
     # Shard every array with a leading dim divisible by 8, replicate the rest (scalars, key).
     state = jax.tree.map(
-        lambda x: jax.device_put(x, sharded if x.ndim and x.shape[0] % 8 == 0 else replicated), state
+        lambda x: jax.device_put(x, sharded if x.ndim and x.shape[0] % 8 == 0 else replicated),
+        state,
     )
     assert state.params["dense"]["kernel"].sharding == sharded
     expected = _host_copy(state)
@@ -149,13 +160,20 @@ def test_corrupt_latest_falls_back_to_previous_and_is_kept_aside(tmp_path, caplo
     assert extra == {"step": 1}
     _assert_bit_equal(state, _make_state(1))
 
-    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING
+    ]
     assert any("3.orbax-checkpoint-tmp" in w for w in warnings)
     assert any(str(tmp_path / "2") in w and "corrupt" in w for w in warnings)
     assert any("2.corrupt" in w and "nothing was deleted" in w for w in warnings)
     # The broken step is kept, renamed; the tmp dir is untouched; orbax no longer sees step 2.
     assert _step_dirs(tmp_path) == ["1", "2.corrupt", "3.orbax-checkpoint-tmp"]
-    assert sorted(str(p.relative_to(tmp_path / "2.corrupt")) for p in (tmp_path / "2.corrupt").rglob("*")) == files_before
+    assert (
+        sorted(
+            str(p.relative_to(tmp_path / "2.corrupt")) for p in (tmp_path / "2.corrupt").rglob("*")
+        )
+        == files_before
+    )
     assert ckpt.latest_step() == 1
 
     # Training goes on: step 2 can be written again and is then what restore returns.
@@ -189,7 +207,9 @@ def test_nothing_readable_raises_and_moves_nothing(tmp_path):
     assert _step_dirs(tmp_path) == ["1"]
 
 
-@pytest.mark.parametrize("changed", [dict(extra_layer=True), dict(width=32)], ids=["new-layer", "new-shape"])
+@pytest.mark.parametrize(
+    "changed", [dict(extra_layer=True), dict(width=32)], ids=["new-layer", "new-shape"]
+)
 def test_different_config_is_a_clear_error(tmp_path, changed):
     _save_steps(tmp_path, [1, 3])
     with Checkpointer(str(tmp_path)) as ckpt:

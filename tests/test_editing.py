@@ -4,6 +4,7 @@ DDIM-inversion editing, against class-conditional Gaussian oracles (tests/oracle
 The conditional oracle: x0 | y ~ N(MUS[y], SD^2) for y in {0, 1}; the null label NULL is
 the 50/50 mixture of both, so guidance has an exact unconditional model to reduce to.
 """
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,9 @@ def conditional(labels):
 
 
 def guided(scale, labels, apply_fn=class_apply, params=PARAMS, **kw):
-    return guidance.guided_model_fn(apply_fn, params, labels, jnp.full_like(labels, NULL),
-                                    scale, schedule=SCHED, **kw)
+    return guidance.guided_model_fn(
+        apply_fn, params, labels, jnp.full_like(labels, NULL), scale, schedule=SCHED, **kw
+    )
 
 
 def rms(a, b):
@@ -65,8 +67,9 @@ SHAPE = (8, 2, 2, 1)
 
 
 def _sample(model_fn, sampler, rng=1):
-    return samplers.sample(model_fn, SCHED, jax.random.key(rng), SHAPE, sampler=sampler,
-                           num_steps=10, eta=0.5)
+    return samplers.sample(
+        model_fn, SCHED, jax.random.key(rng), SHAPE, sampler=sampler, num_steps=10, eta=0.5
+    )
 
 
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
@@ -75,20 +78,31 @@ def test_guidance_scale_0_and_1_are_the_unguided_samplers(sampler):
     # yet not equal to the last bit: XLA vectorizes the mixture's exp/log differently for
     # the doubled batch (measured max 6e-7 after 1000 DDPM steps). 2e-6; a weight 1e-3 off
     # moves the outputs by > 1e-3.
-    np.testing.assert_allclose(_sample(guided(0.0, LABELS), sampler), _sample(UNCOND, sampler),
-                               atol=2e-6, rtol=0)
-    np.testing.assert_allclose(_sample(guided(1.0, LABELS), sampler),
-                               _sample(conditional(LABELS), sampler), atol=2e-6, rtol=0)
-    assert not np.allclose(_sample(guided(3.0, LABELS), sampler),
-                           _sample(guided(1.0, LABELS), sampler))
+    np.testing.assert_allclose(
+        _sample(guided(0.0, LABELS), sampler), _sample(UNCOND, sampler), atol=2e-6, rtol=0
+    )
+    np.testing.assert_allclose(
+        _sample(guided(1.0, LABELS), sampler),
+        _sample(conditional(LABELS), sampler),
+        atol=2e-6,
+        rtol=0,
+    )
+    assert not np.allclose(
+        _sample(guided(3.0, LABELS), sampler), _sample(guided(1.0, LABELS), sampler)
+    )
 
 
 def test_guidance_scale_params_and_labels_never_retrace():
     traced_once = chex.assert_max_traces(class_apply, n=1)
-    outs = [_sample(guided(w, labels, apply_fn=traced_once, params=params), "dpmpp_2m")
-            for w, labels, params in ((1.0, LABELS, PARAMS), (4.0, LABELS, PARAMS),
-                                      (jnp.float32(0.5), 1 - LABELS, PARAMS),
-                                      (2.0, LABELS, {"mu": PARAMS["mu"] + 1}))]
+    outs = [
+        _sample(guided(w, labels, apply_fn=traced_once, params=params), "dpmpp_2m")
+        for w, labels, params in (
+            (1.0, LABELS, PARAMS),
+            (4.0, LABELS, PARAMS),
+            (jnp.float32(0.5), 1 - LABELS, PARAMS),
+            (2.0, LABELS, {"mu": PARAMS["mu"] + 1}),
+        )
+    ]
     assert all(not np.allclose(a, b) for a, b in zip(outs, outs[1:]))
 
 
@@ -106,18 +120,20 @@ def test_guidance_interval_and_rescale():
     cond = conditional(LABELS)(x_t, t)
     # outside the interval: the plain conditional model, at any scale
     np.testing.assert_array_equal(guided(5.0, LABELS, interval=(0, 499))(x_t, t), cond)
-    np.testing.assert_array_equal(guided(5.0, LABELS, interval=(500, 999))(x_t, t),
-                                  guided(5.0, LABELS)(x_t, t))
+    np.testing.assert_array_equal(
+        guided(5.0, LABELS, interval=(500, 999))(x_t, t), guided(5.0, LABELS)(x_t, t)
+    )
     # rescale 1: the guided x0 has exactly the conditional x0's per-example std (Lin et al.
     # 2024); rescale 0: plain guidance. 1e-6: float32 rounding of the x0 <-> eps round trip.
     a, s = coefs(x_t, t)
-    x0_of = lambda eps: (x_t - s * eps) / a  # noqa: E731
-    std = lambda x0: np.std(np.asarray(x0).reshape(8, -1), axis=1)  # noqa: E731
+    x0_of = lambda eps: (x_t - s * eps) / a
+    std = lambda x0: np.std(np.asarray(x0).reshape(8, -1), axis=1)
     out = guided(5.0, LABELS, rescale=1.0)(x_t, t)
     np.testing.assert_allclose(std(x0_of(out)), std(x0_of(cond)), rtol=1e-5)
     assert not np.allclose(std(x0_of(guided(5.0, LABELS)(x_t, t))), std(x0_of(cond)), rtol=0.01)
-    np.testing.assert_allclose(guided(5.0, LABELS, rescale=0.0)(x_t, t),
-                               guided(5.0, LABELS)(x_t, t), atol=1e-6)
+    np.testing.assert_allclose(
+        guided(5.0, LABELS, rescale=0.0)(x_t, t), guided(5.0, LABELS)(x_t, t), atol=1e-6
+    )
     with pytest.raises(ValueError, match="schedule"):
         guidance.guided_model_fn(class_apply, PARAMS, LABELS, LABELS, 2.0, rescale=0.5)
 
@@ -130,11 +146,12 @@ def test_img2img_strength_limits(sampler):
     model_fn, rng = gaussian_eps(MU, S), jax.random.key(3)
     x0 = jax.random.uniform(jax.random.key(4), SHAPE, minval=-1, maxval=1)
     kw = dict(sampler=sampler, num_steps=10, eta=0.5)
-    np.testing.assert_array_equal(
-        editing.img2img(model_fn, SCHED, rng, x0, strength=0.0, **kw), x0)
+    np.testing.assert_array_equal(editing.img2img(model_fn, SCHED, rng, x0, strength=0.0, **kw), x0)
     # strength 1 draws the same x_T and step noise as sampling from noise
-    np.testing.assert_array_equal(editing.img2img(model_fn, SCHED, rng, x0, strength=1.0, **kw),
-                                  samplers.sample(model_fn, SCHED, rng, SHAPE, **kw))
+    np.testing.assert_array_equal(
+        editing.img2img(model_fn, SCHED, rng, x0, strength=1.0, **kw),
+        samplers.sample(model_fn, SCHED, rng, SHAPE, **kw),
+    )
     with pytest.raises(ValueError, match="strength"):
         editing.img2img(model_fn, SCHED, rng, x0, strength=1.5, **kw)
 
@@ -143,8 +160,14 @@ def test_img2img_noises_to_the_level_of_its_first_step():
     """strength 0.5 of 20 DDIM steps: x0 = c noised to the 11th step's level, then 10
     deterministic steps; the output law follows exactly from the oracle."""
     c, shape = 1.2, (12_500, 2, 2, 1)
-    x = editing.img2img(gaussian_eps(MU, S), SCHED, jax.random.key(5), jnp.full(shape, c),
-                        strength=0.5, num_steps=20)
+    x = editing.img2img(
+        gaussian_eps(MU, S),
+        SCHED,
+        jax.random.key(5),
+        jnp.full(shape, c),
+        strength=0.5,
+        num_steps=20,
+    )
     ts = leading(20)[10:]
     _, _, gain, offset = propagate(pairs(ts), MU, S, "ddim")  # output = gain * x_start + offset
     a2 = AB[ts[0]]
@@ -171,11 +194,13 @@ def test_inpaint_keeps_known_pixels_and_leaves_independent_ones_alone(sampler):
     # differently (measured: 1 ulp, 1e-7)
     np.testing.assert_allclose(x[:, 2:], ref[:, 2:], atol=1e-6, rtol=0)
     np.testing.assert_allclose(
-        editing.inpaint(model_fn, SCHED, rng, known, np.zeros_like(TOP), **kw), ref,
-        atol=1e-6, rtol=0)
+        editing.inpaint(model_fn, SCHED, rng, known, np.zeros_like(TOP), **kw),
+        ref,
+        atol=1e-6,
+        rtol=0,
+    )
     if sampler in ("ddim", "dpmpp_2m"):  # RePaint path (incl. a multistep history reset)
-        x = editing.inpaint(model_fn, SCHED, rng, known, TOP, jump_length=2, jump_n_sample=3,
-                            **kw)
+        x = editing.inpaint(model_fn, SCHED, rng, known, TOP, jump_length=2, jump_n_sample=3, **kw)
         np.testing.assert_array_equal(np.asarray(x)[:, :2], np.asarray(known)[:, :2])
 
 
@@ -200,11 +225,23 @@ def test_inpaint_unknown_pixels_have_the_exact_law(jump_n_sample):
     oracles.propagate: 50k Monte Carlo samples within 5 standard errors."""
     shape = (6_250, 4, 4, 1)  # 8 of 16 pixels unknown: 50k scalars
     ts = leading(100)
-    steps_ = (pairs(ts) if jump_n_sample == 1 else
-              list(zip(*timesteps.repaint_timesteps(ts, 5, jump_n_sample))))
+    steps_ = (
+        pairs(ts)
+        if jump_n_sample == 1
+        else list(zip(*timesteps.repaint_timesteps(ts, 5, jump_n_sample)))
+    )
     m, v, _, _ = propagate(steps_, MU, S, "ddim", eta=1.0)
-    x = editing.inpaint(gaussian_eps(MU, S), SCHED, jax.random.key(8), jnp.ones(shape), TOP,
-                        num_steps=100, eta=1.0, jump_length=5, jump_n_sample=jump_n_sample)
+    x = editing.inpaint(
+        gaussian_eps(MU, S),
+        SCHED,
+        jax.random.key(8),
+        jnp.ones(shape),
+        TOP,
+        num_steps=100,
+        eta=1.0,
+        jump_length=5,
+        jump_n_sample=jump_n_sample,
+    )
     check_moments(np.asarray(x)[:, 2:], m, v, f"inpaint unknown pixels, resample {jump_n_sample}")
 
 
@@ -226,12 +263,25 @@ def test_repaint_fixes_the_replacement_bias_on_correlated_pixels():
     known, mask = jnp.tile(jnp.asarray([[1.0, 0.0]]), (4000, 1)), jnp.asarray([[1.0, 0.0]])
     err = {}
     for r in (1, 5):
-        x = np.asarray(editing.inpaint(pair_eps, SCHED, jax.random.key(9), known, mask,
-                                       num_steps=100, eta=1.0, jump_length=5, jump_n_sample=r))
+        x = np.asarray(
+            editing.inpaint(
+                pair_eps,
+                SCHED,
+                jax.random.key(9),
+                known,
+                mask,
+                num_steps=100,
+                eta=1.0,
+                jump_length=5,
+                jump_n_sample=r,
+            )
+        )
         assert np.all(x[:, 0] == 1.0)
         err[r] = abs(x[:, 1].mean() - rho)
-        print(f"resample {r}: generated pixel mean {x[:, 1].mean():.4f} std {x[:, 1].std():.4f} "
-              f"(exact {rho}, {s * np.sqrt(1 - rho**2):.4f})")
+        print(
+            f"resample {r}: generated pixel mean {x[:, 1].mean():.4f} std {x[:, 1].std():.4f} "
+            f"(exact {rho}, {s * np.sqrt(1 - rho**2):.4f})"
+        )
     assert err[1] > 0.2 and err[5] < 0.4 * err[1], err
 
 
@@ -248,12 +298,15 @@ def test_ddim_edit_round_trip_and_class_swap():
     for n in (50, 200):
         back, x_T = editing.ddim_edit(src, src, SCHED, x0, num_steps=n, spacing="trailing")
         moved, _ = editing.ddim_edit(src, tgt, SCHED, x0, num_steps=n, spacing="trailing")
-        ideal = exact_ode(exact_ode(np.asarray(x0, np.float64), -1, T - 1, MUS[0], SD),
-                          T - 1, -1, MUS[1], SD)
+        ideal = exact_ode(
+            exact_ode(np.asarray(x0, np.float64), -1, T - 1, MUS[0], SD), T - 1, -1, MUS[1], SD
+        )
         rec[n], edit[n] = rms(back, x0), rms(moved, ideal)
         assert float(jnp.std(x_T)) > 0.9  # went to noise
-    print(f"DDIM inversion, trailing spacing: round-trip RMS {rec}; edit RMS vs the exact "
-          f"ODE edit {edit} (data std {SD})")
+    print(
+        f"DDIM inversion, trailing spacing: round-trip RMS {rec}; edit RMS vs the exact "
+        f"ODE edit {edit} (data std {SD})"
+    )
     # first order in the step size (measured 0.040 -> 0.0104, and the same for the edit)
     assert rec[200] < 0.35 * rec[50] and rec[200] < 0.015
     assert edit[200] < 0.35 * edit[50] and edit[200] < 0.015
@@ -283,7 +336,7 @@ def test_make_sample_fn_guidance_is_traced_and_exact():
     jitted = jax.jit(chex.assert_max_traces(sample, n=1))  # as train.py calls it
     rng = jax.random.key(11)
     outs = {w: jitted(PARAMS, rng, LABELS, w) for w in (0.0, 1.0, 4.0)}
-    run = lambda fn: samplers.sample(fn, SCHED, rng, SHAPE, num_steps=10)  # noqa: E731
+    run = lambda fn: samplers.sample(fn, SCHED, rng, SHAPE, num_steps=10)
     # 1e-6: the same math, compiled as part of an enclosing jit (fusion may differ)
     np.testing.assert_allclose(outs[0.0], run(UNCOND), atol=1e-6)
     np.testing.assert_allclose(outs[1.0], run(conditional(LABELS)), atol=1e-6)
@@ -307,7 +360,10 @@ def test_make_sample_fn_edit_modes():
     assert rms(back, x0) < 0.03  # first order: 0.040 at 50 steps, 0.010 at 200 (above)
     np.testing.assert_allclose(
         invert(PARAMS, rng, 1 - ones, 1.0, x0, source_labels=ones),
-        editing.ddim_edit(conditional(ones), conditional(1 - ones), SCHED, x0, num_steps=100,
-                          spacing="trailing")[0], atol=1e-5)
+        editing.ddim_edit(
+            conditional(ones), conditional(1 - ones), SCHED, x0, num_steps=100, spacing="trailing"
+        )[0],
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="mode"):
         steps.make_sample_fn(OracleModel(), SCHED, cfg, SHAPE, mode="edit")

@@ -1,6 +1,7 @@
 """Evaluation: FID/KID/precision-recall math against closed forms and scipy, the digits
 feature net, cached reference statistics, the real floor, InceptionV3 shapes and weight
 loading, batched/sharded sample generation and the evaluate CLI."""
+
 import dataclasses
 import json
 import os
@@ -67,8 +68,7 @@ def test_fid_identical_is_zero_and_translation_is_squared_distance():
     mu, sigma = ev.feature_stats(feats)
     assert abs(ev.fid_from_features(feats, feats)) < 1e-9 * np.trace(sigma)
     shift = rng.normal(size=32)
-    np.testing.assert_allclose(ev.fid_from_features(feats + shift, feats), shift @ shift,
-                               rtol=1e-7)
+    np.testing.assert_allclose(ev.fid_from_features(feats + shift, feats), shift @ shift, rtol=1e-7)
 
 
 def test_fid_singular_covariances():
@@ -77,8 +77,9 @@ def test_fid_singular_covariances():
     rng = np.random.default_rng(2)
     s = random_spd(rng, 64, rank=10)
     mu1, mu2 = rng.normal(size=64), rng.normal(size=64)
-    np.testing.assert_allclose(ev.fid_from_stats(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2),
-                               rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(
+        ev.fid_from_stats(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-7, atol=1e-7
+    )
 
 
 # --------------------------------------------------------------------------- KID, P/R
@@ -87,10 +88,10 @@ def test_fid_singular_covariances():
 def kid_reference(x, y):
     """Unbiased polynomial-kernel MMD^2 on the full sets, in float64 loops-free numpy."""
     d = x.shape[1]
-    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    k = lambda a, b: (a @ b.T / d + 1) ** 3
     m, n = len(x), len(y)
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    off_diagonal_mean = lambda k, s: (k.sum() - np.trace(k)) / (s * (s - 1))  # noqa: E731
+    off_diagonal_mean = lambda k, s: (k.sum() - np.trace(k)) / (s * (s - 1))
     return off_diagonal_mean(kxx, m) + off_diagonal_mean(kyy, n) - 2 * kxy.mean()
 
 
@@ -179,9 +180,14 @@ def test_reference_stats_cache_and_provenance(classifier, tmp_path):
     first = ev.reference_stats(extractor, DIGITS, "test", str(tmp_path))
     assert calls and first.n == 299 and first.features.shape == (299, 64)
     assert first.provenance == {
-        "dataset": "digits", "split": "test", "image_size": 8, "num_images": 299,
-        "feature_net": "digits_classifier", "feature_version": classifier.version,
-        "stats_version": ev.STATS_VERSION}
+        "dataset": "digits",
+        "split": "test",
+        "image_size": 8,
+        "num_images": 299,
+        "feature_net": "digits_classifier",
+        "feature_version": classifier.version,
+        "stats_version": ev.STATS_VERSION,
+    }
     calls.clear()
     second = ev.reference_stats(extractor, DIGITS, "test", str(tmp_path))
     assert not calls  # loaded, not recomputed
@@ -205,7 +211,7 @@ def test_real_floor_is_small_and_ordering(classifier, cache_dir):
     rng = np.random.default_rng(0)
     noise = rng.uniform(-1, 1, (749, 8, 8, 1)).astype(np.float32)
     blurred = (train_images + np.roll(train_images, 1, 1) + np.roll(train_images, 1, 2)) / 3
-    fid = lambda x: ev.evaluate_samples(classifier, x, ref, matched_num_samples=749)  # noqa: E731
+    fid = lambda x: ev.evaluate_samples(classifier, x, ref, matched_num_samples=749)
     noise_fid, blur_fid = fid(noise)["fid_matched"], fid(blurred[:749])["fid_matched"]
     assert noise_fid > blur_fid > 3 * floor["fid"]
     assert floor["fid"] < 0.05 * noise_fid
@@ -237,20 +243,27 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
             kh, kw, i, o = shape.shape
             torch_sd[f"{module}.weight"] = np.zeros((o, i, kh, kw), np.float32)
         else:
-            torch_name = {"scale": "weight", "bias": "bias", "mean": "running_mean",
-                          "var": "running_var"}[leaf]
+            torch_name = {
+                "scale": "weight",
+                "bias": "bias",
+                "mean": "running_mean",
+                "var": "running_var",
+            }[leaf]
             torch_sd[f"{module}.{torch_name}"] = np.ones(shape.shape, np.float32)
     marker = np.arange(32 * 3 * 3 * 3, dtype=np.float32).reshape(32, 3, 3, 3)
     torch_sd["Conv2d_1a_3x3.conv.weight"] = marker
     path = tmp_path / ev.INCEPTION_FILE_NAME
     np.savez(path, **torch_sd)
     loaded = ev.load_inception_variables(str(path))
-    np.testing.assert_array_equal(loaded["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
-                                  marker.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        loaded["params"]["Conv2d_1a_3x3"]["conv"]["kernel"], marker.transpose(2, 3, 1, 0)
+    )
     assert loaded["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"].shape == (192,)
     extractor = ev.inception_v3(str(path))
-    feats = jax.eval_shape(extractor.apply_features,
-                           jax.ShapeDtypeStruct((extractor.batch_size, 32, 32, 1), jnp.float32))
+    feats = jax.eval_shape(
+        extractor.apply_features,
+        jax.ShapeDtypeStruct((extractor.batch_size, 32, 32, 1), jnp.float32),
+    )
     assert feats.shape == (extractor.batch_size, 2048)  # gray -> RGB, resized to 299
     del torch_sd["Mixed_5b.branch1x1.conv.weight"]
     np.savez(path, **torch_sd)
@@ -261,8 +274,7 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
 # --------------------------------------------------------------------------- sampling
 
 
-def toy_sample_fn(params, rng, labels, guidance_scale, images=None, mask=None,
-                  source_labels=None):
+def toy_sample_fn(params, rng, labels, guidance_scale, images=None, mask=None, source_labels=None):
     """Stands in for steps.make_sample_fn's output: [B, 2, 2, 1] from noise + labels."""
     noise = jax.random.normal(rng, (labels.shape[0], 2, 2, 1))
     return params["w"] * noise + guidance_scale * labels[:, None, None, None]
@@ -272,19 +284,23 @@ def test_generate_samples_batches_labels_and_seeds():
     params = {"w": jnp.float32(1.0)}
     labels = generate.class_balanced_labels(10, 25)
     assert np.bincount(generate.class_balanced_labels(10, 50)).tolist() == [5] * 10
-    a = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                                  guidance_scale=0.0)
+    a = generate.generate_samples(
+        toy_sample_fn, params, 25, 8, seed=3, labels=labels, guidance_scale=0.0
+    )
     assert a.shape == (25, 2, 2, 1)
-    b = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                                  guidance_scale=0.0)
+    b = generate.generate_samples(
+        toy_sample_fn, params, 25, 8, seed=3, labels=labels, guidance_scale=0.0
+    )
     np.testing.assert_array_equal(a, b)
     # batch i uses fold_in(PRNGKey(seed), i), as sample.py does
     first = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 0), (8, 2, 2, 1))
     np.testing.assert_array_equal(a[:8], first)
-    c = generate.generate_samples(toy_sample_fn, params, 25, 8, seed=3, labels=labels,
-                                  guidance_scale=1.0)
-    np.testing.assert_allclose(c - a, np.broadcast_to(labels[:, None, None, None], a.shape),
-                               atol=1e-6)
+    c = generate.generate_samples(
+        toy_sample_fn, params, 25, 8, seed=3, labels=labels, guidance_scale=1.0
+    )
+    np.testing.assert_allclose(
+        c - a, np.broadcast_to(labels[:, None, None, None], a.shape), atol=1e-6
+    )
 
 
 @needs_8
@@ -302,12 +318,27 @@ def test_generate_samples_sharded_equals_unsharded():
 
 
 def test_tensorboard_scalars_carry_provenance():
-    result = {"fid": 1.5, "kid": 0.1, "num_samples": 1000, "num_reference": 1498, "seed": 0,
-              "guidance_scale": 2.0, "num_steps": 50, "eta": None, "sampler": "ddim"}
+    result = {
+        "fid": 1.5,
+        "kid": 0.1,
+        "num_samples": 1000,
+        "num_reference": 1498,
+        "seed": 0,
+        "guidance_scale": 2.0,
+        "num_steps": 50,
+        "eta": None,
+        "sampler": "ddim",
+    }
     scalars = ev.tensorboard_scalars(result)
-    assert scalars == {"eval/fid": 1.5, "eval/kid": 0.1, "eval/num_samples": 1000.0,
-                       "eval/num_reference": 1498.0, "eval/seed": 0.0,
-                       "eval/guidance_scale": 2.0, "eval/num_steps": 50.0}
+    assert scalars == {
+        "eval/fid": 1.5,
+        "eval/kid": 0.1,
+        "eval/num_samples": 1000.0,
+        "eval/num_reference": 1498.0,
+        "eval/seed": 0.0,
+        "eval/guidance_scale": 2.0,
+        "eval/num_steps": 50.0,
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -316,15 +347,39 @@ def test_tensorboard_scalars_carry_provenance():
 def test_evaluate_cli_on_tiny_workdir(classifier, cache_dir, tmp_path):
     workdir = str(tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": REPO}
-    subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py",
-                    f"--workdir={workdir}"], cwd=REPO, env=env, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffusion_jax.main",
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}",
-         "--num_samples=40", "--batch_size=20", "--config.sampler.num_steps=3",
-         "--config.sampler.eta=0.5", "--seed=7",
-         f"--cache_dir={cache_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "diffusion_jax.evaluate",
+            f"--workdir={workdir}",
+            "--num_samples=40",
+            "--batch_size=20",
+            "--config.sampler.num_steps=3",
+            "--config.sampler.eta=0.5",
+            "--seed=7",
+            f"--cache_dir={cache_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads(out.stdout.strip().splitlines()[-1])
     assert record["num_samples"] == 40 and record["seed"] == 7

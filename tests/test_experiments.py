@@ -1,4 +1,5 @@
 """The sweep launcher (resumable) and the report builder, on a seconds-long sweep."""
+
 import dataclasses
 import os
 
@@ -7,8 +8,12 @@ from experiments.sweeps import SWEEPS, Sweep
 
 
 def test_sweep_is_product_of_axes():
-    sweep = Sweep("s", "configs/tiny.py", axes={"schedule.name": ("linear", "cosine"),
-                                                 "seed": (0, 1, 2)}, fixed={"train.num_steps": 2})
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"schedule.name": ("linear", "cosine"), "seed": (0, 1, 2)},
+        fixed={"train.num_steps": 2},
+    )
     runs = sweep.runs()
     assert len(runs) == 6 and all(r["train.num_steps"] == 2 for r in runs)
     assert sweep.run_name(runs[0]) == "schedule.name=linear,seed=0"
@@ -30,7 +35,10 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path, capsys):
     grown = dataclasses.replace(sweep, evals=sweep.evals + ({"sampler": "ddim", "num_steps": 2},))
     run.run_sweep(grown, root)
     out = capsys.readouterr().out
-    assert out.count("--config.sampler.num_steps=2") == len(workdirs) and "diffusion_jax.main" not in out
+    assert (
+        out.count("--config.sampler.num_steps=2") == len(workdirs)
+        and "diffusion_jax.main" not in out
+    )
     assert all(not run.pending_evals(grown, wd) for wd in workdirs)
 
     path = report.build(sweep, root, str(tmp_path / "report"))

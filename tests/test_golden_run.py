@@ -10,6 +10,7 @@ tolerance (1e-5 relative on losses and on per-leaf sums / sums of squares) allow
 rounding, not any change in what is computed (a different dropout mask or noise draw moves
 the first loss by >1e-3).
 """
+
 import json
 import os
 
@@ -26,18 +27,26 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_run.json")
 def test_tiny_run_matches_recorded_losses_and_parameters(tmp_path):
     with open(GOLDEN) as f:
         golden = json.load(f)
-    cfg = tiny_config(**{"model.num_classes": 10, "train.log_every_steps": 1,
-                         "train.compilation_cache_dir": "off"})
+    cfg = tiny_config(
+        **{
+            "model.num_classes": 10,
+            "train.log_every_steps": 1,
+            "train.compilation_cache_dir": "off",
+        }
+    )
     cfg.model.unet.dropout = 0.1
     state = jax.device_get(train.train_and_evaluate(cfg, str(tmp_path)))
     with open(tmp_path / "metrics.jsonl") as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
     np.testing.assert_allclose(losses, golden["losses"], rtol=1e-5)
-    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params,
-                                                  "ema": state.ema_params})
-    stats = {jax.tree_util.keystr(path): [float(np.sum(np.asarray(x, np.float64))),
-                                          float(np.sum(np.square(np.asarray(x, np.float64))))]
-             for path, x in leaves}
+    leaves = jax.tree_util.tree_leaves_with_path({"params": state.params, "ema": state.ema_params})
+    stats = {
+        jax.tree_util.keystr(path): [
+            float(np.sum(np.asarray(x, np.float64))),
+            float(np.sum(np.square(np.asarray(x, np.float64)))),
+        ]
+        for path, x in leaves
+    }
     assert stats.keys() == golden["leaf_sum_sumsq"].keys()
     for key, (total, sumsq) in golden["leaf_sum_sumsq"].items():
         # sums of O(1e3) terms: absolute floor 1e-6 for leaves that sum to ~0 (biases at init)

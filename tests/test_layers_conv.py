@@ -7,6 +7,7 @@ order of the float32 additions may differ. The last test checks the reason the o
 exists: inside a lax.scan body its gradient convolutions are already in the canonical
 NHWC/HWIO form that XLA:CPU hands to its conv library.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,14 +36,17 @@ def _assert_trees_close(ref, new, rtol=RTOL):
         assert _rel(a, b) <= rtol, (jax.tree_util.keystr(path), _rel(a, b))
 
 
-@pytest.mark.parametrize("kernel,strides,padding", [
-    ((3, 3), (1, 1), "SAME"),
-    ((3, 3), (2, 2), "SAME"),        # Downsample
-    ((3, 3), (2, 2), "VALID"),
-    ((3, 3), (1, 1), ((0, 2), (1, 0))),  # asymmetric explicit padding
-    ((1, 1), (1, 1), "SAME"),
-    ((3, 2), (3, 1), "SAME"),        # non-square kernel, stride > kernel overlap
-])
+@pytest.mark.parametrize(
+    "kernel,strides,padding",
+    [
+        ((3, 3), (1, 1), "SAME"),
+        ((3, 3), (2, 2), "SAME"),  # Downsample
+        ((3, 3), (2, 2), "VALID"),
+        ((3, 3), (1, 1), ((0, 2), (1, 0))),  # asymmetric explicit padding
+        ((1, 1), (1, 1), "SAME"),
+        ((3, 2), (3, 1), "SAME"),  # non-square kernel, stride > kernel overlap
+    ],
+)
 def test_explicit_grad_matches_autodiff(kernel, strides, padding):
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (2, 9, 8, 3), jnp.float32)
@@ -52,8 +56,9 @@ def test_explicit_grad_matches_autodiff(kernel, strides, padding):
         return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
 
     def new(x, w):
-        return layers.conv_general_dilated_explicit_grad(x, w, strides, padding,
-                                                         dimension_numbers=DN)
+        return layers.conv_general_dilated_explicit_grad(
+            x, w, strides, padding, dimension_numbers=DN
+        )
 
     y_ref, vjp_ref = jax.vjp(ref, x, w)
     y_new, vjp_new = jax.vjp(new, x, w)
@@ -69,11 +74,15 @@ def test_unsupported_convs_fall_back_to_lax():
     """Grouped or dilated convs are not rewritten: identical to lax, values and grads."""
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
     w = jax.random.normal(jax.random.key(2), (3, 3, 2, 4))
-    kw = dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2),
-              dimension_numbers=DN, feature_group_count=2)
-    f_ref = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(x, w, **kw) ** 2)  # noqa: E731
-    f_new = lambda x, w: jnp.sum(  # noqa: E731
-        layers.conv_general_dilated_explicit_grad(x, w, **kw) ** 2)
+    kw = dict(
+        window_strides=(1, 1),
+        padding="SAME",
+        rhs_dilation=(2, 2),
+        dimension_numbers=DN,
+        feature_group_count=2,
+    )
+    f_ref = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(x, w, **kw) ** 2)
+    f_new = lambda x, w: jnp.sum(layers.conv_general_dilated_explicit_grad(x, w, **kw) ** 2)
     np.testing.assert_array_equal(f_ref(x, w), f_new(x, w))
     for a, b in zip(jax.grad(f_ref, (0, 1))(x, w), jax.grad(f_new, (0, 1))(x, w)):
         np.testing.assert_array_equal(a, b)
@@ -86,7 +95,7 @@ def test_conv_module_is_a_drop_in_for_nn_conv():
     params = ref.init(jax.random.key(4), x)
     # same parameter names, shapes and initial values from the same key
     _assert_trees_close(params, new.init(jax.random.key(4), x), rtol=0.0)
-    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
     assert _rel(ref.apply(params, x), new.apply(params, x)) <= RTOL
     g_ref = jax.grad(loss(ref), (0, 1))(params, x)
     g_new = jax.grad(loss(new), (0, 1))(params, x)
@@ -98,12 +107,16 @@ def test_unknown_conv_impl_is_rejected():
         layers.Conv(4, (3, 3), conv_impl="winograd")
 
 
-@pytest.mark.parametrize("make", [
-    lambda impl: layers.ResBlock(8, norm_groups=4, conv_impl=impl),
-    lambda impl: layers.ResBlock(8, norm_groups=4, resample="down", conv_impl=impl),
-    lambda impl: layers.Downsample(True, conv_impl=impl),
-    lambda impl: layers.Upsample(True, conv_impl=impl),
-], ids=["resblock", "resblock_down", "downsample", "upsample"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda impl: layers.ResBlock(8, norm_groups=4, conv_impl=impl),
+        lambda impl: layers.ResBlock(8, norm_groups=4, resample="down", conv_impl=impl),
+        lambda impl: layers.Downsample(True, conv_impl=impl),
+        lambda impl: layers.Upsample(True, conv_impl=impl),
+    ],
+    ids=["resblock", "resblock_down", "downsample", "upsample"],
+)
 def test_blocks_same_params_outputs_and_grads(make):
     x = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
     emb = jax.random.normal(jax.random.key(6), (2, 16))
@@ -113,15 +126,15 @@ def test_blocks_same_params_outputs_and_grads(make):
     _assert_trees_close(params, new.init(jax.random.key(7), *args), rtol=0.0)
     # non-zero everywhere (ResBlock's conv2 is zero-initialized, which would hide it)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype),
-                          params)
+    params = jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(p.dtype), params)
 
     def loss(module):
         return lambda p, *a: jnp.sum(jnp.tanh(module.apply(p, *a)))
 
     assert _rel(ref.apply(params, *args), new.apply(params, *args)) <= RTOL
-    _assert_trees_close(jax.grad(loss(ref), (0, 1))(params, *args),
-                        jax.grad(loss(new), (0, 1))(params, *args))
+    _assert_trees_close(
+        jax.grad(loss(ref), (0, 1))(params, *args), jax.grad(loss(new), (0, 1))(params, *args)
+    )
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's compiled HLO")
@@ -137,12 +150,15 @@ def test_gradient_convs_inside_scan_are_canonical():
     def net(p, x):
         return jnp.mean(down.apply(p["down"], conv.apply(p["conv"], x)) ** 2)
 
-    params = {"conv": conv.init(jax.random.key(0), xs[0]),
-              "down": down.init(jax.random.key(1), xs[0])}
+    params = {
+        "conv": conv.init(jax.random.key(0), xs[0]),
+        "down": down.init(jax.random.key(1), xs[0]),
+    }
 
     def sgd_steps(p, xs):
-        step = lambda p, x: (jax.tree.map(lambda a, g: a - 0.1 * g, p,  # noqa: E731
-                                          jax.grad(net)(p, x)), None)
+        def step(p, x):
+            return jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(net)(p, x)), None
+
         return jax.lax.scan(step, p, xs)[0]
 
     hlo = jax.jit(sgd_steps).lower(params, xs).compile().as_text()

@@ -5,6 +5,7 @@ lowered with abstract shapes (jax.eval_shape, .lower().cost_analysis()), which c
 memory and no compile. Real initializations use an 'rbg' PRNG key: same distributions,
 but XLA compiles it several times faster than threefry on CPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,16 +32,27 @@ from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 
 NUM_CLASSES = 3
-UNET_TINY = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 num_heads=2, dropout=0.5, norm_groups=4)
+UNET_TINY = dict(
+    base_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    num_heads=2,
+    dropout=0.5,
+    norm_groups=4,
+)
 DIT_TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2)
 SHAPES = {"unet": (8, 8, 1), "dit": (8, 8, 4)}
 
 
 def _cfg(name, num_classes=NUM_CLASSES, compute_dtype="float32", **arch):
     base = {"unet": UNET_TINY, "dit": DIT_TINY}[name]
-    return {"name": name, "num_classes": num_classes, "compute_dtype": compute_dtype,
-            name: dict(base, **arch)}
+    return {
+        "name": name,
+        "num_classes": num_classes,
+        "compute_dtype": compute_dtype,
+        name: dict(base, **arch),
+    }
 
 
 def _inputs(shape, batch=4, seed=0):
@@ -55,8 +67,7 @@ def _perturb(params, seed=1, scale=0.3):
     make every output 0 and hide the effect of t, y and dropout. Drawn with numpy on the
     host: eager jax.random per leaf shape would compile once per shape."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype),
-                        params)
+    return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), params)
 
 
 class Tiny:
@@ -66,8 +77,9 @@ class Tiny:
     def __init__(self, name):
         self.model = build_model(_cfg(name))
         self.x, self.t, self.y = _inputs(SHAPES[name])
-        self.params = jax.jit(self.model.init)(jax.random.key(0, impl="rbg"),
-                                               self.x, self.t, self.y)
+        self.params = jax.jit(self.model.init)(
+            jax.random.key(0, impl="rbg"), self.x, self.t, self.y
+        )
         self.perturbed = _perturb(self.params)
 
         # Wrapped in a trace counter: every test that calls it also checks that nothing
@@ -76,8 +88,9 @@ class Tiny:
             return self.model.apply(params, x, t, y)  # train=False
 
         self.eval_fn = jax.jit(chex.assert_max_traces(forward, n=1))
-        self.train_fn = jax.jit(lambda p, x, t, y, rng: self.model.apply(
-            p, x, t, y, train=True, rngs={"dropout": rng}))
+        self.train_fn = jax.jit(
+            lambda p, x, t, y, rng: self.model.apply(p, x, t, y, train=True, rngs={"dropout": rng})
+        )
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +121,27 @@ def test_ddpm_cifar10_param_count():
 
 # Peebles & Xie 2023, Table 4 (params, Gflops) at 256x256 -> 32x32x4 latent, learned sigma
 # (8 output channels), 1000 classes.
-DIT_PAPER = {"DiT-S/2": (33, 6.06), "DiT-B/2": (130, 23.0), "DiT-L/2": (458, 80.7),
-             "DiT-XL/2": (675, 118.6)}
+DIT_PAPER = {
+    "DiT-S/2": (33, 6.06),
+    "DiT-B/2": (130, 23.0),
+    "DiT-L/2": (458, 80.7),
+    "DiT-XL/2": (675, 118.6),
+}
 # Exact trainable counts of this implementation. The official code stores the fixed
 # position embedding (tokens x width) as a frozen nn.Parameter and includes it in the
 # count its train.py prints (675,129,632 for DiT-XL/2); it is a constant here.
-DIT_EXACT = {"DiT-S/2": 32_865_056, "DiT-B/2": 130_315_808, "DiT-L/2": 457_840_672,
-             "DiT-XL/2": 674_834_720}
+DIT_EXACT = {
+    "DiT-S/2": 32_865_056,
+    "DiT-B/2": 130_315_808,
+    "DiT-L/2": 457_840_672,
+    "DiT-XL/2": 674_834_720,
+}
 
 
 def _paper_dit(preset):
-    return build_model({"name": "dit", "num_classes": 1000,
-                        "dit": dict(DIT_PRESETS[preset], out_channels=8)})
+    return build_model(
+        {"name": "dit", "num_classes": 1000, "dit": dict(DIT_PRESETS[preset], out_channels=8)}
+    )
 
 
 @pytest.mark.parametrize("preset", list(DIT_PAPER))
@@ -132,8 +154,10 @@ def test_dit_param_count_and_gflops_match_paper(preset):
     # Batch 1 with class labels, as the paper.
     gflops = xla_forward_flops(model, (32, 32, 4), params=params) / 2 / 1e9
     paper_m, paper_gflops = DIT_PAPER[preset]
-    print(f"{preset}: params {n:,} (+pos-embed {n_with_pos:,}; paper {paper_m}M), "
-          f"GFLOPs {gflops:.3f} (paper {paper_gflops})")
+    print(
+        f"{preset}: params {n:,} (+pos-embed {n_with_pos:,}; paper {paper_m}M), "
+        f"GFLOPs {gflops:.3f} (paper {paper_gflops})"
+    )
     assert n == DIT_EXACT[preset]
     # The paper's rounded counts are of the trainable parameters: with the position
     # embedding DiT-B/2 would round to 131M.
@@ -148,8 +172,10 @@ def test_dit_param_count_and_gflops_match_paper(preset):
 def test_dit_patch_size_changes_only_embed_and_final_layer():
     """Patch p: the patch embedding has p*p*C*h weights, the final linear h*p*p*out + p*p*out."""
     for size in ("S", "XL"):
-        counts = {p: count_params(abstract_params(_paper_dit(f"DiT-{size}/{p}"), (32, 32, 4)))
-                  for p in (2, 4, 8)}
+        counts = {
+            p: count_params(abstract_params(_paper_dit(f"DiT-{size}/{p}"), (32, 32, 4)))
+            for p in (2, 4, 8)
+        }
         h = DIT_PRESETS[f"DiT-{size}/2"]["hidden_size"]
         for p in (4, 8):
             d = p * p - 4
@@ -158,8 +184,9 @@ def test_dit_patch_size_changes_only_embed_and_final_layer():
 
 def test_dit_presets_cover_all_sizes_and_patches():
     assert len(DIT_PRESETS) == 12
-    assert DIT_PRESETS["DiT-XL/8"] == dict(depth=28, hidden_size=1152, num_heads=16,
-                                           patch_size=8, mlp_ratio=4.0)
+    assert DIT_PRESETS["DiT-XL/8"] == dict(
+        depth=28, hidden_size=1152, num_heads=16, patch_size=8, mlp_ratio=4.0
+    )
 
 
 def test_digits_preset_is_small():
@@ -171,15 +198,28 @@ def test_digits_preset_is_small():
 # --------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("name,arch,shape,out_channels", [
-    ("unet", {}, (8, 8, 1), None),
-    ("unet", {}, (16, 24, 3), 6),  # non-square, learned-sigma style output
-    ("unet", dict(channel_mult=(1, 2, 2), use_scale_shift_norm=True, resblock_updown=True,
-                  num_head_channels=8, attn_resolutions=(8, 4)), (16, 16, 3), None),
-    ("unet", dict(conv_resample=False, num_res_blocks=2), (8, 8, 2), None),
-    ("dit", {}, (8, 8, 4), None),
-    ("dit", dict(patch_size=4), (16, 8, 3), 6),
-])
+@pytest.mark.parametrize(
+    "name,arch,shape,out_channels",
+    [
+        ("unet", {}, (8, 8, 1), None),
+        ("unet", {}, (16, 24, 3), 6),  # non-square, learned-sigma style output
+        (
+            "unet",
+            dict(
+                channel_mult=(1, 2, 2),
+                use_scale_shift_norm=True,
+                resblock_updown=True,
+                num_head_channels=8,
+                attn_resolutions=(8, 4),
+            ),
+            (16, 16, 3),
+            None,
+        ),
+        ("unet", dict(conv_resample=False, num_res_blocks=2), (8, 8, 2), None),
+        ("dit", {}, (8, 8, 4), None),
+        ("dit", dict(patch_size=4), (16, 8, 3), 6),
+    ],
+)
 @pytest.mark.parametrize("num_classes", [0, NUM_CLASSES])
 def test_output_shapes(name, arch, shape, out_channels, num_classes):
     model = build_model(_cfg(name, num_classes, out_channels=out_channels, **arch))
@@ -199,16 +239,23 @@ def test_ddpm_preset_runs_on_digits_resolution():
     model = build_model({"name": "unet", "num_classes": 0, "unet": UNET_PRESETS["ddpm_cifar10"]})
     check_input_shape({"name": "unet", "unet": UNET_PRESETS["ddpm_cifar10"]}, 8, 1)
     params = abstract_params(model, (8, 8, 1))
-    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32),
-                         jax.ShapeDtypeStruct((1,), jnp.int32))
+    out = jax.eval_shape(
+        model.apply,
+        params,
+        jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+    )
     assert out.shape == (1, 8, 8, 1)
 
 
-@pytest.mark.parametrize("name,arch,size", [
-    ("unet", dict(channel_mult=(1, 2, 2)), 10),   # needs a multiple of 4
-    ("unet", dict(channel_mult=(1, 2)), (8, 9)),
-    ("dit", dict(patch_size=4), 10),
-])
+@pytest.mark.parametrize(
+    "name,arch,size",
+    [
+        ("unet", dict(channel_mult=(1, 2, 2)), 10),  # needs a multiple of 4
+        ("unet", dict(channel_mult=(1, 2)), (8, 9)),
+        ("dit", dict(patch_size=4), 10),
+    ],
+)
 def test_bad_image_size_raises_clear_error(name, arch, size):
     cfg = _cfg(name, **arch)
     with pytest.raises(ValueError, match="divisible by"):
@@ -263,10 +310,15 @@ def test_build_model_registry_and_errors():
 
 def test_build_model_from_config_dict():
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict({
-        "name": "unet", "num_classes": 10, "compute_dtype": "float32",
-        "unet": dict(UNET_PRESETS["digits"], channel_mult=[1, 2]),  # a list, as from a CLI
-        "dit": dict(DIT_PRESETS["DiT-S/2"])})
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "unet",
+            "num_classes": 10,
+            "compute_dtype": "float32",
+            "unet": dict(UNET_PRESETS["digits"], channel_mult=[1, 2]),  # a list, as from a CLI
+            "dit": dict(DIT_PRESETS["DiT-S/2"]),
+        }
+    )
     model = build_model(cfg)
     assert isinstance(model, UNet) and model.channel_mult == (1, 2) and model.num_classes == 10
     cfg.name = "dit"
@@ -295,8 +347,10 @@ def test_dit_blocks_start_as_identity(tiny_dit):
 
 
 def test_initialization_matches_papers(tiny):
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(tiny.params)[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(tiny.params)[0]
+    }
     if isinstance(tiny.model, UNet):
         # Last conv of every residual branch, every attention output projection, output conv.
         zero = [k.replace("conv1", "conv2") for k in flat if k.endswith("conv1/kernel")]
@@ -343,7 +397,7 @@ def test_dropout_only_in_train_mode(tiny):
     args = (tiny.perturbed, tiny.x, tiny.t, tiny.y)
     eval_out = tiny.eval_fn(*args)
     np.testing.assert_array_equal(eval_out, tiny.eval_fn(*args))  # no rng needed, deterministic
-    key = lambda seed: jax.random.key(seed, impl="rbg")  # noqa: E731  (fast to compile)
+    key = lambda seed: jax.random.key(seed, impl="rbg")  # fast to compile
     a = tiny.train_fn(*args, key(1))
     b = tiny.train_fn(*args, key(2))
     if isinstance(tiny.model, UNet):
@@ -357,8 +411,11 @@ def test_dropout_only_in_train_mode(tiny):
 def test_jit_does_not_retrace(tiny):
     """New values of the same shapes (params, x, t, y) reuse the compiled forward;
     ``eval_fn`` raises on a second trace (chex.assert_max_traces)."""
-    outs = [tiny.eval_fn(params, tiny.x * s, tiny.t + s, (tiny.y + s) % NUM_CLASSES)
-            for s in range(3) for params in (tiny.params, tiny.perturbed)]
+    outs = [
+        tiny.eval_fn(params, tiny.x * s, tiny.t + s, (tiny.y + s) % NUM_CLASSES)
+        for s in range(3)
+        for params in (tiny.params, tiny.perturbed)
+    ]
     assert not np.allclose(outs[1], outs[3])
 
 
@@ -414,9 +471,32 @@ def test_module_fields_are_documented_defaults():
     # The configs mirror these names; changing one is an interface change.
     unet = {f.name for f in dataclasses.fields(UNet)}
     dit = {f.name for f in dataclasses.fields(DiT)}
-    assert {"base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "num_heads",
-            "num_head_channels", "dropout", "use_scale_shift_norm", "resblock_updown",
-            "conv_resample", "norm_groups", "num_classes", "out_channels", "dtype",
-            "param_dtype"} <= unet
-    assert {"patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "freq_embed_dim",
-            "num_classes", "out_channels", "dtype", "param_dtype"} <= dit
+    assert {
+        "base_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attn_resolutions",
+        "num_heads",
+        "num_head_channels",
+        "dropout",
+        "use_scale_shift_norm",
+        "resblock_updown",
+        "conv_resample",
+        "norm_groups",
+        "num_classes",
+        "out_channels",
+        "dtype",
+        "param_dtype",
+    } <= unet
+    assert {
+        "patch_size",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "freq_embed_dim",
+        "num_classes",
+        "out_channels",
+        "dtype",
+        "param_dtype",
+    } <= dit

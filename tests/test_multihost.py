@@ -1,6 +1,7 @@
 """Multi-host training with JAX's own multi-controller runtime, on one machine: two local
 processes x 4 CPU devices (gloo collectives over 127.0.0.1) must train to the same
 parameters as one process x 8 devices with the same global batch."""
+
 import os
 import subprocess
 import sys
@@ -19,8 +20,11 @@ TIMEOUT_S = 600  # per launch; each process compiles the tiny model (~20-90 s on
 
 def xla_flags(devices_per_process):
     """The suite's XLA_FLAGS (conftest.py) with another fake device count."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     return " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
 
 
@@ -28,17 +32,30 @@ def start(workdir, mode, num_processes, devices_per_process):
     """Launch the tiny config's training as ``num_processes`` local processes."""
     port = portpicker.pick_unused_port()
     env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(devices_per_process))
-    args = [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py",
-            f"--workdir={workdir}", f"--config.train.parallel={mode}",
-            f"--config.train.num_steps={STEPS}", f"--config.ckpt.every_steps={STEPS}",
-            "--config.eval.num_samples=8"]
+    args = [
+        sys.executable,
+        "-m",
+        "diffusion_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.parallel={mode}",
+        f"--config.train.num_steps={STEPS}",
+        f"--config.ckpt.every_steps={STEPS}",
+        "--config.eval.num_samples=8",
+    ]
     if num_processes > 1:
-        args += [f"--coordinator_address=127.0.0.1:{port}",
-                 f"--num_processes={num_processes}"]
-    return [subprocess.Popen(args + ([f"--process_id={i}"] if num_processes > 1 else []),
-                             cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-            for i in range(num_processes)]
+        args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}"]
+    return [
+        subprocess.Popen(
+            args + ([f"--process_id={i}"] if num_processes > 1 else []),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
 
 
 def finish(procs):
@@ -53,8 +70,10 @@ def finish(procs):
             out = p.communicate()[0] + f"\n[killed after {TIMEOUT_S} s]"
         outputs.append(out)
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-    assert not failed, "\n".join(f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
-                                  for i, (p, out) in enumerate(zip(procs, outputs)))
+    assert not failed, "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+        for i, (p, out) in enumerate(zip(procs, outputs))
+    )
     return outputs
 
 

@@ -9,6 +9,7 @@ Tolerances (each assertion repeats the reason that applies):
 - Monte Carlo: |estimate - expectation| <= 5 standard errors (two-sided p ~ 6e-7 per check,
   with fixed seeds so the tests are deterministic anyway).
 """
+
 import functools
 
 import jax
@@ -32,7 +33,7 @@ def ref_alpha_bar(name, T, zero_terminal_snr=False):
     if name == "linear":
         betas = (1000 / T) * np.linspace(1e-4, 0.02, T)
     elif name == "cosine":
-        f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
         ab = f(np.arange(T + 1) / T) / f(0.0)
         betas = np.minimum(1 - ab[1:] / ab[:-1], 0.999)
     else:
@@ -68,8 +69,9 @@ def test_q_sample_matches_formula_per_example_t(name):
     np.testing.assert_allclose(f64(got), expected, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("name,t", [("linear", 0), ("linear", 499), ("linear", 999),
-                                    ("cosine", 100), ("cosine", 900)])
+@pytest.mark.parametrize(
+    "name,t", [("linear", 0), ("linear", 499), ("linear", 999), ("cosine", 100), ("cosine", 900)]
+)
 def test_q_sample_monte_carlo_moments(name, t):
     n = 200_000
     s = sched(name)
@@ -104,8 +106,9 @@ def test_q_posterior_matches_ho_eq7_and_gaussian_conditioning(name, zt):
     X0, XT = f64(x0), f64(x_t)
 
     # Ho et al. eq. 7.
-    mu = (np.sqrt(ab_prev) * beta / (1 - ab))[:, None] * X0 \
-        + (np.sqrt(alpha) * (1 - ab_prev) / (1 - ab))[:, None] * XT
+    mu = (np.sqrt(ab_prev) * beta / (1 - ab))[:, None] * X0 + (
+        np.sqrt(alpha) * (1 - ab_prev) / (1 - ab)
+    )[:, None] * XT
     beta_tilde = beta * (1 - ab_prev) / (1 - ab)
     # Coefficients are float32 (rel ~6e-8), |x| <= 3, two products and a sum: ~1e-6 abs.
     np.testing.assert_allclose(f64(mean), mu, rtol=0, atol=2e-6)
@@ -143,8 +146,12 @@ def test_q_posterior_monte_carlo_forward_chain():
     rng = np.random.default_rng(0)
     x_prev = np.sqrt(ab[t - 1]) * x0v + np.sqrt(1 - ab[t - 1]) * rng.standard_normal(n)
     x_t = np.sqrt(alpha) * x_prev + np.sqrt(1 - alpha) * rng.standard_normal(n)
-    mean, var, _ = obj.q_posterior(sched("linear", T), jnp.full((n,), x0v, jnp.float32),
-                                   jnp.asarray(x_t, jnp.float32), jnp.full((n,), t, jnp.int32))
+    mean, var, _ = obj.q_posterior(
+        sched("linear", T),
+        jnp.full((n,), x0v, jnp.float32),
+        jnp.asarray(x_t, jnp.float32),
+        jnp.full((n,), t, jnp.int32),
+    )
     pv = float(var[0])
     r = x_prev - f64(mean)
     xc = x_t - np.sqrt(ab[t]) * x0v  # centred x_t, variance 1 - ab[t]
@@ -171,8 +178,9 @@ def test_v_target_matches_salimans_ho_definition():
     x0, eps = _x0_eps((1000, 8), 2)
     a, sg = np.sqrt(ab)[:, None], np.sqrt(1 - ab)[:, None]
     # v = sqrt(ab) eps - sqrt(1-ab) x0; float32 ops on |.| <= ~5: ~1e-6 absolute.
-    np.testing.assert_allclose(f64(obj.target(s, "v", x0, eps, t)), a * f64(eps) - sg * f64(x0),
-                               rtol=0, atol=2e-6)
+    np.testing.assert_allclose(
+        f64(obj.target(s, "v", x0, eps, t)), a * f64(eps) - sg * f64(x0), rtol=0, atol=2e-6
+    )
     np.testing.assert_array_equal(obj.target(s, "eps", x0, eps, t), eps)
     np.testing.assert_array_equal(obj.target(s, "x0", x0, eps, t), x0)
 
@@ -199,8 +207,9 @@ def test_conversions_from_arbitrary_outputs_match_closed_forms():
         np.testing.assert_allclose(f64(geps), eeps, rtol=0, atol=1e-5, err_msg=kind)
 
 
-@pytest.mark.parametrize("name,zt", [("linear", False), ("cosine", False), ("linear", True),
-                                     ("cosine", True)])
+@pytest.mark.parametrize(
+    "name,zt", [("linear", False), ("cosine", False), ("linear", True), ("cosine", True)]
+)
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 def test_prediction_round_trip(name, zt, kind):
     """x0, eps -> x_t, target(kind) -> (x0, eps) again, at every t."""
@@ -297,8 +306,11 @@ def test_bad_choices_raise_with_valid_list():
 # (several losses at once where useful) and the shared ones are module-level so the jit
 # cache is reused across tests.
 
-LOSS = jax.jit(obj.diffusion_loss, static_argnums=0,
-               static_argnames=("prediction", "weighting", "min_snr_gamma"))
+LOSS = jax.jit(
+    obj.diffusion_loss,
+    static_argnums=0,
+    static_argnames=("prediction", "weighting", "min_snr_gamma"),
+)
 B, SHAPE = 4096, (2, 2, 3)  # shared batch shape for the zero-model tests
 
 
@@ -371,11 +383,13 @@ def _point_mass_losses(s, rng):
             if kind == "eps":
                 return (x_t - a * c) / sg
             return (a * x_t - c) / sg  # v = a eps - s x0 = (a x_t - x0)/s using a^2 + s^2 = 1
+
         return apply_fn
 
     batch = {"image": jnp.full((256, 4, 4, 3), c, jnp.float32)}
-    return {k: obj.diffusion_loss(oracle(k), None, s, batch, rng, prediction=k)
-            for k in obj.PREDICTIONS}
+    return {
+        k: obj.diffusion_loss(oracle(k), None, s, batch, rng, prediction=k) for k in obj.PREDICTIONS
+    }
 
 
 @pytest.mark.parametrize("zt", [False, True])
@@ -391,8 +405,13 @@ def test_point_mass_oracle_has_zero_loss(zt):
         assert np.all(np.isfinite(f64(aux["loss_per_example"]))), kind
 
 
-GAUSS_CASES = (("eps", "uniform"), ("x0", "uniform"), ("v", "uniform"), ("eps", "min_snr"),
-               ("v", "min_snr"))
+GAUSS_CASES = (
+    ("eps", "uniform"),
+    ("x0", "uniform"),
+    ("v", "uniform"),
+    ("eps", "min_snr"),
+    ("v", "min_snr"),
+)
 
 
 @jax.jit
@@ -402,10 +421,13 @@ def _gaussian_optimal_losses(s, batch, rng):
             a = jnp.take(s.sqrt_alphas_cumprod, t)[:, None, None, None]
             sg = jnp.take(s.sqrt_one_minus_alphas_cumprod, t)[:, None, None, None]
             return {"eps": sg * x_t, "x0": a * x_t, "v": jnp.zeros_like(x_t)}[kind]
+
         return apply_fn
 
-    return {(k, w): obj.diffusion_loss(optimal(k), None, s, batch, rng, prediction=k,
-                                       weighting=w) for k, w in GAUSS_CASES}
+    return {
+        (k, w): obj.diffusion_loss(optimal(k), None, s, batch, rng, prediction=k, weighting=w)
+        for k, w in GAUSS_CASES
+    }
 
 
 def test_gaussian_data_optimal_predictor_loss():
@@ -419,8 +441,10 @@ def test_gaussian_data_optimal_predictor_loss():
     s = sched("linear", T)
     ab = ref_alpha_bar("linear", T)
     snr = ab / (1 - ab)
-    weights = {"uniform": {k: np.ones(T) for k in obj.PREDICTIONS},
-               "min_snr": {"eps": np.minimum(snr, 5) / snr, "v": np.minimum(snr, 5) / (snr + 1)}}
+    weights = {
+        "uniform": {k: np.ones(T) for k in obj.PREDICTIONS},
+        "min_snr": {"eps": np.minimum(snr, 5) / snr, "v": np.minimum(snr, 5) / (snr + 1)},
+    }
     per_t = {"eps": ab, "x0": 1 - ab, "v": np.ones(T)}
     out = _gaussian_optimal_losses(s, _gaussian_batch(b, (4, 4, 2), 10), jax.random.key(11))
     se = {}
@@ -430,8 +454,12 @@ def test_gaussian_data_optimal_predictor_loss():
         # Per-example losses are i.i.d. (t, x0, eps drawn independently per example): 5 SE
         # of their mean, SE estimated from the sample (b = 8192 makes that estimate tight).
         se[kind, weighting] = per_ex.std(ddof=1) / np.sqrt(b)
-        assert abs(float(loss) - expected) < MC_K * se[kind, weighting], \
-            (kind, weighting, float(loss), expected)
+        assert abs(float(loss) - expected) < MC_K * se[kind, weighting], (
+            kind,
+            weighting,
+            float(loss),
+            expected,
+        )
     # The checks discriminate: eps, x0 and v expectations differ by many SE.
     assert abs(np.mean(ab) - np.mean(1 - ab)) > 20 * max(se.values())
     assert abs(np.mean(ab) - 1) > 20 * max(se.values())
@@ -439,21 +467,24 @@ def test_gaussian_data_optimal_predictor_loss():
 
 @jax.jit
 def _uniform_and_min_snr(s, batch, rng):
-    return (obj.diffusion_loss(zeros_fn, None, s, batch, rng, prediction="v")[1],
-            obj.diffusion_loss(zeros_fn, None, s, batch, rng, prediction="v",
-                               weighting="min_snr")[1])
+    return (
+        obj.diffusion_loss(zeros_fn, None, s, batch, rng, prediction="v")[1],
+        obj.diffusion_loss(zeros_fn, None, s, batch, rng, prediction="v", weighting="min_snr")[1],
+    )
 
 
 def test_weighting_is_applied_per_example_with_its_t():
-    uni, msnr = _uniform_and_min_snr(sched("linear"), _gaussian_batch(256, (4, 4, 1), 12),
-                                     jax.random.key(13))
+    uni, msnr = _uniform_and_min_snr(
+        sched("linear"), _gaussian_batch(256, (4, 4, 1), 12), jax.random.key(13)
+    )
     np.testing.assert_array_equal(uni["t"], msnr["t"])  # same rng -> same t
     ab = ref_alpha_bar("linear", 1000)[f64(uni["t"]).astype(int)]
     snr = ab / (1 - ab)
     w = np.minimum(snr, 5) / (snr + 1)
     # Weight rel error ~2e-6 (see test_min_snr_weights) times one float32 product.
-    np.testing.assert_allclose(f64(msnr["loss_per_example"]), w * f64(uni["loss_per_example"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        f64(msnr["loss_per_example"]), w * f64(uni["loss_per_example"]), rtol=1e-5
+    )
 
 
 def test_label_and_t_reach_apply_fn():
@@ -476,8 +507,13 @@ def test_label_and_t_reach_apply_fn():
 
     # No label in the batch -> the model gets None (unconditional).
     seen.clear()
-    obj.diffusion_loss(lambda p, x, t, y, r: seen.update(y=y) or jnp.zeros_like(x), None,
-                       sched(), {"image": batch["image"]}, jax.random.key(15))
+    obj.diffusion_loss(
+        lambda p, x, t, y, r: seen.update(y=y) or jnp.zeros_like(x),
+        None,
+        sched(),
+        {"image": batch["image"]},
+        jax.random.key(15),
+    )
     assert "y" in seen and seen["y"] is None
 
 
@@ -498,15 +534,22 @@ def _scaled(params, x_t, t, y, rng):
 @jax.jit
 def _grad_and_fd(w0, h, s, batch, rng):
     def loss_fn(w):
-        return obj.diffusion_loss(_scaled, {"w": w}, s, batch, rng, prediction="v",
-                                  weighting="min_snr")[0]
+        return obj.diffusion_loss(
+            _scaled, {"w": w}, s, batch, rng, prediction="v", weighting="min_snr"
+        )[0]
+
     return jax.grad(loss_fn)(w0), jax.vmap(loss_fn)(jnp.stack([w0 + h, w0 - h]))
 
 
 def test_gradient_flows_and_matches_finite_difference():
     h = 0.05
-    g, (lp, lm) = _grad_and_fd(jnp.float32(0.5), jnp.float32(h), sched("cosine"),
-                               _gaussian_batch(64, (4, 4, 1), 20), jax.random.key(21))
+    g, (lp, lm) = _grad_and_fd(
+        jnp.float32(0.5),
+        jnp.float32(h),
+        sched("cosine"),
+        _gaussian_batch(64, (4, 4, 1), 20),
+        jax.random.key(21),
+    )
     g = float(g)
     assert np.isfinite(g) and g != 0.0
     # Same rng => the loss is an exact quadratic in w, so the central difference is exact up
@@ -520,9 +563,12 @@ def _full_and_halves(s, batch, rng):
     ids = jnp.arange(2 * half)
     full = obj.diffusion_loss(zeros_fn, None, s, batch, rng)[1]
     full_ids = obj.diffusion_loss(zeros_fn, None, s, batch, rng, example_ids=ids)[1]
-    parts = [obj.diffusion_loss(zeros_fn, None, s, {"image": batch["image"][sl]}, rng,
-                                example_ids=ids[sl])[1]
-             for sl in (slice(0, half), slice(half, None))]
+    parts = [
+        obj.diffusion_loss(
+            zeros_fn, None, s, {"image": batch["image"][sl]}, rng, example_ids=ids[sl]
+        )[1]
+        for sl in (slice(0, half), slice(half, None))
+    ]
     return full, full_ids, parts
 
 
@@ -535,8 +581,10 @@ def test_draws_depend_only_on_global_example_id():
     np.testing.assert_array_equal(full["t"], np.concatenate([p["t"] for p in parts]))
     # Same eps per example => same per-example loss; a mean over the same 12 float32 values
     # may be reassociated differently for another batch size: ~1e-7 relative, assert 1e-6.
-    np.testing.assert_allclose(f64(full["loss_per_example"]),
-                               np.concatenate([f64(p["loss_per_example"]) for p in parts]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        f64(full["loss_per_example"]),
+        np.concatenate([f64(p["loss_per_example"]) for p in parts]),
+        rtol=1e-6,
+    )
     # And the ids matter: shifted ids give other draws (P(all 64 t equal) = 1000^-64).
     assert not np.array_equal(f64(parts[0]["t"]), f64(parts[1]["t"]))

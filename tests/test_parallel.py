@@ -1,6 +1,7 @@
 """parallel.py's one reach into private JAX: the coordination-service client behind the
 multi-process barrier (jax 0.10.2 has no public accessor). If a JAX upgrade moves it, this
 test fails here, by name, instead of a multi-host run hanging or crashing later."""
+
 import pytest
 
 from diffusion_jax import parallel

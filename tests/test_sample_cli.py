@@ -4,6 +4,7 @@ One class-conditional tiny model is trained per module (~40 s); each CLI call is
 process (a few seconds plus compilation), so there are few of them. The samplers' math is
 tested against oracles elsewhere; here: flags, file formats, shapes, exact known pixels.
 """
+
 import os
 
 import numpy as np
@@ -16,8 +17,12 @@ from helpers import cli as run
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("cli") / "wd")
-    r = run("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={wd}",
-            "--config.model.num_classes=10")
+    r = run(
+        "diffusion_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={wd}",
+        "--config.model.num_classes=10",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return wd
 
@@ -45,10 +50,21 @@ def sample(workdir, *args):
 def test_img2img_from_pngs(workdir, inputs, tmp_path):
     _, _, pngs = inputs
     out, png = str(tmp_path / "o.npz"), str(tmp_path / "o.png")
-    stdout = sample(workdir, "--mode=img2img", f"--input={','.join(pngs[:2])}", "--num_samples=4",
-                    "--strength=0.6", "--config.sampler.name=dpmpp_2m",
-                    "--config.sampler.spacing=logsnr", "--config.sampler.guidance_scale=2", "--guidance_interval=10,80", "--guidance_rescale=0.5",
-                    "--labels=7", f"--npz={out}", f"--out={png}")
+    stdout = sample(
+        workdir,
+        "--mode=img2img",
+        f"--input={','.join(pngs[:2])}",
+        "--num_samples=4",
+        "--strength=0.6",
+        "--config.sampler.name=dpmpp_2m",
+        "--config.sampler.spacing=logsnr",
+        "--config.sampler.guidance_scale=2",
+        "--guidance_interval=10,80",
+        "--guidance_rescale=0.5",
+        "--labels=7",
+        f"--npz={out}",
+        f"--out={png}",
+    )
     assert "img2img" in stdout and os.path.exists(png)
     res = np.load(out)
     assert res["images"].shape == (4, 8, 8, 1) and res["images"].dtype == np.uint8
@@ -58,8 +74,16 @@ def test_img2img_from_pngs(workdir, inputs, tmp_path):
 def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
     images, npz, _ = inputs
     out = str(tmp_path / "o.npz")
-    sample(workdir, "--mode=inpaint", f"--input={npz}", "--mask=top", "--config.sampler.name=heun",
-           "--repaint_resample=2", "--repaint_jump=2", f"--npz={out}")
+    sample(
+        workdir,
+        "--mode=inpaint",
+        f"--input={npz}",
+        "--mask=top",
+        "--config.sampler.name=heun",
+        "--repaint_resample=2",
+        "--repaint_jump=2",
+        f"--npz={out}",
+    )
     res = np.load(out)
     assert res["images"].shape == images.shape
     np.testing.assert_array_equal(res["images"][:, :4], images[:, :4])  # known: exact

@@ -7,6 +7,7 @@ variance of a sampler's output follow by propagating them through the steps
 checked against exact numbers that already include the discretization error of a given
 step sequence. The newer solvers, guidance and editing: test_solvers.py, test_editing.py.
 """
+
 import functools
 import time
 
@@ -44,8 +45,9 @@ def test_ddpm_matches_exact_moments():
     se_v = exact["fixedlarge"][1] * np.sqrt(2.0 / np.prod(SHAPE))
     assert abs(exact["fixedlarge"][1] - exact["fixedsmall"][1]) > 10 * se_v
     for variance in samplers.VARIANCES:
-        x = samplers.ddpm_sample(gaussian_eps(mu, s), SCHED, jax.random.key(1), SHAPE,
-                                 variance=variance)
+        x = samplers.ddpm_sample(
+            gaussian_eps(mu, s), SCHED, jax.random.key(1), SHAPE, variance=variance
+        )
         assert x.shape == SHAPE
         check_moments(x, *exact[variance][:2], f"ddpm {variance}")
 
@@ -84,8 +86,10 @@ def test_gaussian_mixture(sampler):
     n, frac = x.size, np.mean(x > 0)
     se = np.sqrt(0.7 * 0.3 / n)  # binomial standard error of the fraction
     pos, neg = x[x > 0], x[x <= 0]
-    print(f"{sampler}: P(x>0) {frac:.4f} ({(frac - 0.7) / se:+.2f} se); "
-          f"+ mean {pos.mean():.4f} std {pos.std():.4f}; - mean {neg.mean():.4f} std {neg.std():.4f}")
+    print(
+        f"{sampler}: P(x>0) {frac:.4f} ({(frac - 0.7) / se:+.2f} se); "
+        f"+ mean {pos.mean():.4f} std {pos.std():.4f}; - mean {neg.mean():.4f} std {neg.std():.4f}"
+    )
     assert abs(frac - 0.7) < 5 * se
     # Per component (>= 6000 samples) the sampling se is <= 1.3e-3 for the mean and
     # <= 0.9% for the std. On a single Gaussian with s = 0.1 the exact std bias is +0.8%
@@ -100,13 +104,21 @@ def test_gaussian_mixture(sampler):
 # --------------------------------------------------------------------------- 3. spacings
 
 
-@pytest.mark.parametrize("spacing,n,expected", [
-    ("leading", 3, [6, 3, 0]), ("leading", 5, [8, 6, 4, 2, 0]),
-    ("trailing", 3, [9, 6, 2]), ("trailing", 5, [9, 7, 5, 3, 1]),
-    ("linspace", 3, [9, 4, 0]), ("linspace", 5, [9, 7, 4, 2, 0]),
-    ("leading", 10, list(range(9, -1, -1))), ("trailing", 10, list(range(9, -1, -1))),
-    ("linspace", 10, list(range(9, -1, -1))), ("trailing", 1, [9]),
-])
+@pytest.mark.parametrize(
+    "spacing,n,expected",
+    [
+        ("leading", 3, [6, 3, 0]),
+        ("leading", 5, [8, 6, 4, 2, 0]),
+        ("trailing", 3, [9, 6, 2]),
+        ("trailing", 5, [9, 7, 5, 3, 1]),
+        ("linspace", 3, [9, 4, 0]),
+        ("linspace", 5, [9, 7, 4, 2, 0]),
+        ("leading", 10, list(range(9, -1, -1))),
+        ("trailing", 10, list(range(9, -1, -1))),
+        ("linspace", 10, list(range(9, -1, -1))),
+        ("trailing", 1, [9]),
+    ],
+)
 def test_ddim_timesteps_small_cases(spacing, n, expected):
     ts = timesteps.ddim_timesteps(10, n, spacing)
     assert ts.dtype == np.int32
@@ -137,13 +149,15 @@ def test_bad_spacing_and_num_steps_raise():
     with pytest.raises(ValueError, match="variance"):
         samplers.ddpm_sample(model_fn, SCHED, jax.random.key(0), (2,), variance="learned")
     with pytest.raises(ValueError, match="prediction"):
-        samplers.ddim_sample(model_fn, SCHED, jax.random.key(0), (2,), num_steps=5,
-                             prediction="score")
+        samplers.ddim_sample(
+            model_fn, SCHED, jax.random.key(0), (2,), num_steps=5, prediction="score"
+        )
     with pytest.raises(ValueError, match="eta"):
         samplers.ddim_sample(model_fn, SCHED, jax.random.key(0), (2,), num_steps=5, eta=1.5)
     with pytest.raises(ValueError, match="x_T"):
-        samplers.ddim_sample(model_fn, SCHED, jax.random.key(0), (2,), num_steps=5,
-                             x_T=jnp.zeros((3,)))
+        samplers.ddim_sample(
+            model_fn, SCHED, jax.random.key(0), (2,), num_steps=5, x_T=jnp.zeros((3,))
+        )
 
 
 # --------------------------------------------------------------------------- 4. eta = 1 == DDPM
@@ -173,8 +187,9 @@ def test_ddim_inversion_round_trip_is_first_order():
         # trailing spacing: every n walks up to T - 1, so only the step size changes
         # ("leading" at 400 steps would stop at index 798 and skew the ratios).
         x_T = editing.ddim_invert(model_fn, SCHED, x0, num_steps=n, spacing="trailing")
-        x0_back = samplers.ddim_sample(model_fn, SCHED, jax.random.key(7), x0.shape,
-                                       num_steps=n, spacing="trailing", x_T=x_T)
+        x0_back = samplers.ddim_sample(
+            model_fn, SCHED, jax.random.key(7), x0.shape, num_steps=n, spacing="trailing", x_T=x_T
+        )
         rms[n] = float(jnp.sqrt(jnp.mean((x0_back - x0) ** 2)))
     ratios = rms[100] / rms[200], rms[200] / rms[400]
     print("inversion round-trip RMS:", rms, "ratios:", ratios)
@@ -194,10 +209,18 @@ def _lower(num_steps):
     ts = timesteps.ddim_timesteps(T, num_steps, "leading")
     model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)
     return samplers._scan_sample.lower(
-        jax.tree_util.Partial(model_fn), SCHED, jnp.zeros((8, 4, 4, 3)),
-        jnp.asarray(ts), jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
-        jax.random.split(jax.random.key(0), num_steps), jnp.float32(0.0),
-        update="ddim", prediction="eps", clip_x0=False, return_every=0)
+        jax.tree_util.Partial(model_fn),
+        SCHED,
+        jnp.zeros((8, 4, 4, 3)),
+        jnp.asarray(ts),
+        jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
+        jax.random.split(jax.random.key(0), num_steps),
+        jnp.float32(0.0),
+        update="ddim",
+        prediction="eps",
+        clip_x0=False,
+        return_every=0,
+    )
 
 
 def test_no_retrace_for_new_eta_rng_or_x_T():
@@ -210,10 +233,12 @@ def test_no_retrace_for_new_eta_rng_or_x_T():
     traced_once = chex.assert_max_traces(counting_model, n=1)
     shape = (4, 3, 3, 2)
     a = samplers.ddim_sample(traced_once, SCHED, jax.random.key(0), shape, num_steps=10)
-    b = samplers.ddim_sample(traced_once, SCHED, jax.random.key(1), shape, num_steps=10,
-                             eta=0.7, x_T=jnp.ones(shape))
-    c = samplers.ddim_sample(traced_once, SCHED, jax.random.key(2), shape, num_steps=10,
-                             eta=jnp.float32(0.3))
+    b = samplers.ddim_sample(
+        traced_once, SCHED, jax.random.key(1), shape, num_steps=10, eta=0.7, x_T=jnp.ones(shape)
+    )
+    c = samplers.ddim_sample(
+        traced_once, SCHED, jax.random.key(2), shape, num_steps=10, eta=jnp.float32(0.3)
+    )
     assert len(calls) == 1
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
@@ -223,10 +248,16 @@ def test_no_retrace_for_new_eta_rng_or_x_T():
         return gaussian_eps_at(x, t, params["mu"], params["s"])
 
     calls.clear()
-    outs = [samplers.ddim_sample(jax.tree_util.Partial(param_model, {"mu": jnp.float32(mu),
-                                                                      "s": jnp.float32(0.5)}),
-                                 SCHED, jax.random.key(0), shape, num_steps=10)
-            for mu in (0.3, -0.3)]
+    outs = [
+        samplers.ddim_sample(
+            jax.tree_util.Partial(param_model, {"mu": jnp.float32(mu), "s": jnp.float32(0.5)}),
+            SCHED,
+            jax.random.key(0),
+            shape,
+            num_steps=10,
+        )
+        for mu in (0.3, -0.3)
+    ]
     assert len(calls) == 1 and not np.allclose(outs[0], outs[1])
 
 
@@ -270,8 +301,16 @@ def test_x0_and_v_predictions_match_eps():
     # Both samplers share the prediction -> (x0, eps) conversion; DDIM with eta > 0 and
     # "trailing" spacing exercises it at t = T-1 and with noise, in 100 steps, not 1000.
     def sample(fn, p):
-        return samplers.ddim_sample(fn, SCHED, jax.random.key(8), (512, 2, 2, 1),
-                                    num_steps=100, eta=0.5, spacing="trailing", prediction=p)
+        return samplers.ddim_sample(
+            fn,
+            SCHED,
+            jax.random.key(8),
+            (512, 2, 2, 1),
+            num_steps=100,
+            eta=0.5,
+            spacing="trailing",
+            prediction=p,
+        )
 
     ref = sample(eps_fn, "eps")
     for fn, p in ((x0_fn, "x0"), (v_fn, "v")):
@@ -288,18 +327,20 @@ def test_return_every_trajectory():
     model_fn, rng, shape = gaussian_eps(mu, s), jax.random.key(9), (3, 2, 2, 1)
     x_T = jax.random.normal(jax.random.key(11), shape)
     x = samplers.ddim_sample(model_fn, SCHED, rng, shape, num_steps=10, x_T=x_T)
-    x5, traj5 = samplers.ddim_sample(model_fn, SCHED, rng, shape, num_steps=10, x_T=x_T,
-                                     return_every=5)
+    x5, traj5 = samplers.ddim_sample(
+        model_fn, SCHED, rng, shape, num_steps=10, x_T=x_T, return_every=5
+    )
     assert traj5.shape == (2,) + shape
     np.testing.assert_allclose(x5, x, atol=1e-6)
     np.testing.assert_allclose(traj5[-1], x, atol=1e-6)  # the 10th step is the last
-    x3, traj3 = samplers.ddim_sample(model_fn, SCHED, rng, shape, num_steps=10, x_T=x_T,
-                                     return_every=3)
+    x3, traj3 = samplers.ddim_sample(
+        model_fn, SCHED, rng, shape, num_steps=10, x_T=x_T, return_every=3
+    )
     assert traj3.shape == (3,) + shape  # after steps 3, 6, 9; step 10 runs after
     np.testing.assert_allclose(x3, x, atol=1e-6)
     steps = pairs(leading(10))
     for i in range(3):  # deterministic: x after k steps = gain_k * x_T + offset_k exactly
-        _, _, gain, offset = propagate(steps[:3 * (i + 1)], mu, s, "ddim")
+        _, _, gain, offset = propagate(steps[: 3 * (i + 1)], mu, s, "ddim")
         np.testing.assert_allclose(traj3[i], gain * np.asarray(x_T) + offset, atol=1e-5)
     x_d, traj_d = samplers.ddpm_sample(model_fn, SCHED, rng, shape, return_every=250)
     assert traj_d.shape == (4,) + shape
@@ -317,6 +358,7 @@ def test_given_x_T_is_used():
     c = samplers.ddim_sample(model_fn, SCHED, jax.random.key(0), shape, num_steps=20)
     np.testing.assert_array_equal(a, b)  # eta = 0: rng is unused once x_T is given
     assert not np.allclose(a, c)
-    d = samplers.ddim_sample(model_fn, SCHED, jax.random.key(1), shape, num_steps=20, x_T=x_T,
-                             eta=1.0)
+    d = samplers.ddim_sample(
+        model_fn, SCHED, jax.random.key(1), shape, num_steps=20, x_T=x_T, eta=1.0
+    )
     assert not np.allclose(a, d)  # with eta > 0 the rng still drives the step noise

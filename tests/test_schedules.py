@@ -11,6 +11,7 @@ loose enough for any correct implementation, tight enough that a wrong formula, 
 off-by-one in t or a float32 (instead of float64) cumprod over 1000 steps (error ~1e-5
 relative) fails.
 """
+
 import math
 
 import jax
@@ -23,9 +24,19 @@ from diffusion_jax.schedules import NoiseSchedule, make_schedule
 F32_RTOL = 1e-6  # float32 storage of a float64 value: see module docstring.
 
 NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
-FIELDS = ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-          "sqrt_one_minus_alphas_cumprod", "log_snr", "posterior_variance",
-          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+FIELDS = (
+    "betas",
+    "alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_snr",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
 # (name, T) for the generic invariants. The brief asks for T in {10, 1000}; linear at T=10 is
 # invalid by construction (the 1000/T scaling puts beta_T = 2.0 > 1, tested separately
@@ -47,16 +58,18 @@ def assert_f32_close(actual, expected, rtol=F32_RTOL, atol=0.0):
 
 def cosine_alpha_bar(u, s=0.008):
     """Nichol & Dhariwal 2021 eq. 17: f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)."""
-    f = lambda v: np.cos((v + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+    f = lambda v: np.cos((v + s) / (1 + s) * np.pi / 2) ** 2
     return f(np.asarray(u, np.float64)) / f(0.0)
 
 
 def sigmoid_alpha_bar(u, start=-3.0, end=3.0, tau=1.0):
     """Chen 2023 (Alg. 1, sigmoid_schedule): (sig(end/tau) - sig((u(end-start)+start)/tau))
     / (sig(end/tau) - sig(start/tau))."""
-    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    sig = lambda z: 1 / (1 + np.exp(-z))
     u = np.asarray(u, np.float64)
-    return (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (sig(end / tau) - sig(start / tau))
+    return (sig(end / tau) - sig((u * (end - start) + start) / tau)) / (
+        sig(end / tau) - sig(start / tau)
+    )
 
 
 def betas_from_alpha_bar(alpha_bar, T):
@@ -280,12 +293,15 @@ def test_bad_num_timesteps(T):
         make_schedule("cosine", T)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("linear", {"s": 0.008}),            # option of another schedule
-    ("cosine", {"beta_end": 0.02}),
-    ("linear", {"beta_end": 2.0}),       # betas > 1
-    ("linear", {"beta_start": -1e-4}),   # betas <= 0
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("linear", {"s": 0.008}),  # option of another schedule
+        ("cosine", {"beta_end": 0.02}),
+        ("linear", {"beta_end": 2.0}),  # betas > 1
+        ("linear", {"beta_start": -1e-4}),  # betas <= 0
+    ],
+)
 def test_bad_options(name, options):
     with pytest.raises(ValueError):
         make_schedule(name, 1000, **options)

@@ -6,6 +6,7 @@ of each solver from its paper (the exact output law for a given step sequence, n
 included) and Monte Carlo moments. Errors are measured on a grid of x_T values: every
 deterministic sampler is affine in x_T here, so two points give its exact output law.
 """
+
 import functools
 
 import jax
@@ -39,9 +40,20 @@ def sci(values):
 def run(sampler, n, spacing, x_T=X_T, model_fn=None, schedule=SCHED, **kw):
     model_fn = model_fn or gaussian_eps(MU, S)
     x_T = jnp.asarray(x_T, jnp.float32)
-    return np.asarray(samplers.sample(model_fn, schedule, jax.random.key(0), x_T.shape,
-                                      sampler=sampler, num_steps=n, spacing=spacing, x_T=x_T,
-                                      **kw), np.float64)
+    return np.asarray(
+        samplers.sample(
+            model_fn,
+            schedule,
+            jax.random.key(0),
+            x_T.shape,
+            sampler=sampler,
+            num_steps=n,
+            spacing=spacing,
+            x_T=x_T,
+            **kw,
+        ),
+        np.float64,
+    )
 
 
 def affine_law(sampler, n, spacing):
@@ -66,12 +78,15 @@ def test_ode_solvers_converge_at_their_order(sampler):
         c = reference_sample(sampler, ts, MU, S)  # deterministic: c[0] + c[1] x_T
         # float32 rounding, ~1e-7 relative per operation over <= 319 model calls
         # (measured max 4e-7); a coefficient 1e-4 off in a single step gives > 1e-5.
-        np.testing.assert_allclose(x, c[0] + c[1] * X_T, atol=5e-6, rtol=0,
-                                   err_msg=f"{sampler} {n}")
+        np.testing.assert_allclose(
+            x, c[0] + c[1] * X_T, atol=5e-6, rtol=0, err_msg=f"{sampler} {n}"
+        )
         errs.append(np.max(np.abs(x - exact_ode_sample(X_T, ts, MU, S))))
     orders = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
-    print(f"{sampler}: max error at {steps} steps: {sci(errs)}"
-          f"; empirical orders {np.round(orders, 2)}")
+    print(
+        f"{sampler}: max error at {steps} steps: {sci(errs)}"
+        f"; empirical orders {np.round(orders, 2)}"
+    )
     # Tolerances: the measured orders are 0.99 (ddim/euler), 2.00-2.05 (heun), 1.53 / 1.92
     # / 2.00 (dpmpp_2m; the first doubling is pre-asymptotic, see ddim_timesteps on the
     # last long step in lambda); the smallest errors (3e-4 heun, 5e-3 dpmpp_2m at 160
@@ -88,15 +103,17 @@ def test_euler_is_ddim():
     # Karras et al. 2022, eq. 4 / app. B: DDIM's deterministic update is Euler on the ODE
     # in (x / alpha, sigma / alpha). Different float32 arithmetic, same map: 1e-5.
     for spacing in ("leading", "trailing"):
-        np.testing.assert_allclose(run("euler", 10, spacing), run("ddim", 10, spacing),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            run("euler", 10, spacing), run("ddim", 10, spacing), atol=1e-5, rtol=0
+        )
 
 
 # --------------------------------------------------------------------------- 2. few steps
 
 
-@pytest.mark.parametrize("sampler,n,tol", [
-    ("dpmpp_2m", 10, 0.05), ("dpmpp_2m", 20, 0.025), ("heun", 20, 0.05)])
+@pytest.mark.parametrize(
+    "sampler,n,tol", [("dpmpp_2m", 10, 0.05), ("dpmpp_2m", 20, 0.025), ("heun", 20, 0.05)]
+)
 def test_few_steps_reproduce_data_moments(sampler, n, tol):
     """With steps uniform in log-SNR (DPM-Solver's choice) DPM-Solver++(2M) gets the data
     std within 3.2% at 10 steps and 1.5% at 20 (Heun: 3.7% at 20 steps = 39 NFE), where
@@ -105,8 +122,10 @@ def test_few_steps_reproduce_data_moments(sampler, n, tol):
     x_T ~ N(0, 1) is not exactly the marginal at index T-1 (mean sqrt(ab) mu = 2e-3)."""
     mean, std = affine_law(sampler, n, "logsnr")
     ddim_mean, ddim_std = affine_law("ddim", n, "logsnr")
-    print(f"{sampler} {n} logsnr steps: mean {mean:.4f} std {std:.4f} (data {MU}, {S}); "
-          f"ddim: mean {ddim_mean:.4f} std {ddim_std:.4f}")
+    print(
+        f"{sampler} {n} logsnr steps: mean {mean:.4f} std {std:.4f} (data {MU}, {S}); "
+        f"ddim: mean {ddim_mean:.4f} std {ddim_std:.4f}"
+    )
     assert abs(mean - MU) < 3e-3
     assert abs(std - S) < tol * S
     assert abs(ddim_std - S) > 0.1 * S  # the test has power: DDIM fails it
@@ -120,13 +139,23 @@ def test_dpmpp_2m_sde_pathwise_equals_reference():
     samplers), the SDE sampler's output equals the float64 solver sample by sample."""
     n, shape = 10, (64,)
     rng = jax.random.key(3)
-    x = np.asarray(samplers.sample(gaussian_eps(MU, S), SCHED, rng, shape,
-                                   sampler="dpmpp_2m_sde", num_steps=n, spacing="logsnr"))
+    x = np.asarray(
+        samplers.sample(
+            gaussian_eps(MU, S),
+            SCHED,
+            rng,
+            shape,
+            sampler="dpmpp_2m_sde",
+            num_steps=n,
+            spacing="logsnr",
+        )
+    )
     rng_xT, rng_steps = jax.random.split(rng)
     basis = [np.ones(shape), np.asarray(jax.random.normal(rng_xT, shape))]
     basis += [np.asarray(jax.random.normal(k, shape)) for k in jax.random.split(rng_steps, n)]
-    c = reference_sample("dpmpp_2m_sde", timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr),
-                         MU, S)
+    c = reference_sample(
+        "dpmpp_2m_sde", timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr), MU, S
+    )
     # float32 rounding as above, over 10 steps with noise: measured max 3e-7.
     np.testing.assert_allclose(x, np.tensordot(c, np.stack(basis), 1), atol=5e-6, rtol=0)
 
@@ -139,19 +168,29 @@ def test_dpmpp_2m_sde_moments_and_order():
     for n in (10, 20):
         ts = timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
         m, v = moments(reference_sample("dpmpp_2m_sde", ts, MU, S))
-        x = samplers.sample(gaussian_eps(MU, S), SCHED, jax.random.key(n), (12_500, 2, 2, 1),
-                            sampler="dpmpp_2m_sde", num_steps=n, spacing="logsnr")
+        x = samplers.sample(
+            gaussian_eps(MU, S),
+            SCHED,
+            jax.random.key(n),
+            (12_500, 2, 2, 1),
+            sampler="dpmpp_2m_sde",
+            num_steps=n,
+            spacing="logsnr",
+        )
         check_moments(x, m, v, f"dpmpp_2m_sde {n} steps")
         assert abs(m - MU) < 3e-3 and abs(np.sqrt(v) - S) < 0.05 * S, (m, np.sqrt(v))
     errs = []
     for n in (20, 40, 80, 160):
         ts = timesteps.ddim_timesteps(T, n, "logsnr", SCHED.log_snr)
         exact_std = exact_ode_sample(1.0, ts, MU, S) - exact_ode_sample(0.0, ts, MU, S)
-        errs.append(abs(np.sqrt(moments(reference_sample("dpmpp_2m_sde", ts, MU, S))[1])
-                        - exact_std))
+        errs.append(
+            abs(np.sqrt(moments(reference_sample("dpmpp_2m_sde", ts, MU, S))[1]) - exact_std)
+        )
     orders = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
-    print(f"dpmpp_2m_sde std error at 20/40/80/160 logsnr steps: "
-          f"{sci(errs)}; orders {np.round(orders, 2)}")
+    print(
+        f"dpmpp_2m_sde std error at 20/40/80/160 logsnr steps: "
+        f"{sci(errs)}; orders {np.round(orders, 2)}"
+    )
     assert np.all((orders > 1.6) & (orders < 2.4)), orders  # measured 1.8, 1.98, 1.99
 
 
@@ -171,12 +210,27 @@ def test_zero_terminal_snr_v_prediction():
         return a * eps - sig * x0
 
     for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde"):
-        x = run(sampler, 20, "logsnr", x_T=np.linspace(-3, 3, 101), model_fn=v_oracle,
-                schedule=sched, prediction="v")
+        x = run(
+            sampler,
+            20,
+            "logsnr",
+            x_T=np.linspace(-3, 3, 101),
+            model_fn=v_oracle,
+            schedule=sched,
+            prediction="v",
+        )
         assert np.all(np.isfinite(x)), sampler
     mean, std = (lambda o: (o[0], o[1] - o[0]))(
-        run("dpmpp_2m", 20, "logsnr", x_T=[0.0, 1.0], model_fn=v_oracle, schedule=sched,
-            prediction="v"))
+        run(
+            "dpmpp_2m",
+            20,
+            "logsnr",
+            x_T=[0.0, 1.0],
+            model_fn=v_oracle,
+            schedule=sched,
+            prediction="v",
+        )
+    )
     print(f"zero terminal SNR, dpmpp_2m 20 steps: mean {mean:.4f} std {std:.4f}")
     # x_T ~ N(0, 1) is exactly the marginal at T-1 here, so only discretization remains.
     assert abs(mean - MU) < 2e-3 and abs(std - S) < 0.03 * S
@@ -186,10 +240,18 @@ def _lower(sampler, num_steps):
     ts = timesteps.ddim_timesteps(T, num_steps, "leading")
     model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)  # new object: no cache hits
     return samplers._scan_sample.lower(
-        jax.tree_util.Partial(model_fn), SCHED, jnp.zeros((8, 4, 4, 3)),
-        jnp.asarray(ts), jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
-        jax.random.split(jax.random.key(0), num_steps), jnp.float32(0.0),
-        update=sampler, prediction="eps", clip_x0=False, return_every=0)
+        jax.tree_util.Partial(model_fn),
+        SCHED,
+        jnp.zeros((8, 4, 4, 3)),
+        jnp.asarray(ts),
+        jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
+        jax.random.split(jax.random.key(0), num_steps),
+        jnp.float32(0.0),
+        update=sampler,
+        prediction="eps",
+        clip_x0=False,
+        return_every=0,
+    )
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "dpmpp_2m_sde"])

@@ -1,6 +1,7 @@
 """Training in process: parallel equivalences (1 vs 8 devices, jit vs pmap, scanned steps),
 precompilation, per-device noise, mixed precision, sharded sampling. The CLI end to end,
 exact resume and the run-time errors are in test_train_cli.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +22,20 @@ def compiled_step_and_state(config, devices):
     schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps)
     tx = make_optimizer(config.optim, config.train.num_steps)
     dp = parallel.DataParallel(config.train.parallel, parallel.make_mesh(devices))
-    state = create_train_state(model, tx, (8, 8, 1), config.seed,
-                               conditional=config.model.num_classes > 0,
-                               out_sharding=dp.state_sharding)
+    state = create_train_state(
+        model,
+        tx,
+        (8, 8, 1),
+        config.seed,
+        conditional=config.model.num_classes > 0,
+        out_sharding=dp.state_sharding,
+    )
     if config.train.parallel == "pmap":
         # pmap runs on all local devices; restrict by building the pmap over `devices`
         assert len(devices) == jax.local_device_count()
-    step = dp.compile(lambda axis: steps.make_train_step(model, tx, schedule, config,
-                                                         axis_name=axis))
+    step = dp.compile(
+        lambda axis: steps.make_train_step(model, tx, schedule, config, axis_name=axis)
+    )
     return dp, step, dp.put_state(state)
 
 
@@ -70,8 +77,7 @@ def test_class_conditional_pmap_equals_jit_and_labels_matter():
     over = {"model.num_classes": 10}
     batches = synthetic_batches(3, 16)
     p_jit, _ = run_steps(tiny_config(**over), jax.devices(), batches)
-    p_pmap, _ = run_steps(tiny_config(**over, **{"train.parallel": "pmap"}), jax.devices(),
-                          batches)
+    p_pmap, _ = run_steps(tiny_config(**over, **{"train.parallel": "pmap"}), jax.devices(), batches)
     assert max_diff(p_jit, p_pmap) < 1e-5
     # the same images with other labels: the class embedding gets other gradients, so the
     # update differs far beyond the 1e-5 float noise allowed between jit and pmap
@@ -104,6 +110,7 @@ def test_precompile_is_reused_by_the_first_call(mode):
                 if axis:
                     loss = jax.lax.pmean(loss, axis)
                 return {"w": state["w"] - loss}, {"loss": loss}
+
             return step
 
         step = dp.compile(make_step)
@@ -134,8 +141,9 @@ def test_non_finite_step_leaves_the_state_untouched():
     assert metrics["finite"] == 0.0 and not np.isfinite(metrics["loss"])
     assert int(after.step) == int(before.step) + 1
     for name in ("params", "ema_params", "opt_state"):
-        for x, y in zip(jax.tree.leaves(getattr(before, name)),
-                        jax.tree.leaves(getattr(after, name))):
+        for x, y in zip(
+            jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))
+        ):
             np.testing.assert_array_equal(x, y)  # exactly: the update branch never ran
     for b in good:
         dstate, m = step(dstate, dp.put_batch(b))
@@ -147,13 +155,20 @@ def test_devices_draw_different_noise():
     """Each example's (t, eps) comes from its global id: shards of one batch differ, and
     the union of the shards' draws equals the unsharded draw."""
     from diffusion_jax import objectives
+
     sched = schedules.make_schedule("linear", 1000)
     x0 = jnp.zeros((8, 4, 4, 1))
     rng = jax.random.PRNGKey(0)
 
     def draws(ids):
-        _, aux = objectives.diffusion_loss(lambda p, x, t, y, r: x * 0, None, sched,
-                                           {"image": x0[:len(ids)]}, rng, example_ids=ids)
+        _, aux = objectives.diffusion_loss(
+            lambda p, x, t, y, r: x * 0,
+            None,
+            sched,
+            {"image": x0[: len(ids)]},
+            rng,
+            example_ids=ids,
+        )
         return np.asarray(aux["t"])
 
     whole = draws(jnp.arange(8))
@@ -170,11 +185,14 @@ def test_scanned_steps_equal_single_steps():
     schedule = schedules.make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
     dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:1]))
-    state = dp.put_state(create_train_state(model, tx, (8, 8, 1), cfg.seed, conditional=False,
-                                            out_sharding=dp.state_sharding))
+    state = dp.put_state(
+        create_train_state(
+            model, tx, (8, 8, 1), cfg.seed, conditional=False, out_sharding=dp.state_sharding
+        )
+    )
     step = dp.compile(lambda a: steps.make_train_step(model, tx, schedule, cfg, axis_name=a), 2)
     for i in (0, 2):
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches[i:i + 2])
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches[i : i + 2])
         state, _ = step(state, dp.put_batch(stacked, 2))
     # identical ops inside lax.scan vs separate dispatches; XLA may fuse differently
     assert max_diff(p1, jax.device_get(state.params)) < 1e-6
@@ -185,6 +203,7 @@ def test_scanned_steps_equal_single_steps():
 
 def test_check_config_rejects_incompatible_image_size():
     from diffusion_jax import data
+
     cfg = tiny_config(**{"model.name": "dit"})
     cfg.model.dit.patch_size = 3
     with pytest.raises(workdir.ConfigError, match="patch"):
@@ -197,8 +216,9 @@ def test_bfloat16_compute_trains_close_to_float32():
     batches = synthetic_batches(1, 16) * 20
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = tiny_config(**{"model.compute_dtype": dtype, "optim.learning_rate": 1e-3,
-                             "optim.warmup_steps": 0})
+        cfg = tiny_config(
+            **{"model.compute_dtype": dtype, "optim.learning_rate": 1e-3, "optim.warmup_steps": 0}
+        )
         runs[dtype] = run_steps(cfg, jax.devices()[:1], batches)
     (p32, l32), (p16, l16) = runs["float32"], runs["bfloat16"]
     for losses in (l32, l16):
@@ -215,6 +235,7 @@ def test_sharded_sampling_equals_single_device():
     """In-loop sampling shards the batch over the mesh; same seed -> same images as on one
     device (x_T and per-step noise come from partitionable threefry keys)."""
     from diffusion_jax import data
+
     cfg = tiny_config(**{"eval.num_samples": 12})  # padded to 16 on 8 devices
     spec = data.dataset_spec(cfg.data)
     model = build_model(cfg.model)
@@ -226,8 +247,10 @@ def test_sharded_sampling_equals_single_device():
         mesh = parallel.make_mesh(jax.devices()[:n])
         padded = generate.padded_batch_size(cfg.eval.num_samples, mesh)
         fn = steps.make_sample_fn(model, schedule, cfg, (padded, *spec.image_shape))
-        out[n] = (padded, generate.generate_samples(fn, params, cfg.eval.num_samples, padded, 3,
-                                                    mesh=mesh))
+        out[n] = (
+            padded,
+            generate.generate_samples(fn, params, cfg.eval.num_samples, padded, 3, mesh=mesh),
+        )
     assert out[1][0] == 12 and out[8][0] == 16
     # same arithmetic per example; different batch tiling may reorder float reductions
     np.testing.assert_allclose(out[8][1][:12], out[1][1][:12], atol=1e-5)

@@ -5,6 +5,7 @@ Each CLI call is a fresh process that compiles the tiny model, so these tests ar
 they live apart from test_train.py so pytest-xdist (--dist loadfile) runs the two halves
 on different workers.
 """
+
 import json
 import os
 import signal
@@ -23,9 +24,14 @@ from helpers import REPO, cli, load_state, tiny_config
 
 def test_cli_train_resume_sample(tmp_path):
     wd = str(tmp_path / "wd")
-    r = cli("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={wd}",
-            "--config.eval.every_steps=8", "--config.eval.metrics_every_steps=8",
-            "--config.eval.metrics_num_samples=16")
+    r = cli(
+        "diffusion_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={wd}",
+        "--config.eval.every_steps=8",
+        "--config.eval.metrics_every_steps=8",
+        "--config.eval.metrics_num_samples=16",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # in-loop quality metrics, logged with their provenance
     with open(os.path.join(wd, "eval.jsonl")) as f:
@@ -33,18 +39,28 @@ def test_cli_train_resume_sample(tmp_path):
     assert record["step"] == 8 and record["num_samples"] == 16
     assert np.isfinite(record["fid"]) and record["sampler"] == "ddim"
     from diffusion_jax.checkpoint import Checkpointer
+
     assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 8
     assert os.path.exists(os.path.join(wd, "samples", "step_0000008.png"))
     assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tensorboard")))
     # resume to 12 steps from the step-8 checkpoint
-    r = cli("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={wd}",
-            "--config.train.num_steps=12")
+    r = cli(
+        "diffusion_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={wd}",
+        "--config.train.num_steps=12",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 8" in r.stderr
     # sampling restores the 8-device checkpoint onto 1 device
     npz = str(tmp_path / "s.npz")
-    r = cli("diffusion_jax.sample", f"--workdir={wd}", "--num_samples=6", "--config.sampler.num_steps=3",
-            f"--npz={npz}")
+    r = cli(
+        "diffusion_jax.sample",
+        f"--workdir={wd}",
+        "--num_samples=6",
+        "--config.sampler.num_steps=3",
+        f"--npz={npz}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = np.load(npz)
     assert out["images"].shape == (6, 8, 8, 1) and out["images"].dtype == np.uint8
@@ -54,14 +70,28 @@ def test_cli_train_resume_sample(tmp_path):
 def test_exact_resume_after_sigkill(tmp_path):
     """Kill -9 a run right after its first checkpoint, resume, and compare with an
     uninterrupted run to the same step: parameters must be bit-identical."""
-    common = ["--config=configs/tiny.py", "--config.ckpt.every_steps=2",
-              "--config.train.log_every_steps=2", "--config.model.unet.dropout=0.1"]
+    common = [
+        "--config=configs/tiny.py",
+        "--config.ckpt.every_steps=2",
+        "--config.train.log_every_steps=2",
+        "--config.model.unet.dropout=0.1",
+    ]
     killed = str(tmp_path / "killed")
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "diffusion_jax.main", *common,
-                             f"--workdir={killed}", "--config.train.num_steps=100000"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffusion_jax.main",
+            *common,
+            f"--workdir={killed}",
+            "--config.train.num_steps=100000",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckdir = os.path.join(killed, "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -73,14 +103,17 @@ def test_exact_resume_after_sigkill(tmp_path):
     proc.wait()
     assert done, "no checkpoint appeared"
     from diffusion_jax.checkpoint import Checkpointer
+
     last = Checkpointer(ckdir).latest_step()
     target = last + 4
-    r = cli("diffusion_jax.main", *common, f"--workdir={killed}",
-            f"--config.train.num_steps={target}")
+    r = cli(
+        "diffusion_jax.main", *common, f"--workdir={killed}", f"--config.train.num_steps={target}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     straight = str(tmp_path / "straight")
-    r = cli("diffusion_jax.main", *common, f"--workdir={straight}",
-            f"--config.train.num_steps={target}")
+    r = cli(
+        "diffusion_jax.main", *common, f"--workdir={straight}", f"--config.train.num_steps={target}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_state(killed, target)
     b = load_state(straight, target)
@@ -91,13 +124,16 @@ def test_exact_resume_after_sigkill(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.bogus=1", "bogus"),
-    ("--config.schedule.name=cosin", "valid"),
-    ("--config.train.batch_size=12", "not divisible by the 8 devices"),
-    ("--config.train.parallel=pjit", "valid"),
-    ("--config.model.num_classes=7", "num_classes"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.bogus=1", "bogus"),
+        ("--config.schedule.name=cosin", "valid"),
+        ("--config.train.batch_size=12", "not divisible by the 8 devices"),
+        ("--config.train.parallel=pjit", "valid"),
+        ("--config.model.num_classes=7", "num_classes"),
+    ],
+)
 def test_cli_bad_config_is_one_clear_line(tmp_path, override, message):
     r = cli("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}", override)
     assert r.returncode != 0
@@ -112,7 +148,8 @@ def test_missing_named_dataset_is_clear(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(tmp_path):
-    cfg = tiny_config(**{"optim.learning_rate": 1e38, "optim.grad_clip_norm": 0.0,
-                         "optim.warmup_steps": 0})
+    cfg = tiny_config(
+        **{"optim.learning_rate": 1e38, "optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0}
+    )
     with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
         train.train_and_evaluate(cfg, str(tmp_path / "wd"))

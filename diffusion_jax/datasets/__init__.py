@@ -26,9 +26,7 @@ import tensorflow_datasets as tfds
 from diffusion_jax.datasets import digits
 
 # dataset name -> (data_dir -> prepared TFDS builder), building it on first use.
-BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
-    digits.NAME: digits.builder,
-}
+BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {digits.NAME: digits.builder}
 
 
 def _how_to_prepare(name: str) -> str:
@@ -38,12 +36,15 @@ def _how_to_prepare(name: str) -> str:
         f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
         "(some builders need `pip install tensorflow` for generation only; training never "
         "imports it), copy DIR here if needed, then pass --config.data.data_dir=DIR. "
-        "Or use --config.data.name=digits, which works offline.")
+        "Or use --config.data.name=digits, which works offline."
+    )
 
 
 def _not_prepared_message(name: str, data_dir: str) -> str:
-    return (f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and nothing is "
-            "downloaded at run time. " + _how_to_prepare(name))
+    return (
+        f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and nothing is "
+        "downloaded at run time. " + _how_to_prepare(name)
+    )
 
 
 def builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -64,8 +65,9 @@ def builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         ) from None
 
 
-def open_split(name: str, data_dir: str,
-               split: str) -> tuple[tfds.core.DatasetBuilder, Sequence[Any]]:
+def open_split(
+    name: str, data_dir: str, split: str
+) -> tuple[tfds.core.DatasetBuilder, Sequence[Any]]:
     """(builder, random-access source of `split`): ``builder.as_data_source``, no TensorFlow.
 
     A dataset that is not prepared, or not stored in a random-access format, raises an error
@@ -81,5 +83,6 @@ def open_split(name: str, data_dir: str,
         if dataset.info.file_format not in formats:
             raise ValueError(
                 f"{name!r} in {data_dir!r} is stored as {dataset.info.file_format.value}, "
-                "which has no random access. " + _how_to_prepare(name)) from e
+                "which has no random access. " + _how_to_prepare(name)
+            ) from e
         raise

@@ -43,13 +43,16 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description="scikit-learn's bundled 8x8 handwritten digits, pixels 0..16 -> uint8 "
             "round(x*255/16); sklearn row i is in 'test' iff i % 6 == 5.",
-            features=tfds.features.FeaturesDict({
-                # Tensor, not Image: encoding Image features needs TensorFlow.
-                "image": tfds.features.Tensor(
-                    shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                "index": tfds.features.Scalar(dtype=np.int32),  # row in load_digits()
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Tensor, not Image: encoding Image features needs TensorFlow.
+                    "image": tfds.features.Tensor(
+                        shape=(IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8
+                    ),
+                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                    "index": tfds.features.Scalar(dtype=np.int32),  # row in load_digits()
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=True,  # keep sklearn order within each split
         )
@@ -108,5 +111,6 @@ def builder(data_dir: str) -> SklearnDigits:
         prepared = SklearnDigits(data_dir=data_dir, file_format="array_record")
         if not prepared.is_prepared():
             prepared.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
     return SklearnDigits(data_dir=data_dir)  # re-read the info written to disk

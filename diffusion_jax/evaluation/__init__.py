@@ -95,17 +95,39 @@ from diffusion_jax.evaluation.stats import (
 
 __all__ = [
     # distances
-    "feature_stats", "fid_from_features", "fid_from_stats", "fid_from_stats_jax", "kid",
+    "feature_stats",
+    "fid_from_features",
+    "fid_from_stats",
+    "fid_from_stats_jax",
+    "kid",
     "precision_recall",
     # stats
-    "DEFAULT_CACHE_DIR", "MAX_REFERENCE_FEATURES", "STATS_VERSION", "FeatureStats",
-    "matched_fid", "real_floor", "reference_stats",
+    "DEFAULT_CACHE_DIR",
+    "MAX_REFERENCE_FEATURES",
+    "STATS_VERSION",
+    "FeatureStats",
+    "matched_fid",
+    "real_floor",
+    "reference_stats",
     # extractor
-    "FEATURE_EXTRACTORS", "FeatureExtractor", "make_extractor",
+    "FEATURE_EXTRACTORS",
+    "FeatureExtractor",
+    "make_extractor",
     # feature nets
-    "DigitsClassifierNet", "digits_classifier", "INCEPTION_FILE_NAME", "INCEPTION_INPUT_SIZE",
-    "InceptionV3", "inception_v3", "inception_variables_from_torch", "load_inception_variables",
+    "DigitsClassifierNet",
+    "digits_classifier",
+    "INCEPTION_FILE_NAME",
+    "INCEPTION_INPUT_SIZE",
+    "InceptionV3",
+    "inception_v3",
+    "inception_variables_from_torch",
+    "load_inception_variables",
     # scoring
-    "METRIC_SCALARS", "PROVENANCE_SCALARS", "append_jsonl", "evaluate_sampler",
-    "evaluate_samples", "sampler_info", "tensorboard_scalars",
+    "METRIC_SCALARS",
+    "PROVENANCE_SCALARS",
+    "append_jsonl",
+    "evaluate_sampler",
+    "evaluate_samples",
+    "sampler_info",
+    "tensorboard_scalars",
 ]

@@ -1,6 +1,7 @@
 """The digits feature net: a small conv classifier trained on the bundled digits' train
 split (deterministic, fixed seed), cached with its test accuracy; its penultimate layer
 gives classifier-FID features and its logits class accuracy (``digits_classifier``)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,17 @@ from diffusion_jax.evaluation.extractor import FeatureExtractor, to_channels
 from diffusion_jax.evaluation.stats import atomic_write, resolve_cache_dir
 
 # The whole training recipe; its hash is part of the cache key and of the version.
-_DIGITS_RECIPE = dict(version=2, widths=(64, 128), feature_dim=64, epochs=60, batch_size=64,
-                      learning_rate=2e-3, weight_decay=1e-4, max_shift=1, seed=0)
+_DIGITS_RECIPE = dict(
+    version=2,
+    widths=(64, 128),
+    feature_dim=64,
+    epochs=60,
+    batch_size=64,
+    learning_rate=2e-3,
+    weight_decay=1e-4,
+    max_shift=1,
+    seed=0,
+)
 
 
 def _patches_3x3(x):
@@ -32,8 +42,9 @@ def _patches_3x3(x):
     its forward; see benchmarks/README.md)."""
     h, w = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-1.0)
-    return jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)],
-                           axis=-1)
+    return jnp.concatenate(
+        [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1
+    )
 
 
 class DigitsClassifierNet(nn.Module):
@@ -74,8 +85,9 @@ def _train_digits_classifier(train_x, train_y, recipe) -> dict:
     params = net.init(key, jnp.zeros((1, DIGITS_SIZE, DIGITS_SIZE, 1)))["params"]
     bs = recipe["batch_size"]
     steps_per_epoch = len(train_x) // bs
-    schedule = optax.cosine_decay_schedule(recipe["learning_rate"],
-                                           recipe["epochs"] * steps_per_epoch)
+    schedule = optax.cosine_decay_schedule(
+        recipe["learning_rate"], recipe["epochs"] * steps_per_epoch
+    )
     tx = optax.adamw(schedule, weight_decay=recipe["weight_decay"])
     opt_state = tx.init(params)
 
@@ -115,16 +127,23 @@ def _digits_extractor(params, info) -> FeatureExtractor:
     def prepare(x):
         x = to_channels(jnp.asarray(x, jnp.float32), 1)
         if x.shape[1:3] != (DIGITS_SIZE, DIGITS_SIZE):  # e.g. digits upscaled by data.py
-            x = jax.image.resize(x, (x.shape[0], DIGITS_SIZE, DIGITS_SIZE, 1), "linear",
-                                 antialias=True)
+            x = jax.image.resize(
+                x, (x.shape[0], DIGITS_SIZE, DIGITS_SIZE, 1), "linear", antialias=True
+            )
         return x
 
     # params are closed over: constants of the compiled programs (~140k floats).
     feats_fn = jax.jit(lambda x: net.apply({"params": params}, prepare(x))[0] * scale)
     logits_fn = jax.jit(lambda x: net.apply({"params": params}, prepare(x))[1])
-    return FeatureExtractor(name="digits_classifier", version=info["version"],
-                            feature_dim=recipe["feature_dim"], apply_features=feats_fn,
-                            apply_logits=logits_fn, batch_size=500, info=info)
+    return FeatureExtractor(
+        name="digits_classifier",
+        version=info["version"],
+        feature_dim=recipe["feature_dim"],
+        apply_features=feats_fn,
+        apply_logits=logits_fn,
+        batch_size=500,
+        info=info,
+    )
 
 
 def digits_classifier(cache_dir: str = "", data_dir: str = "") -> FeatureExtractor:
@@ -157,14 +176,18 @@ def digits_classifier(cache_dir: str = "", data_dir: str = "") -> FeatureExtract
         with open(info_path) as f:
             info = json.load(f)
         if info.get("params_sha256") == hashlib.sha256(raw).hexdigest():
-            net = DigitsClassifierNet(tuple(_DIGITS_RECIPE["widths"]),
-                                      _DIGITS_RECIPE["feature_dim"])
-            template = jax.eval_shape(net.init, jax.random.PRNGKey(0),
-                                      jnp.zeros((1, DIGITS_SIZE, DIGITS_SIZE, 1)))["params"]
+            net = DigitsClassifierNet(
+                tuple(_DIGITS_RECIPE["widths"]), _DIGITS_RECIPE["feature_dim"]
+            )
+            template = jax.eval_shape(
+                net.init, jax.random.PRNGKey(0), jnp.zeros((1, DIGITS_SIZE, DIGITS_SIZE, 1))
+            )["params"]
             params = serialization.from_bytes(
-                jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), raw)
-            return _digits_extractor(params, {**info, "loaded_from_cache": True,
-                                              "path": params_path})
+                jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), raw
+            )
+            return _digits_extractor(
+                params, {**info, "loaded_from_cache": True, "path": params_path}
+            )
         logging.warning("digits classifier cache %s is inconsistent; retraining", params_path)
 
     train_x, train_y = data.load_split_arrays(data_cfg, "train")
@@ -174,17 +197,26 @@ def digits_classifier(cache_dir: str = "", data_dir: str = "") -> FeatureExtract
     train_seconds = time.time() - t0
     raw = serialization.to_bytes(params)
     sha = hashlib.sha256(raw).hexdigest()
-    info = {"recipe": _DIGITS_RECIPE, "recipe_hash": recipe_hash, "params_sha256": sha,
-            "version": f"{recipe_hash}-{sha[:12]}", "train_seconds": round(train_seconds, 2),
-            "num_train": int(len(train_x)), "num_test": int(len(test_x)),
-            "jax_version": jax.__version__}
+    info = {
+        "recipe": _DIGITS_RECIPE,
+        "recipe_hash": recipe_hash,
+        "params_sha256": sha,
+        "version": f"{recipe_hash}-{sha[:12]}",
+        "train_seconds": round(train_seconds, 2),
+        "num_train": int(len(train_x)),
+        "num_test": int(len(test_x)),
+        "jax_version": jax.__version__,
+    }
     unscaled = _digits_extractor(params, info)
     train_feats = unscaled.features(train_x)
     info["feature_scale"] = float(1.0 / np.sqrt(np.mean(np.square(train_feats, dtype=np.float64))))
     info["test_accuracy"] = float((unscaled.logits(test_x).argmax(-1) == test_y).mean())
     info["train_accuracy"] = float((unscaled.logits(train_x).argmax(-1) == train_y).mean())
-    logging.info("digits classifier: test accuracy %.4f, trained in %.1f s",
-                 info["test_accuracy"], train_seconds)
+    logging.info(
+        "digits classifier: test accuracy %.4f, trained in %.1f s",
+        info["test_accuracy"],
+        train_seconds,
+    )
     # params first: a reader that finds the JSON also finds the matching params
     atomic_write(params_path, lambda f: f.write(raw))
     atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))

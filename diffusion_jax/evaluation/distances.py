@@ -1,5 +1,6 @@
 """Metric math: FID (numpy float64 and jnp), KID and improved precision/recall, pure
 functions over feature arrays [N, D] (see the package docstring for the definitions)."""
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,10 @@ def _fid(mu1, sigma1, mu2, sigma2, xp):
 def _check_stats(mu1, sigma1, mu2, sigma2):
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"inconsistent statistics shapes: mu {mu1.shape}, {mu2.shape}; "
-                         f"sigma {sigma1.shape}, {sigma2.shape}")
+        raise ValueError(
+            f"inconsistent statistics shapes: mu {mu1.shape}, {mu2.shape}; "
+            f"sigma {sigma1.shape}, {sigma2.shape}"
+        )
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
@@ -97,8 +100,9 @@ def _mmd2_subsets(x, y, idx_x, idx_y):
     return jax.lax.map(one, (idx_x, idx_y))
 
 
-def kid(feats1, feats2, *, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    feats1, feats2, *, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018) between feature sets [N1, D], [N2, D].
 
     Each of ``num_subsets`` subsets draws ``min(subset_size, N1, N2)`` rows of each set
@@ -115,8 +119,9 @@ def kid(feats1, feats2, *, num_subsets: int = 100, subset_size: int = 1000,
     rng = np.random.default_rng(seed)
     idx_x = np.stack([rng.choice(len(x), m, replace=False) for _ in range(num_subsets)])
     idx_y = np.stack([rng.choice(len(y), m, replace=False) for _ in range(num_subsets)])
-    values = np.asarray(_mmd2_subsets(x, y, idx_x.astype(np.int32), idx_y.astype(np.int32)),
-                        np.float64)
+    values = np.asarray(
+        _mmd2_subsets(x, y, idx_x.astype(np.int32), idx_y.astype(np.int32)), np.float64
+    )
     return float(values.mean()), float(values.std())
 
 
@@ -160,11 +165,11 @@ def _batched_rows(fn, queries: np.ndarray, *args, **kw) -> np.ndarray:
     b = min(_PR_BATCH, n)
     out = []
     for start in range(0, n, b):
-        block = queries[start:start + b]
+        block = queries[start : start + b]
         pad = b - len(block)
         if pad:
             block = np.concatenate([block, np.repeat(block[-1:], pad, 0)])
-        out.append(np.asarray(fn(block, *args, **kw))[:b - pad])
+        out.append(np.asarray(fn(block, *args, **kw))[: b - pad])
     return np.concatenate(out)
 
 

@@ -7,6 +7,7 @@ factories here import it on first use (the nets' modules import this one). Addin
 a new module plus one ``FEATURE_EXTRACTORS`` entry (and one in ``dataset_feature_nets`` if
 it becomes a dataset's default).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,11 +47,11 @@ class FeatureExtractor:
             raise ValueError(f"expected images [N, H, W, C], got shape {images.shape}")
         out = []
         for start in range(0, len(images), self.batch_size):
-            block = images[start:start + self.batch_size]
+            block = images[start : start + self.batch_size]
             pad = self.batch_size - len(block)
             if pad:
                 block = np.concatenate([block, np.zeros((pad, *block.shape[1:]), block.dtype)])
-            out.append(np.asarray(fn(block), np.float32)[:self.batch_size - pad])
+            out.append(np.asarray(fn(block), np.float32)[: self.batch_size - pad])
         if not out:
             raise ValueError("no images")
         return np.concatenate(out)
@@ -87,15 +88,17 @@ def cfg_get(cfg, key, default=None):
 # extractor; it imports the net's module when called.
 
 
-def _digits_classifier(data_cfg, *, cache_dir: str = "",
-                       inception_weights: str = "") -> FeatureExtractor:
+def _digits_classifier(
+    data_cfg, *, cache_dir: str = "", inception_weights: str = ""
+) -> FeatureExtractor:
     from diffusion_jax.evaluation.digits_net import digits_classifier
 
     return digits_classifier(cache_dir, data_dir=cfg_get(data_cfg, "data_dir", ""))
 
 
-def _inception_v3(data_cfg, *, cache_dir: str = "",
-                  inception_weights: str = "") -> FeatureExtractor:
+def _inception_v3(
+    data_cfg, *, cache_dir: str = "", inception_weights: str = ""
+) -> FeatureExtractor:
     from diffusion_jax.evaluation.inception import inception_v3
 
     return inception_v3(inception_weights)
@@ -116,10 +119,12 @@ def dataset_feature_nets() -> dict[str, str]:
     return {data.DIGITS: "digits_classifier"}
 
 
-def make_extractor(data_cfg, *, cache_dir: str = "",
-                   inception_weights: str = "") -> FeatureExtractor:
+def make_extractor(
+    data_cfg, *, cache_dir: str = "", inception_weights: str = ""
+) -> FeatureExtractor:
     """The default feature net for a dataset: the digits classifier for the bundled digits
     (offline, "classifier-FID"), InceptionV3 (standard FID) for anything else."""
     name = dataset_feature_nets().get(cfg_get(data_cfg, "name"), DEFAULT_FEATURE_NET)
-    return FEATURE_EXTRACTORS[name](data_cfg, cache_dir=cache_dir,
-                                    inception_weights=inception_weights)
+    return FEATURE_EXTRACTORS[name](
+        data_cfg, cache_dir=cache_dir, inception_weights=inception_weights
+    )

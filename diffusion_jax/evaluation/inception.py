@@ -1,6 +1,7 @@
 """The FID feature net: InceptionV3 (the 2015-12-05 TF graph as ported by pytorch-fid) in
 Flax up to its 2048-d pool3 features, with weights converted from pytorch-fid's state dict
 and loaded from a local file (nothing is downloaded; ``inception_v3``)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,9 @@ class _ConvBN(nn.Module):
         pad = self.padding
         if isinstance(pad, tuple):  # (ph, pw) symmetric padding, as in PyTorch
             pad = ((pad[0], pad[0]), (pad[1], pad[1]))
-        x = nn.Conv(self.features, self.kernel, self.strides, padding=pad, use_bias=False,
-                    name="conv")(x)
+        x = nn.Conv(
+            self.features, self.kernel, self.strides, padding=pad, use_bias=False, name="conv"
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
         return nn.relu(x)
 
@@ -59,8 +61,7 @@ class _ConvBN(nn.Module):
 def _avg_pool_3x3_same(x):
     """3x3 stride-1 average pool, padding 1, padded cells excluded from the count
     (PyTorch count_include_pad=False, as in the TF graph)."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_3x3(x, stride: int):
@@ -131,13 +132,22 @@ class _InceptionE(nn.Module):  # Mixed_7b (average pool branch), Mixed_7c (max p
     def __call__(self, x):
         b1 = _ConvBN(320, name="branch1x1")(x)
         b3 = _ConvBN(384, name="branch3x3_1")(x)
-        b3 = jnp.concatenate([_ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                              _ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], -1)
+        b3 = jnp.concatenate(
+            [
+                _ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                _ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+            ],
+            -1,
+        )
         bd = _ConvBN(448, name="branch3x3dbl_1")(x)
         bd = _ConvBN(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([_ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                              _ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)],
-                             -1)
+        bd = jnp.concatenate(
+            [
+                _ConvBN(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                _ConvBN(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+            ],
+            -1,
+        )
         pooled = _avg_pool_3x3_same(x) if self.pool == "avg" else _max_pool_3x3(x, 1)
         bp = _ConvBN(192, name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -162,8 +172,12 @@ class InceptionV3(nn.Module):
         x = _InceptionA(64, name="Mixed_5c")(x)
         x = _InceptionA(64, name="Mixed_5d")(x)
         x = _InceptionB(name="Mixed_6a")(x)  # 17x17x768
-        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                         ("Mixed_6e", 192)):
+        for name, c7 in (
+            ("Mixed_6b", 128),
+            ("Mixed_6c", 160),
+            ("Mixed_6d", 160),
+            ("Mixed_6e", 192),
+        ):
             x = _InceptionC(c7, name=name)(x)
         x = _InceptionD(name="Mixed_7a")(x)  # 8x8x1280
         x = _InceptionE("avg", name="Mixed_7b")(x)
@@ -189,7 +203,7 @@ def inception_variables_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict
         elif path[-1] == "bn" and leaf in ("weight", "bias"):
             out[f"params/{module}/{'scale' if leaf == 'weight' else 'bias'}"] = value
         elif path[-1] == "bn" and leaf in ("running_mean", "running_var"):
-            out[f"batch_stats/{module}/{leaf[len('running_'):]}"] = value
+            out[f"batch_stats/{module}/{leaf[len('running_') :]}"] = value
         else:
             raise ValueError(f"unexpected InceptionV3 weight {name!r} {value.shape}")
     return out
@@ -222,7 +236,8 @@ def load_inception_variables(weights_path: str) -> dict:
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             f"InceptionV3 weights not found at {weights_path!r}; nothing is downloaded at run "
-            f"time.\n{_INCEPTION_HOWTO}")
+            f"time.\n{_INCEPTION_HOWTO}"
+        )
     if path.endswith(".pkl"):
         with open(path, "rb") as f:  # user-supplied file: unpickling runs its code
             flat = dict(pickle.load(f))
@@ -231,18 +246,20 @@ def load_inception_variables(weights_path: str) -> dict:
             flat = {k: z[k] for k in z.files}
     if any("." in k for k in flat):
         flat = inception_variables_from_torch(flat)
-    template = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, 75, 75, 3), jnp.float32))
+    template = jax.eval_shape(
+        InceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3), jnp.float32)
+    )
     expected = _flatten(template)
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: not FID InceptionV3 weights; missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        raise ValueError(
+            f"{path}: not FID InceptionV3 weights; missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
     for key, shape in expected.items():
         if tuple(flat[key].shape) != tuple(shape.shape):
-            raise ValueError(f"{path}: {key} has shape {flat[key].shape}, "
-                             f"expected {shape.shape}")
+            raise ValueError(f"{path}: {key} has shape {flat[key].shape}, expected {shape.shape}")
     return _unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
@@ -274,6 +291,11 @@ def inception_v3(weights_path: str, *, batch_size: int = 64) -> FeatureExtractor
         return net.apply(variables, x)
 
     sha = _file_sha256(os.path.expanduser(weights_path))
-    return FeatureExtractor(name="inception_v3", version=f"pool3-{sha[:12]}", feature_dim=2048,
-                            apply_features=feats, batch_size=batch_size,
-                            info={"weights_path": weights_path, "weights_sha256": sha})
+    return FeatureExtractor(
+        name="inception_v3",
+        version=f"pool3-{sha[:12]}",
+        feature_dim=2048,
+        apply_features=feats,
+        batch_size=batch_size,
+        info={"weights_path": weights_path, "weights_sha256": sha},
+    )

@@ -1,6 +1,7 @@
 """Scoring samples: ``evaluate_samples`` (every metric of a set of images against reference
 statistics), ``evaluate_sampler`` (generate with ``generate.generate_samples``, then score,
 with provenance), and the logging helpers (TensorBoard scalars, JSON lines)."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,20 @@ from diffusion_jax.evaluation.extractor import FeatureExtractor
 from diffusion_jax.evaluation.stats import FeatureStats, matched_fid
 
 
-def evaluate_samples(extractor: FeatureExtractor, samples, ref_stats: FeatureStats, *,
-                     labels=None, real_feats=None, matched_num_samples: Optional[int] = None,
-                     matched_num_splits: int = 10, kid_subsets: int = 100,
-                     kid_subset_size: int = 1000, pr_k: int = 3, seed: int = 0) -> dict:
+def evaluate_samples(
+    extractor: FeatureExtractor,
+    samples,
+    ref_stats: FeatureStats,
+    *,
+    labels=None,
+    real_feats=None,
+    matched_num_samples: Optional[int] = None,
+    matched_num_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    seed: int = 0,
+) -> dict:
     """Metrics of ``samples`` [N, H, W, C] in [-1, 1] against ``ref_stats``.
 
     Returns
@@ -36,26 +47,38 @@ def evaluate_samples(extractor: FeatureExtractor, samples, ref_stats: FeatureSta
       num_samples, num_reference, feature_net, feature_version.
     """
     samples = np.asarray(samples, np.float32)
-    if extractor.name != ref_stats.provenance.get("feature_net", extractor.name) or \
-            extractor.version != ref_stats.provenance.get("feature_version", extractor.version):
-        raise ValueError(f"reference stats were computed with {ref_stats.provenance}, not "
-                         f"{extractor.name} {extractor.version}")
+    if extractor.name != ref_stats.provenance.get(
+        "feature_net", extractor.name
+    ) or extractor.version != ref_stats.provenance.get("feature_version", extractor.version):
+        raise ValueError(
+            f"reference stats were computed with {ref_stats.provenance}, not "
+            f"{extractor.name} {extractor.version}"
+        )
     feats = extractor.features(samples)
-    result = {"fid": fid_from_stats(*feature_stats(feats), ref_stats.mu, ref_stats.sigma),
-              "num_samples": int(len(samples)), "num_reference": int(ref_stats.n),
-              "feature_net": extractor.name, "feature_version": extractor.version}
+    result = {
+        "fid": fid_from_stats(*feature_stats(feats), ref_stats.mu, ref_stats.sigma),
+        "num_samples": int(len(samples)),
+        "num_reference": int(ref_stats.n),
+        "feature_net": extractor.name,
+        "feature_version": extractor.version,
+    }
     real = ref_stats.features if real_feats is None else np.asarray(real_feats, np.float32)
     if matched_num_samples:
         if real is None:
             raise ValueError("matched FID needs real features")
-        matched = matched_fid(real, matched_num_samples, sample_feats=feats,
-                              num_splits=matched_num_splits, seed=seed)
-        result.update(fid_matched=matched["fid"], fid_matched_std=matched["fid_std"],
-                      matched_num_samples=matched["num_samples"],
-                      matched_num_splits=matched["num_splits"])
+        matched = matched_fid(
+            real, matched_num_samples, sample_feats=feats, num_splits=matched_num_splits, seed=seed
+        )
+        result.update(
+            fid_matched=matched["fid"],
+            fid_matched_std=matched["fid_std"],
+            matched_num_samples=matched["num_samples"],
+            matched_num_splits=matched["num_splits"],
+        )
     if real is not None:
-        result["kid"], result["kid_std"] = kid(feats, real, num_subsets=kid_subsets,
-                                               subset_size=kid_subset_size, seed=seed)
+        result["kid"], result["kid_std"] = kid(
+            feats, real, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+        )
         m = min(len(feats), len(real))
         rng = np.random.default_rng(seed)
 
@@ -76,49 +99,102 @@ def sampler_info(config) -> dict:
     DDPM variance, x0 clipping, guidance scale (DDPM always runs all T steps)."""
     s = config.sampler
     ddpm = s.name == "ddpm"
-    return {"sampler": s.name,
-            "num_steps": int(config.schedule.num_timesteps if ddpm else s.num_steps),
-            "eta": None if ddpm else float(s.eta), "spacing": None if ddpm else s.spacing,
-            "variance": s.variance if ddpm else None, "clip_x0": bool(s.clip_x0),
-            "guidance_scale": float(s.guidance_scale),
-            "conditional": bool(config.model.num_classes > 0)}
+    return {
+        "sampler": s.name,
+        "num_steps": int(config.schedule.num_timesteps if ddpm else s.num_steps),
+        "eta": None if ddpm else float(s.eta),
+        "spacing": None if ddpm else s.spacing,
+        "variance": s.variance if ddpm else None,
+        "clip_x0": bool(s.clip_x0),
+        "guidance_scale": float(s.guidance_scale),
+        "conditional": bool(config.model.num_classes > 0),
+    }
 
 
-def evaluate_sampler(sample_fn: Callable, params, extractor: FeatureExtractor,
-                     ref_stats: FeatureStats, *, num_samples: int, batch_size: int, seed: int,
-                     num_classes: int, guidance_scale: float, mesh=None,
-                     matched_num_samples: Optional[int] = None,
-                     info: Optional[Mapping[str, Any]] = None) -> dict:
+def evaluate_sampler(
+    sample_fn: Callable,
+    params,
+    extractor: FeatureExtractor,
+    ref_stats: FeatureStats,
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    num_classes: int,
+    guidance_scale: float,
+    mesh=None,
+    matched_num_samples: Optional[int] = None,
+    info: Optional[Mapping[str, Any]] = None,
+) -> dict:
     """Generate ``num_samples`` images (class-balanced labels for conditional models) and
     score them: ``evaluate_samples``' metrics plus seed, guidance_scale, the sampler
     ``info`` (see ``sampler_info``) and wall time, in one record. Use one fixed ``seed``
     for in-loop evaluation so successive numbers differ by the model only."""
     t0 = time.time()
     labels = generate.class_balanced_labels(num_classes, num_samples)
-    images = generate.generate_samples(sample_fn, params, num_samples, batch_size, seed,
-                                       labels, guidance_scale=guidance_scale, mesh=mesh)
+    images = generate.generate_samples(
+        sample_fn,
+        params,
+        num_samples,
+        batch_size,
+        seed,
+        labels,
+        guidance_scale=guidance_scale,
+        mesh=mesh,
+    )
     t1 = time.time()
     result = dict(info or {})
-    result.update(evaluate_samples(extractor, images, ref_stats,
-                                   labels=labels if num_classes else None,
-                                   matched_num_samples=matched_num_samples, seed=0))
-    result.update(seed=int(seed), guidance_scale=float(guidance_scale),
-                  sample_seconds=round(t1 - t0, 2), metric_seconds=round(time.time() - t1, 2))
+    result.update(
+        evaluate_samples(
+            extractor,
+            images,
+            ref_stats,
+            labels=labels if num_classes else None,
+            matched_num_samples=matched_num_samples,
+            seed=0,
+        )
+    )
+    result.update(
+        seed=int(seed),
+        guidance_scale=float(guidance_scale),
+        sample_seconds=round(t1 - t0, 2),
+        metric_seconds=round(time.time() - t1, 2),
+    )
     return result
 
 
 # Always logged next to the metrics: a FID means nothing without them.
-PROVENANCE_SCALARS = ("num_samples", "num_reference", "seed", "guidance_scale", "num_steps",
-                      "eta", "matched_num_samples")
-METRIC_SCALARS = ("fid", "kid", "kid_std", "precision", "recall", "class_accuracy",
-                  "fid_matched", "fid_matched_std", "fid_floor", "fid_matched_ratio")
+PROVENANCE_SCALARS = (
+    "num_samples",
+    "num_reference",
+    "seed",
+    "guidance_scale",
+    "num_steps",
+    "eta",
+    "matched_num_samples",
+)
+METRIC_SCALARS = (
+    "fid",
+    "kid",
+    "kid_std",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "fid_matched",
+    "fid_matched_std",
+    "fid_floor",
+    "fid_matched_ratio",
+)
 
 
 def tensorboard_scalars(result: Mapping[str, Any], prefix: str = "eval") -> dict:
     """Numeric metrics and their provenance (N, seed, guidance, steps, eta) as
     ``{prefix}/{name}`` scalars for ``metrics.MetricWriter.scalars``."""
-    return {f"{prefix}/{k}": float(result[k]) for k in METRIC_SCALARS + PROVENANCE_SCALARS
-            if result.get(k) is not None}
+    return {
+        f"{prefix}/{k}": float(result[k])
+        for k in METRIC_SCALARS + PROVENANCE_SCALARS
+        if result.get(k) is not None
+    }
 
 
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:

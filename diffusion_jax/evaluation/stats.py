@@ -1,6 +1,7 @@
 """Statistics of real images: ``FeatureStats`` (Gaussian statistics plus kept feature rows),
 the on-disk cache (atomic writes under ``cache_dir``), the cached reference statistics of a
 dataset split, FID at a matched sample size and the real-vs-real floor."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,13 @@ class FeatureStats:
     features: Optional[np.ndarray] = None  # float32 [<= n, D]
 
     @classmethod
-    def from_features(cls, feats, provenance: Optional[dict] = None,
-                      keep_features: int = MAX_REFERENCE_FEATURES, seed: int = 0):
+    def from_features(
+        cls,
+        feats,
+        provenance: Optional[dict] = None,
+        keep_features: int = MAX_REFERENCE_FEATURES,
+        seed: int = 0,
+    ):
         feats = np.asarray(feats, np.float32)
         mu, sigma = feature_stats(feats)
         kept = None
@@ -73,8 +79,12 @@ class FeatureStats:
 
     def save(self, path: str) -> None:
         """Atomic write of an .npz (provenance as a JSON string)."""
-        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.int64(self.n),
-                  "provenance": np.array(json.dumps(self.provenance, sort_keys=True))}
+        arrays = {
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "n": np.int64(self.n),
+            "provenance": np.array(json.dumps(self.provenance, sort_keys=True)),
+        }
         if self.features is not None:
             arrays["features"] = self.features
         atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -89,8 +99,9 @@ class FeatureStats:
 # ========================================================================== reference
 
 
-def reference_stats(extractor: FeatureExtractor, data_cfg, split: str = "train",
-                    cache_dir: str = "") -> FeatureStats:
+def reference_stats(
+    extractor: FeatureExtractor, data_cfg, split: str = "train", cache_dir: str = ""
+) -> FeatureStats:
     """Statistics of the whole ``split`` of ``data_cfg``'s dataset under ``extractor``.
 
     Cached in ``<cache_dir>/ref-<dataset>-<split>-<size>px-<feature net>.npz`` with
@@ -104,18 +115,30 @@ def reference_stats(extractor: FeatureExtractor, data_cfg, split: str = "train",
 
     name, size = cfg_get(data_cfg, "name"), int(cfg_get(data_cfg, "image_size"))
     spec = data.dataset_spec({**_as_dict(data_cfg), "split": split})
-    provenance = {"dataset": name, "split": split, "image_size": size,
-                  "num_images": int(spec.num_examples), "feature_net": extractor.name,
-                  "feature_version": extractor.version, "stats_version": STATS_VERSION}
-    path = os.path.join(resolve_cache_dir(cache_dir),
-                        f"ref-{name.replace('/', '_')}-{split}-{size}px-{extractor.name}.npz")
+    provenance = {
+        "dataset": name,
+        "split": split,
+        "image_size": size,
+        "num_images": int(spec.num_examples),
+        "feature_net": extractor.name,
+        "feature_version": extractor.version,
+        "stats_version": STATS_VERSION,
+    }
+    path = os.path.join(
+        resolve_cache_dir(cache_dir),
+        f"ref-{name.replace('/', '_')}-{split}-{size}px-{extractor.name}.npz",
+    )
     if os.path.exists(path):
         try:
             stats = FeatureStats.load(path)
             if stats.provenance == provenance:
                 return stats
-            logging.info("reference stats %s have provenance %s; recomputing for %s",
-                         path, stats.provenance, provenance)
+            logging.info(
+                "reference stats %s have provenance %s; recomputing for %s",
+                path,
+                stats.provenance,
+                provenance,
+            )
         except (OSError, ValueError, KeyError) as e:
             logging.warning("unreadable reference stats %s (%s); recomputing", path, e)
     images, _ = data.load_split_arrays(data_cfg, split)
@@ -133,11 +156,12 @@ def _as_dict(cfg) -> dict:
 def _split_rows(n_real: int, num_samples: int, split: int, seed: int):
     """Disjoint (reference, query) row indices into the real features for one split."""
     perm = np.random.default_rng([seed, split]).permutation(n_real)
-    return perm[:num_samples], perm[num_samples:2 * num_samples]
+    return perm[:num_samples], perm[num_samples : 2 * num_samples]
 
 
-def matched_fid(real_feats, num_samples: int, *, sample_feats=None, num_splits: int = 10,
-                seed: int = 0) -> dict:
+def matched_fid(
+    real_feats, num_samples: int, *, sample_feats=None, num_splits: int = 10, seed: int = 0
+) -> dict:
     """FID at a matched sample size: the protocol behind ``real_floor``.
 
     Split ``s`` draws (numpy rng [seed, s]) a reference set of ``num_samples`` real rows
@@ -151,8 +175,10 @@ def matched_fid(real_feats, num_samples: int, *, sample_feats=None, num_splits: 
     real = np.asarray(real_feats, np.float32)
     n = int(num_samples)
     if sample_feats is None and 2 * n > len(real):
-        raise ValueError(f"the real floor at N={n} needs 2N={2 * n} real images, have "
-                         f"{len(real)}; lower num_samples to <= {len(real) // 2}")
+        raise ValueError(
+            f"the real floor at N={n} needs 2N={2 * n} real images, have "
+            f"{len(real)}; lower num_samples to <= {len(real) // 2}"
+        )
     if n < 2 or n > len(real):
         raise ValueError(f"num_samples={n} must be in 2..{len(real)}")
     fake = None if sample_feats is None else np.asarray(sample_feats, np.float32)
@@ -164,17 +190,28 @@ def matched_fid(real_feats, num_samples: int, *, sample_feats=None, num_splits: 
         if fake is None:
             query = real[query_rows]
         elif len(fake) >= num_splits * n:
-            query = fake[s * n:(s + 1) * n]
+            query = fake[s * n : (s + 1) * n]
         else:
             query = fake[np.random.default_rng([seed, s, 1]).choice(len(fake), n, replace=False)]
         values.append(fid_from_features(query, real[ref_rows]))
-    return {"fid": float(np.mean(values)), "fid_std": float(np.std(values)),
-            "num_samples": n, "num_splits": int(num_splits)}
+    return {
+        "fid": float(np.mean(values)),
+        "fid_std": float(np.std(values)),
+        "num_samples": n,
+        "num_splits": int(num_splits),
+    }
 
 
-def real_floor(extractor: FeatureExtractor, data_cfg, *, num_samples: Optional[int] = None,
-               split: str = "train", num_splits: int = 10, seed: int = 0,
-               cache_dir: str = "") -> dict:
+def real_floor(
+    extractor: FeatureExtractor,
+    data_cfg,
+    *,
+    num_samples: Optional[int] = None,
+    split: str = "train",
+    num_splits: int = 10,
+    seed: int = 0,
+    cache_dir: str = "",
+) -> dict:
     """The real-vs-real floor: FID and KID between disjoint random halves of ``split``.
 
     Uses the cached reference features of ``split`` (``reference_stats``). Choice: two
@@ -196,7 +233,13 @@ def real_floor(extractor: FeatureExtractor, data_cfg, *, num_samples: Optional[i
     for s in range(num_splits):
         ref_rows, query_rows = _split_rows(len(ref.features), n, s, seed)
         kids.append(kid(ref.features[query_rows], ref.features[ref_rows], seed=seed)[0])
-    out.update(kid=float(np.mean(kids)), kid_std=float(np.std(kids)),
-               dataset=ref.provenance["dataset"], split=split, feature_net=extractor.name,
-               feature_version=extractor.version, seed=int(seed))
+    out.update(
+        kid=float(np.mean(kids)),
+        kid_std=float(np.std(kids)),
+        dataset=ref.provenance["dataset"],
+        split=split,
+        feature_net=extractor.name,
+        feature_version=extractor.version,
+        seed=int(seed),
+    )
     return out

@@ -8,6 +8,7 @@
                  (see UNET_PRESETS / DIT_PRESETS for values).
 The model receives only its own block: it never sees the schedule or the objective.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,9 @@ def build_model(model_cfg: Mapping[str, Any]):
     cfg = _to_dict(model_cfg)
     unknown_top = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
     if unknown_top:
-        raise ValueError(f"unknown key(s) {unknown_top} in config.model; valid keys: "
-                         f"{list(TOP_LEVEL_KEYS)}")
+        raise ValueError(
+            f"unknown key(s) {unknown_top} in config.model; valid keys: {list(TOP_LEVEL_KEYS)}"
+        )
     name = cfg.get("name")
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; valid names: {sorted(MODELS)}")
@@ -67,17 +69,25 @@ def build_model(model_cfg: Mapping[str, Any]):
     valid = constructor_kwargs(cls)
     for key in kwargs:
         if key not in valid:
-            hint = (" (set it at the top level of config.model)" if key == "num_classes" else
-                    " (use model.compute_dtype)" if key in ("dtype", "param_dtype") else "")
-            raise ValueError(f"config.model.{name}.{key} is not a {cls.__name__} argument"
-                             f"{hint}; valid keys: {list(valid)}")
+            hint = (
+                " (set it at the top level of config.model)"
+                if key == "num_classes"
+                else " (use model.compute_dtype)"
+                if key in ("dtype", "param_dtype")
+                else ""
+            )
+            raise ValueError(
+                f"config.model.{name}.{key} is not a {cls.__name__} argument"
+                f"{hint}; valid keys: {list(valid)}"
+            )
     # ConfigDicts may hold lists; module attributes should be hashable tuples.
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(num_classes=num_classes, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
 
 
-def check_input_shape(model_cfg: Mapping[str, Any], image_size: Union[int, Sequence[int]],
-                      channels: int) -> None:
+def check_input_shape(
+    model_cfg: Mapping[str, Any], image_size: Union[int, Sequence[int]], channels: int
+) -> None:
     """Validate an image size / channel count for a model config before anything compiles.
 
     ``image_size`` is an int (square) or (height, width). Raises ValueError naming the fix
@@ -109,8 +119,9 @@ def abstract_params(model, image_shape: Sequence[int]):
     return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
 
 
-def xla_forward_flops(model, image_shape: Sequence[int], batch_size: int = 1,
-                      params: Any = None) -> float:
+def xla_forward_flops(
+    model, image_shape: Sequence[int], batch_size: int = 1, params: Any = None
+) -> float:
     """XLA's cost-analysis FLOP count of one forward pass (eval mode) at ``batch_size``.
 
     Lowers with abstract parameters, so even DiT-XL costs no memory and no compile.
@@ -127,6 +138,18 @@ def xla_forward_flops(model, image_shape: Sequence[int], batch_size: int = 1,
     return float(cost["flops"])
 
 
-__all__ = ("MODELS", "UNet", "DiT", "UNET_PRESETS", "DIT_PRESETS", "build_model",
-           "check_input_shape", "constructor_kwargs", "count_params", "abstract_params",
-           "abstract_inputs", "xla_forward_flops", "COMPUTE_DTYPES")
+__all__ = (
+    "MODELS",
+    "UNet",
+    "DiT",
+    "UNET_PRESETS",
+    "DIT_PRESETS",
+    "build_model",
+    "check_input_shape",
+    "constructor_kwargs",
+    "count_params",
+    "abstract_params",
+    "abstract_inputs",
+    "xla_forward_flops",
+    "COMPUTE_DTYPES",
+)

@@ -7,6 +7,7 @@ modulation and the final projection are zero-initialized, so a fresh DiT outputs
 zero and every block starts as the identity. Classifier-free-guidance label dropout is
 done by the training step (replace labels by ``num_classes``), not hidden in the model.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,7 +51,8 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
-            6, self.hidden_size, name="adaLN", **kw)(c)
+            6, self.hidden_size, name="adaLN", **kw
+        )(c)
         h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
         x = x + gate_msa * MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(h)
         h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
@@ -107,19 +109,25 @@ class DiT(nn.Module):
                 f"DiT with patch_size={p} needs height and width divisible by {p}; got "
                 f"{height}x{width}. Resize/pad the images (e.g. to "
                 f"{max(p, round(height / p) * p)}x{max(p, round(width / p) * p)}) or use a "
-                f"patch size that divides the image size.")
+                f"patch size that divides the image size."
+            )
         if channels < 1:
             raise ValueError(f"DiT input needs at least one channel, got {channels}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"DiT hidden_size={self.hidden_size} is not divisible by "
-                             f"num_heads={self.num_heads}.")
+            raise ValueError(
+                f"DiT hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}."
+            )
         if self.hidden_size % 4:
-            raise ValueError(f"DiT hidden_size={self.hidden_size} must be divisible by 4 "
-                             f"for the 2D sin-cos position embedding.")
+            raise ValueError(
+                f"DiT hidden_size={self.hidden_size} must be divisible by 4 "
+                f"for the 2D sin-cos position embedding."
+            )
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None,
-                 train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None, train: bool = False
+    ) -> jnp.ndarray:
         del train  # DiT has no dropout; label dropout lives in the training step.
         batch, height, width, channels = x.shape
         self.check_input_shape(height, width, channels)
@@ -137,17 +145,25 @@ class DiT(nn.Module):
         # Conditioning c [B, hidden]; DiT initializes the timestep MLP and the label table
         # with N(0, 0.02).
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-        c = TimestepEmbedding(self.freq_embed_dim, hidden,
-                              kernel_init=nn.initializers.normal(0.02), name="t_embed", **kw)(t)
+        c = TimestepEmbedding(
+            self.freq_embed_dim,
+            hidden,
+            kernel_init=nn.initializers.normal(0.02),
+            name="t_embed",
+            **kw,
+        )(t)
         if self.num_classes > 0:
             c = c + LabelEmbedding(self.num_classes, hidden, name="y_embed", **kw)(y, batch)
         elif y is not None:
-            raise ValueError("this DiT is unconditional (num_classes=0) but labels y were "
-                             "given; pass y=None or set model.num_classes.")
+            raise ValueError(
+                "this DiT is unconditional (num_classes=0) but labels y were "
+                "given; pass y=None or set model.num_classes."
+            )
 
         for i in range(self.depth):
-            tokens = DiTBlock(hidden, self.num_heads, self.mlp_ratio, name=f"block{i}",
-                              **kw)(tokens, c)
+            tokens = DiTBlock(hidden, self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(
+                tokens, c
+            )
         tokens = DiTFinalLayer(hidden, p * p * out_channels, name="final", **kw)(tokens, c)
         return unpatchify(tokens, p, height, width).astype(jnp.float32)
 

@@ -10,6 +10,7 @@ with fan-avg uniform variance scaling (= Glorot/Xavier uniform) and zero-initial
 last layer of each residual branch and the output conv; DiT (Peebles & Xie 2023) uses
 Xavier uniform for linears and zero-initializes the adaLN modulation and final layer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,16 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
         emb = timestep_embedding(t, self.freq_dim)
-        dense = lambda name: nn.Dense(self.features, kernel_init=self.kernel_init,  # noqa: E731
-                                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        def dense(name):
+            return nn.Dense(
+                self.features,
+                kernel_init=self.kernel_init,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
         return dense("dense1")(nn.silu(dense("dense0")(emb)))
 
 
@@ -85,13 +94,20 @@ class LabelEmbedding(nn.Module):
     def __call__(self, y: Optional[jnp.ndarray], batch_size: int) -> jnp.ndarray:
         if y is None:
             y = jnp.full((batch_size,), self.num_classes, jnp.int32)
-        table = nn.Embed(self.num_classes + 1, self.features, embedding_init=self.embedding_init,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name="table")
+        table = nn.Embed(
+            self.num_classes + 1,
+            self.features,
+            embedding_init=self.embedding_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="table",
+        )
         return table(y)
 
 
-def sincos_pos_embed_2d(height: int, width: int, dim: int,
-                        max_period: float = 10000.0) -> np.ndarray:
+def sincos_pos_embed_2d(
+    height: int, width: int, dim: int, max_period: float = 10000.0
+) -> np.ndarray:
     """Fixed 2D sin-cos position embedding [height * width, dim] (row-major tokens).
 
     The first dim/2 channels encode the column (x) coordinate, the rest the row (y), each
@@ -124,8 +140,9 @@ def patchify(x: jnp.ndarray, patch_size: int) -> jnp.ndarray:
 def unpatchify(x: jnp.ndarray, patch_size: int, height: int, width: int) -> jnp.ndarray:
     """Inverse of ``patchify``: [B, (H/p)(W/p), p*p*C] -> [B, H, W, C] (H, W: image size)."""
     p = patch_size
-    return einops.rearrange(x, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c",
-                            h=height // p, w=width // p, p1=p, p2=p)
+    return einops.rearrange(
+        x, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=height // p, w=width // p, p1=p, p2=p
+    )
 
 
 # --------------------------------------------------------------------------- convolution
@@ -135,8 +152,15 @@ Padding2D = Tuple[Tuple[int, int], Tuple[int, int]]
 
 
 def _conv_nhwc(x, w, strides, padding, precision, lhs_dilation=(1, 1)):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, lhs_dilation=lhs_dilation,
-                                        dimension_numbers=_NHWC, precision=precision)
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
 
 
 def _conv_input_grad(dy, w, x_shape, strides, padding: Padding2D, precision):
@@ -158,8 +182,15 @@ def _conv_weight_grad(x, dy, kernel_hw, strides, padding: Padding2D, precision):
     kh, kw = kernel_hw
     x_t = einops.rearrange(x, "b h w c -> c h w b")
     dy_t = einops.rearrange(dy, "b h w o -> h w b o")
-    dw = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), padding, rhs_dilation=strides,
-                                      dimension_numbers=_NHWC, precision=precision)
+    dw = jax.lax.conv_general_dilated(
+        x_t,
+        dy_t,
+        (1, 1),
+        padding,
+        rhs_dilation=strides,
+        dimension_numbers=_NHWC,
+        precision=precision,
+    )
     return einops.rearrange(dw[:, :kh, :kw, :], "c kh kw o -> kh kw c o")
 
 
@@ -182,10 +213,19 @@ def _conv_explicit_grad_bwd(strides, padding, precision, res, dy):
 _conv_explicit_grad.defvjp(_conv_explicit_grad_fwd, _conv_explicit_grad_bwd)
 
 
-def conv_general_dilated_explicit_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                       rhs_dilation=None, dimension_numbers=None,
-                                       feature_group_count=1, batch_group_count=1,
-                                       precision=None, preferred_element_type=None):
+def conv_general_dilated_explicit_grad(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
     """``jax.lax.conv_general_dilated`` whose gradients are spelled out as two ordinary
     NHWC/HWIO convolutions (custom VJP) instead of JAX's transposed-dimension convs.
 
@@ -197,18 +237,32 @@ def conv_general_dilated_explicit_grad(lhs, rhs, window_strides, padding, lhs_di
     without dilation or groups (every UNet conv); anything else falls back to lax.
     Reverse mode only (a custom VJP: no jax.jvp / forward-over-reverse through it).
     """
-    simple = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
-              and preferred_element_type is None
-              and all(d == 1 for d in (lhs_dilation or (1,)))
-              and all(d == 1 for d in (rhs_dilation or (1,))))
+    simple = (
+        lhs.ndim == 4
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and all(d == 1 for d in (lhs_dilation or (1,)))
+        and all(d == 1 for d in (rhs_dilation or (1,)))
+    )
     if simple:
-        simple = (jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                  == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+        simple = jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers
+        ) == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     if not simple:
         return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision=precision,
-            preferred_element_type=preferred_element_type)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
@@ -220,8 +274,7 @@ def conv_general_dilated_explicit_grad(lhs, rhs, window_strides, padding, lhs_di
 CONV_IMPLS = {"xla": None, "explicit_grad": conv_general_dilated_explicit_grad}
 
 
-def Conv(features: int, kernel_size: Sequence[int], *, conv_impl: str = "xla",
-         **kwargs) -> nn.Conv:
+def Conv(features: int, kernel_size: Sequence[int], *, conv_impl: str = "xla", **kwargs) -> nn.Conv:
     """``nn.Conv(features, kernel_size, **kwargs)`` computing its gradients the
     ``conv_impl`` way ("xla": JAX autodiff; "explicit_grad": see
     ``conv_general_dilated_explicit_grad``). Same parameters (names, shapes, init)."""
@@ -249,9 +302,17 @@ class Downsample(_Resample):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.use_conv:
             # padding 'SAME' with stride 2 = TF's convention, as in the DDPM code.
-            return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
-                        kernel_init=xavier_uniform(), dtype=self.dtype,
-                        param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="conv")(x)
+            return Conv(
+                x.shape[-1],
+                (3, 3),
+                strides=(2, 2),
+                padding="SAME",
+                kernel_init=xavier_uniform(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
+                name="conv",
+            )(x)
         return einops.reduce(x, "b (h 2) (w 2) c -> b h w c", "mean")
 
 
@@ -262,9 +323,16 @@ class Upsample(_Resample):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = einops.repeat(x, "b h w c -> b (h 2) (w 2) c")
         if self.use_conv:
-            x = Conv(x.shape[-1], (3, 3), padding="SAME", kernel_init=xavier_uniform(),
-                     dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl,
-                     name="conv")(x)
+            x = Conv(
+                x.shape[-1],
+                (3, 3),
+                padding="SAME",
+                kernel_init=xavier_uniform(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
+                name="conv",
+            )(x)
         return x
 
 
@@ -295,10 +363,20 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, emb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: nn.GroupNorm(self.norm_groups, name=name, **kw)  # noqa: E731
-        conv = lambda name, init: Conv(self.out_channels, (3, 3), padding="SAME",  # noqa: E731
-                                       kernel_init=init, conv_impl=self.conv_impl, name=name,
-                                       **kw)
+
+        def norm(name):
+            return nn.GroupNorm(self.norm_groups, name=name, **kw)
+
+        def conv(name, init):
+            return Conv(
+                self.out_channels,
+                (3, 3),
+                padding="SAME",
+                kernel_init=init,
+                conv_impl=self.conv_impl,
+                name=name,
+                **kw,
+            )
 
         h = nn.silu(norm("norm1")(x))
         if self.resample == "down":
@@ -347,7 +425,9 @@ class MultiHeadSelfAttention(nn.Module):
             raise ValueError(f"attention width {c} is not divisible by num_heads={self.num_heads}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, name="qkv", **kw)(x)
-        q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = einops.rearrange(
+            qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        )
         q = q * (q.shape[-1] ** -0.5)
         logits = jnp.einsum("bhnd,bhmd->bhnm", q, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
@@ -369,11 +449,17 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         _, height, width, _ = x.shape
-        h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="norm")(x)
+        h = nn.GroupNorm(
+            self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(x)
         h = einops.rearrange(h, "b h w c -> b (h w) c")
-        h = MultiHeadSelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="attn")(h)
+        h = MultiHeadSelfAttention(
+            self.num_heads,
+            zero_init_out=True,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+        )(h)
         h = einops.rearrange(h, "b (h w) c -> b h w c", h=height, w=width)
         return x + h
 
@@ -415,15 +501,34 @@ class AdaLNModulation(nn.Module):
 
     @nn.compact
     def __call__(self, c: jnp.ndarray) -> Tuple[jnp.ndarray, ...]:
-        out = nn.Dense(self.num_chunks * self.features, kernel_init=zeros, bias_init=zeros,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(nn.silu(c))
+        out = nn.Dense(
+            self.num_chunks * self.features,
+            kernel_init=zeros,
+            bias_init=zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="dense",
+        )(nn.silu(c))
         out = einops.rearrange(out, "b (k c) -> k b 1 c", k=self.num_chunks)
         return tuple(out[i] for i in range(self.num_chunks))
 
 
 __all__: Sequence[str] = (
-    "timestep_embedding", "TimestepEmbedding", "LabelEmbedding", "sincos_pos_embed_2d",
-    "patchify", "unpatchify", "Conv", "CONV_IMPLS", "conv_general_dilated_explicit_grad",
-    "Downsample", "Upsample", "ResBlock", "MultiHeadSelfAttention",
-    "AttentionBlock", "MlpBlock", "modulate", "AdaLNModulation",
+    "timestep_embedding",
+    "TimestepEmbedding",
+    "LabelEmbedding",
+    "sincos_pos_embed_2d",
+    "patchify",
+    "unpatchify",
+    "Conv",
+    "CONV_IMPLS",
+    "conv_general_dilated_explicit_grad",
+    "Downsample",
+    "Upsample",
+    "ResBlock",
+    "MultiHeadSelfAttention",
+    "AttentionBlock",
+    "MlpBlock",
+    "modulate",
+    "AdaLNModulation",
 )

@@ -7,6 +7,7 @@ scale-shift (FiLM) norm, several heads / fixed head width, ResBlock up/down-samp
 class conditioning. The model knows nothing of diffusion: it maps (x_t, t, y) to an
 output with the shape of x_t (or ``out_channels`` channels).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -87,7 +88,8 @@ class UNet(nn.Module):
                 f"UNet with channel_mult={tuple(self.channel_mult)} ({len(self.channel_mult)} "
                 f"levels) halves the image {len(self.channel_mult) - 1} times, so height and "
                 f"width must be divisible by {factor}; got {height}x{width}. Resize/pad the "
-                f"images (e.g. to {fix_h}x{fix_w}) or use fewer channel_mult levels.")
+                f"images (e.g. to {fix_h}x{fix_w}) or use fewer channel_mult levels."
+            )
         if channels < 1:
             raise ValueError(f"UNet input needs at least one channel, got {channels}")
         for level, mult in enumerate(self.channel_mult):
@@ -96,14 +98,18 @@ class UNet(nn.Module):
                 raise ValueError(
                     f"UNet level width base_channels*mult = {self.base_channels}*{mult} = "
                     f"{width_ch} is not divisible by norm_groups={self.norm_groups}; change "
-                    f"base_channels or norm_groups.")
-            has_attn = (level == len(self.channel_mult) - 1  # the middle block
-                        or height // 2 ** level in tuple(self.attn_resolutions))
+                    f"base_channels or norm_groups."
+                )
+            has_attn = (
+                level == len(self.channel_mult) - 1  # the middle block
+                or height // 2** level in tuple(self.attn_resolutions)
+            )
             heads = self._heads(width_ch)
             if has_attn and (heads < 1 or width_ch % heads):
                 raise ValueError(
                     f"UNet attention width {width_ch} is not divisible into heads (num_heads="
-                    f"{self.num_heads}, num_head_channels={self.num_head_channels}).")
+                    f"{self.num_heads}, num_head_channels={self.num_head_channels})."
+                )
 
     @nn.nowrap
     def _heads(self, channels: int) -> int:
@@ -112,8 +118,9 @@ class UNet(nn.Module):
         return self.num_heads
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None,
-                 train: bool = False) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None, train: bool = False
+    ) -> jnp.ndarray:
         batch, height, width, channels = x.shape
         self.check_input_shape(height, width, channels)
         out_channels = self.out_channels or channels
@@ -123,9 +130,15 @@ class UNet(nn.Module):
         levels = len(self.channel_mult)
 
         def res_block(name, out_ch, resample=None):
-            return ResBlock(out_ch, dropout=self.dropout,
-                            use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
-                            norm_groups=self.norm_groups, name=name, **ckw)
+            return ResBlock(
+                out_ch,
+                dropout=self.dropout,
+                use_scale_shift_norm=self.use_scale_shift_norm,
+                resample=resample,
+                norm_groups=self.norm_groups,
+                name=name,
+                **ckw,
+            )
 
         def maybe_attn(name, h):
             if h.shape[1] in tuple(self.attn_resolutions):
@@ -137,16 +150,23 @@ class UNet(nn.Module):
         emb = TimestepEmbedding(ch, 4 * ch, name="time_embed", **kw)(t)
         if self.num_classes > 0:
             # ADM's label table uses PyTorch's nn.Embedding default init, N(0, 1).
-            emb = emb + LabelEmbedding(self.num_classes, 4 * ch,
-                                       embedding_init=nn.initializers.normal(1.0),
-                                       name="label_embed", **kw)(y, batch)
+            emb = emb + LabelEmbedding(
+                self.num_classes,
+                4 * ch,
+                embedding_init=nn.initializers.normal(1.0),
+                name="label_embed",
+                **kw,
+            )(y, batch)
         elif y is not None:
-            raise ValueError("this UNet is unconditional (num_classes=0) but labels y were "
-                             "given; pass y=None or set model.num_classes.")
+            raise ValueError(
+                "this UNet is unconditional (num_classes=0) but labels y were "
+                "given; pass y=None or set model.num_classes."
+            )
 
         # Down path: keep every activation for the skip connections.
-        h = Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in",
-                 **ckw)(x.astype(self.dtype))
+        h = Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in", **ckw)(
+            x.astype(self.dtype)
+        )
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
@@ -180,29 +200,55 @@ class UNet(nn.Module):
         assert not skips
 
         h = nn.silu(nn.GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
-        h = Conv(out_channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_out",
-                 **ckw)(h)
+        h = Conv(out_channels, (3, 3), padding="SAME", kernel_init=zeros, name="conv_out", **ckw)(h)
         return h.astype(jnp.float32)
 
 
 UNET_PRESETS: Dict[str, Dict[str, Any]] = {
     # Ho et al. 2020, CIFAR-10 32x32 (App. B; the official diffusion_tf code): 35.7M params.
     "ddpm_cifar10": dict(
-        base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-        num_heads=1, num_head_channels=None, dropout=0.1, use_scale_shift_norm=False,
-        resblock_updown=False, conv_resample=True, norm_groups=32),
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        num_heads=1,
+        num_head_channels=None,
+        dropout=0.1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        conv_resample=True,
+        norm_groups=32,
+    ),
     # Small model for the bundled 8x8x1 digits (sklearn load_digits): levels 8x8 and 4x4,
     # attention at 4x4; 2.80M parameters with 10 classes, ~0.05 GFLOPs per image.
     "digits": dict(
-        base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-        num_heads=1, num_head_channels=None, dropout=0.1, use_scale_shift_norm=False,
-        resblock_updown=False, conv_resample=True, norm_groups=32),
+        base_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        num_heads=1,
+        num_head_channels=None,
+        dropout=0.1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        conv_resample=True,
+        norm_groups=32,
+    ),
     # ADM-flavoured small model (scale-shift norm, ResBlock resampling, 64-ch heads), e.g.
     # for class-conditional 32x32 experiments. Not a published size.
     "adm_small": dict(
-        base_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
-        num_heads=1, num_head_channels=64, dropout=0.1, use_scale_shift_norm=True,
-        resblock_updown=True, conv_resample=True, norm_groups=32),
+        base_channels=128,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16, 8),
+        num_heads=1,
+        num_head_channels=64,
+        dropout=0.1,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        conv_resample=True,
+        norm_groups=32,
+    ),
 }
 
 __all__: Tuple[str, ...] = ("UNet", "UNET_PRESETS")
