@@ -84,7 +84,7 @@ def run_one(
     cfg.train.batch_size = batch_size
     cfg.train.steps_per_dispatch = k
     if conv_impl and cfg.model.name == "unet":
-        # needs UNet.conv_impl (layers.Conv); build_model names the problem if it is absent
+        # needs UNet.conv_impl (models/conv.py); build_model names the problem if it is absent
         cfg.model.unet.conv_impl = conv_impl
     shape = SHAPES[name]
     model = build_model(cfg.model)
@@ -266,7 +266,7 @@ def main():
     p.add_argument(
         "--conv_impl",
         default="",
-        help="UNet convolution gradients: 'xla' or 'explicit_grad' (layers.Conv); "
+        help="UNet convolution gradients: 'xla' or 'explicit_grad' (models/conv.py); "
         "default: the config's",
     )
     p.add_argument(

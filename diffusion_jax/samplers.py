@@ -21,10 +21,8 @@ baked into the program as a constant. To pass network parameters as traced array
 recompile when they change), give ``jax.tree_util.Partial(apply_fn, params)``; its
 arguments are pytree leaves (``guidance.guided_model_fn`` returns such a Partial).
 
-One step rule per sampler, ``rule(predict, schedule, x, t, t_prev, key, aux, eta) ->
-(x, aux)``, from index t to t_prev; ``aux`` carries a multistep solver's history
-(DPM-Solver++ keeps its previous x0 prediction) and is () for one-step rules. Everything
-else (the scan, RNG, trajectories, inpainting's known-pixel replacement, RePaint's
+One step rule per sampler (step_rules.py, registry ``RULES``), ``rule(predict, schedule,
+x, t, t_prev, key, aux, eta) -> (x, aux)``, from index t to t_prev. Everything else (the scan, RNG, trajectories, inpainting's known-pixel replacement, RePaint's
 re-noising steps) is shared by all rules in ``_scan_sample``. ``plan``, ``start`` and
 ``run`` (with ``as_pytree_fn``, ``replace_known`` and ``sqrt_alpha_bar``) are the seam
 that editing.py builds on: a sampler's steps, its x_T and keys, and the scan.
@@ -42,17 +40,18 @@ from its smallest visited index to -1 with a first-order (DDIM / x0-prediction) 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import operator
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.objectives import PREDICTIONS, check_choice, q_posterior, x0_eps_from_prediction
-from diffusion_jax.schedules import NoiseSchedule, at
+from diffusion_jax import step_rules
+from diffusion_jax.objectives import PREDICTIONS, check_choice
+from diffusion_jax.schedules import NoiseSchedule
+from diffusion_jax.step_rules import RULES, normal, ratio_var, sqrt_alpha_bar
 from diffusion_jax.timesteps import ddim_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
@@ -86,180 +85,6 @@ def num_function_evals(sampler: str, num_steps: int, num_timesteps: int) -> int:
     return 2 * n - 1 if sampler == "heun" else n
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _normal(key, shape, dtype=jnp.float32) -> jnp.ndarray:
-    """jax.random.normal(key, shape), drawn flat: the same numbers, but XLA:CPU compiles
-    the partitionable threefry for a 4-D shape ~4x slower (2 s vs 0.5 s, jax 0.10.2)."""
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
-
-
-def sqrt_alpha_bar(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
-    """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at indices t [B], broadcast to rank ndim,
-    with alpha_bar(-1) = 1. 1 - alpha_bar is taken from the float64-derived table, not
-    computed as 1 - alpha_bar in float32, which loses ~4 digits near t = 0."""
-    i = jnp.maximum(t, 0)
-    clean = (t < 0).reshape(t.shape + (1,) * (ndim - t.ndim))
-    return (
-        jnp.where(clean, 1.0, at(schedule.sqrt_alphas_cumprod, i, ndim)),
-        jnp.where(clean, 0.0, at(schedule.sqrt_one_minus_alphas_cumprod, i, ndim)),
-    )
-
-
-def _lambda(schedule: NoiseSchedule, t: jnp.ndarray, ndim: int):
-    """DPM-Solver's lambda = log(alpha / sigma) = log_snr / 2 at indices t [B], broadcast
-    to rank ndim; +inf at the clean end (t = -1), -inf at a zero-terminal-SNR step."""
-    lam = 0.5 * at(schedule.log_snr, jnp.maximum(t, 0), ndim)
-    return jnp.where((t < 0).reshape(lam.shape), jnp.inf, lam)
-
-
-def _ratio_var(a, s, a_to, s_to):
-    """1 - ab_to / ab = (ab - ab_to) / ab for a step to a noisier level (ab_to < ab). In
-    float32 the difference is taken between the smaller pair, (1 - ab_to) - (1 - ab) while
-    ab > 1/2, else ab - ab_to: a plain 1 - ab_to / ab loses ~4 digits at both ends."""
-    return jnp.where(a > s, s_to**2 - s**2, a**2 - a_to**2) / a**2
-
-
-def _predict(model_fn, schedule, prediction, clip_x0, x_t, t):
-    """(x0, eps) implied by the model at (x_t, t). With clip_x0, x0 is clipped to [-1, 1]
-    and eps recomputed from it, so every rule sees the same consistent pair."""
-    out = model_fn(x_t, t).astype(x_t.dtype)
-    x0, eps = x0_eps_from_prediction(schedule, prediction, x_t, t, out)
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
-    return x0, eps
-
-
-# --------------------------------------------------------------------------- step rules
-# rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x_prev, aux); t, t_prev int32
-# [B]; predict(x, t) -> (x0, eps). Step noise is _normal(key, ...) so that DDPM and DDIM
-# draw identically (see the module docstring).
-
-
-def _ddpm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, variance):
-    """x_{t-1} ~ N(posterior mean(x0, x_t), sigma_t^2) (Ho et al. 2020, Alg. 2), no noise
-    at index 0. fixedsmall: sigma^2 = beta_tilde_t; fixedlarge: sigma^2 = beta_t, with
-    beta_tilde at index 1 in the log for index 0 (as Ho et al.'s code; unused there since
-    index 0 adds no noise). t_prev and eta are unused: DDPM always steps t -> t-1."""
-    del t_prev, eta
-    x0, _ = predict(x_t, t)
-    noise = _normal(key, x_t.shape, x_t.dtype)
-    mean, _, log_var = q_posterior(schedule, x0, x_t, t)
-    if variance == "fixedlarge":
-        large = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
-        log_var = at(large, t, x_t.ndim)
-    noisy = (t > 0).reshape(log_var.shape)
-    return mean + jnp.where(noisy, jnp.exp(0.5 * log_var), 0.0) * noise, aux
-
-
-def _ddim_step(predict, schedule, x_t, t, t_prev, key, aux, eta):
-    """Song et al. 2021, eq. 12 and 16, from index t to t_prev (alpha_bar = 1 at -1):
-    x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
-    sigma^2 = eta^2 (1 - ab_prev) / (1 - ab) (1 - ab / ab_prev)."""
-    x0, eps = predict(x_t, t)
-    noise = _normal(key, x_t.shape, x_t.dtype)
-    a, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
-    # 1 - ab / ab_prev: the noisier-step variance of _ratio_var, seen from t_prev.
-    var = eta**2 * (s_prev / s) ** 2 * _ratio_var(a_prev, s_prev, a, s)
-    # max(.., 0): float32 rounding can make 1 - ab_prev - sigma^2 = -1e-9 when eta = 1.
-    dir_coef = jnp.sqrt(jnp.maximum(s_prev**2 - var, 0.0))
-    return a_prev * x0 + dir_coef * eps + jnp.sqrt(var) * noise, aux
-
-
-def _edm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, heun):
-    """Euler / Heun on the probability-flow ODE in EDM's variables (Karras et al. 2022,
-    Alg. 1 without churn): with x~ = x / alpha and sigma~ = sigma / alpha the ODE is
-    dx~/dsigma~ = (x~ - D(x~)) / sigma~ = eps(x, t), so
-
-      Euler: x~' = x~ + (sigma~' - sigma~) eps(x, t)
-      Heun:  x~' = x~ + (sigma~' - sigma~) (eps(x, t) + eps(alpha' x~'_Euler, t')) / 2,
-
-    and x' = alpha' x~'. The last step (to sigma~' = 0) is Euler, as in EDM. Euler is
-    algebraically DDIM with eta = 0 (tests check it). Needs alpha > 0 at every visited
-    index: not for zero-terminal-SNR schedules (use dpmpp_2m or ddim there)."""
-    del key, eta
-    a, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
-    dsigma = s_prev / a_prev - s / a
-    _, d = predict(x_t, t)
-    x_tilde = x_t / a
-    x_next = x_tilde + dsigma * d
-    if heun:
-        # t_prev = -1 has no model evaluation: evaluate at index 0 and keep Euler there.
-        _, d_prev = predict(a_prev * x_next, jnp.maximum(t_prev, 0))
-        x_heun = x_tilde + dsigma * 0.5 * (d + d_prev)
-        x_next = jnp.where((t_prev >= 0).reshape(dsigma.shape), x_heun, x_next)
-    return a_prev * x_next, aux
-
-
-def _dpmpp_init(x):
-    """DPM-Solver++ history: (previous x0 prediction, previous step's h, have one)."""
-    return (
-        jnp.zeros_like(x),
-        jnp.zeros((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype),
-        jnp.zeros((), bool),
-    )
-
-
-def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) and its SDE variant, in lambda =
-    log(alpha / sigma) with the data (x0) prediction. With h = lambda' - lambda and
-    D = x0 + (x0 - x0_last) / (2 r), r = h_last / h (the multistep linear extrapolation of
-    x0 in lambda; D = x0 on the first and last step):
-
-      ODE: x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D
-      SDE: x' = (sigma'/sigma) e^{-h} x + alpha' (1 - e^{-2h}) D + sigma' sqrt(1 - e^{-2h}) z
-
-    The SDE line is the exact solution of the reverse SDE (in data-prediction form) over
-    the step with x0 held at D; with D = x0 both lines are first order (the ODE one is
-    DDIM). The step to alpha_bar = 1 (h = inf) is first order and returns x0. eta unused.
-    """
-    del eta
-    x0_last, h_last, have_last = aux
-    x0, _ = predict(x_t, t)
-    _, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
-    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
-    h = _lambda(schedule, t_prev, x_t.ndim) - _lambda(schedule, t, x_t.ndim)
-    second = have_last & (t_prev >= 0).reshape(h.shape)
-    r = jnp.where(second, h_last / h, 1.0)
-    d = x0 + jnp.where(second, 0.5 / r, 0.0) * (x0 - x0_last)
-    if sde:
-        noise = _normal(key, x_t.shape, x_t.dtype)
-        x = (
-            (s_prev / s) * jnp.exp(-h) * x_t
-            - a_prev * jnp.expm1(-2.0 * h) * d
-            + s_prev * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise
-        )
-    else:
-        x = (s_prev / s) * x_t - a_prev * jnp.expm1(-h) * d
-    return x, (x0, h, jnp.ones((), bool))
-
-
-class _Rule(NamedTuple):
-    step: Callable  # rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x, aux)
-    init: Callable  # x_T -> aux (multistep history; () for one-step rules)
-
-
-def _no_history(x):
-    del x
-    return ()
-
-
-# Keys: the sampler names, plus DDPM's two variances (``update`` in _scan_sample).
-_RULES = {
-    "fixedlarge": _Rule(functools.partial(_ddpm_step, variance="fixedlarge"), _no_history),
-    "fixedsmall": _Rule(functools.partial(_ddpm_step, variance="fixedsmall"), _no_history),
-    "ddim": _Rule(_ddim_step, _no_history),
-    "euler": _Rule(functools.partial(_edm_step, heun=False), _no_history),
-    "heun": _Rule(functools.partial(_edm_step, heun=True), _no_history),
-    "dpmpp_2m": _Rule(functools.partial(_dpmpp_2m_step, sde=False), _dpmpp_init),
-    "dpmpp_2m_sde": _Rule(functools.partial(_dpmpp_2m_step, sde=True), _dpmpp_init),
-}
-
-
 # --------------------------------------------------------------------------- the scan
 
 
@@ -267,14 +92,14 @@ def _renoise(schedule, x, t, t_up, key):
     """x_{t_up} ~ q(x_{t_up} | x_t) = N(sqrt(ab_up / ab) x_t, (1 - ab_up / ab) I), t_up > t."""
     a, s = sqrt_alpha_bar(schedule, t, x.ndim)
     a_up, s_up = sqrt_alpha_bar(schedule, t_up, x.ndim)
-    return (a_up / a) * x + jnp.sqrt(_ratio_var(a, s, a_up, s_up)) * _normal(key, x.shape, x.dtype)
+    return (a_up / a) * x + jnp.sqrt(ratio_var(a, s, a_up, s_up)) * normal(key, x.shape, x.dtype)
 
 
 def replace_known(schedule, x, known, mask, t, key):
     """Inpainting by replacement: the known pixels (mask = 1) become a fresh draw of
     q(x_t | known); at t = -1 exactly ``known``."""
     a, s = sqrt_alpha_bar(schedule, t, x.ndim)
-    known_t = a * known + s * _normal(key, x.shape, x.dtype)
+    known_t = a * known + s * normal(key, x.shape, x.dtype)
     return mask * known_t + (1.0 - mask) * x
 
 
@@ -309,8 +134,8 @@ def _scan_sample(
     x, then the n % k remaining steps) returns the trajectory [n // k, *x.shape] without
     storing every step.
     """
-    batch, rule = x_T.shape[0], _RULES[update]
-    predict = functools.partial(_predict, model_fn, schedule, prediction, clip_x0)
+    batch, rule = x_T.shape[0], RULES[update]
+    predict = functools.partial(step_rules.predict_x0_eps, model_fn, schedule, prediction, clip_x0)
 
     def denoise(x, aux, t, t_prev, key):
         x, aux = rule.step(predict, schedule, x, t, t_prev, key, aux, eta)
@@ -421,7 +246,7 @@ def start(rng, shape, x_T, n):
     """(x_T, per-step keys [n]) as documented in the module docstring."""
     rng_xT, rng_steps = jax.random.split(rng)
     if x_T is None:
-        x_T = _normal(rng_xT, tuple(shape))
+        x_T = normal(rng_xT, tuple(shape))
     else:
         x_T = jnp.asarray(x_T)
         if x_T.shape != tuple(shape):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import layers
+from diffusion_jax.models import conv as conv_lib, layers
 
 RTOL = 1e-5
 DN = ("NHWC", "HWIO", "NHWC")
@@ -56,7 +56,7 @@ def test_explicit_grad_matches_autodiff(kernel, strides, padding):
         return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
 
     def new(x, w):
-        return layers.conv_general_dilated_explicit_grad(
+        return conv_lib.conv_general_dilated_explicit_grad(
             x, w, strides, padding, dimension_numbers=DN
         )
 
@@ -82,7 +82,7 @@ def test_unsupported_convs_fall_back_to_lax():
         feature_group_count=2,
     )
     f_ref = lambda x, w: jnp.sum(jax.lax.conv_general_dilated(x, w, **kw) ** 2)
-    f_new = lambda x, w: jnp.sum(layers.conv_general_dilated_explicit_grad(x, w, **kw) ** 2)
+    f_new = lambda x, w: jnp.sum(conv_lib.conv_general_dilated_explicit_grad(x, w, **kw) ** 2)
     np.testing.assert_array_equal(f_ref(x, w), f_new(x, w))
     for a, b in zip(jax.grad(f_ref, (0, 1))(x, w), jax.grad(f_new, (0, 1))(x, w)):
         np.testing.assert_array_equal(a, b)
@@ -91,7 +91,7 @@ def test_unsupported_convs_fall_back_to_lax():
 def test_conv_module_is_a_drop_in_for_nn_conv():
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
     ref = nn.Conv(6, (3, 3), strides=(2, 2), padding="SAME")
-    new = layers.Conv(6, (3, 3), strides=(2, 2), padding="SAME", conv_impl="explicit_grad")
+    new = conv_lib.Conv(6, (3, 3), strides=(2, 2), padding="SAME", conv_impl="explicit_grad")
     params = ref.init(jax.random.key(4), x)
     # same parameter names, shapes and initial values from the same key
     _assert_trees_close(params, new.init(jax.random.key(4), x), rtol=0.0)
@@ -104,7 +104,7 @@ def test_conv_module_is_a_drop_in_for_nn_conv():
 
 def test_unknown_conv_impl_is_rejected():
     with pytest.raises(ValueError, match="conv_impl"):
-        layers.Conv(4, (3, 3), conv_impl="winograd")
+        conv_lib.Conv(4, (3, 3), conv_impl="winograd")
 
 
 @pytest.mark.parametrize(
@@ -143,8 +143,8 @@ def test_gradient_convs_inside_scan_are_canonical():
     XLA:CPU's canonical NHWC/HWIO form (batch-major input, HWIO kernel). JAX autodiff's
     weight-gradient conv does not (it stays 'f01b_i01o->01bf' and runs as a naive loop,
     ~40x slower on jaxlib 0.10.2), which is why the option exists."""
-    conv = layers.Conv(8, (3, 3), padding="SAME", conv_impl="explicit_grad")
-    down = layers.Conv(8, (3, 3), strides=(2, 2), padding="SAME", conv_impl="explicit_grad")
+    conv = conv_lib.Conv(8, (3, 3), padding="SAME", conv_impl="explicit_grad")
+    down = conv_lib.Conv(8, (3, 3), strides=(2, 2), padding="SAME", conv_impl="explicit_grad")
     xs = jnp.ones((3, 4, 8, 8, 8))
 
     def net(p, x):

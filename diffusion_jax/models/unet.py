@@ -52,7 +52,7 @@ class UNet(nn.Module):
         nearest only. Ignored when ``resblock_updown``.
       norm_groups: GroupNorm groups (32 in DDPM and ADM).
       conv_impl: how convolutions compute their gradients: "xla" (JAX autodiff) or
-        "explicit_grad" (layers.Conv; same parameters and numbers, and XLA:CPU keeps them
+        "explicit_grad" (models/conv.py; same parameters and numbers, and XLA:CPU keeps them
         fast inside lax.scan, i.e. with train.steps_per_dispatch > 1).
       num_classes: 0 = unconditional; else a label table of num_classes + 1 rows, the
         last being the null label for classifier-free guidance.
