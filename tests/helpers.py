@@ -1,7 +1,8 @@
 """Code the test modules share (no test module imports another): the tiny config with
 overrides, synthetic batches, running the CLIs in a subprocess, restoring a workdir's
-state, and comparing parameter trees."""
+state, comparing parameter trees, and lowering the samplers' scan."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
-from diffusion_jax import workdir
+from diffusion_jax import samplers, timesteps, workdir
+
+from oracles import SCHED, T, gaussian_eps_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,4 +60,25 @@ def load_state(workdir_path, step):
 def max_diff(a, b):
     return max(
         float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def lower_sampler_scan(sampler, num_steps):
+    """Lower the samplers' jitted scan for ``num_steps`` steps of ``sampler`` (a step-rule
+    name) on the Gaussian oracle. The model is a new function object each call, so nothing
+    is reused from jit's caches and compile() really compiles."""
+    ts = timesteps.ddim_timesteps(T, num_steps, "leading")
+    model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)
+    return samplers._scan_sample.lower(
+        jax.tree_util.Partial(model_fn),
+        SCHED,
+        jnp.zeros((8, 4, 4, 3)),
+        jnp.asarray(ts),
+        jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
+        jax.random.split(jax.random.key(0), num_steps),
+        jnp.float32(0.0),
+        update=sampler,
+        prediction="eps",
+        clip_x0=False,
+        return_every=0,
     )

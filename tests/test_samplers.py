@@ -8,7 +8,6 @@ checked against exact numbers that already include the discretization error of a
 step sequence. The newer solvers, guidance and editing: test_solvers.py, test_editing.py.
 """
 
-import functools
 import time
 
 import chex
@@ -19,6 +18,7 @@ import pytest
 
 from diffusion_jax import editing, samplers, timesteps
 
+from helpers import lower_sampler_scan
 from oracles import (
     SCHED,
     T,
@@ -203,26 +203,6 @@ def test_ddim_inversion_round_trip_is_first_order():
 # --------------------------------------------------------------------------- 6. compiling
 
 
-def _lower(num_steps):
-    """Lower the jitted sampler scan for num_steps steps. The model is a new function
-    object each call, so nothing is reused from jit's caches and compile() really compiles."""
-    ts = timesteps.ddim_timesteps(T, num_steps, "leading")
-    model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)
-    return samplers._scan_sample.lower(
-        jax.tree_util.Partial(model_fn),
-        SCHED,
-        jnp.zeros((8, 4, 4, 3)),
-        jnp.asarray(ts),
-        jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
-        jax.random.split(jax.random.key(0), num_steps),
-        jnp.float32(0.0),
-        update="ddim",
-        prediction="eps",
-        clip_x0=False,
-        return_every=0,
-    )
-
-
 def test_no_retrace_for_new_eta_rng_or_x_T():
     calls = []
 
@@ -262,7 +242,7 @@ def test_no_retrace_for_new_eta_rng_or_x_T():
 
 
 def test_compile_cost_flat_in_num_steps():
-    hlo = {n: len(_lower(n).as_text()) for n in (10, 1000)}
+    hlo = {n: len(lower_sampler_scan("ddim", n).as_text()) for n in (10, 1000)}
     # Persistent-cache hits would make the timing meaningless: compile for real here.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
@@ -271,7 +251,7 @@ def test_compile_cost_flat_in_num_steps():
         for n in (10, 1000):
             times = []
             for _ in range(2):  # best of 2: the CPU is shared
-                lowered = _lower(n)
+                lowered = lower_sampler_scan("ddim", n)
                 t0 = time.perf_counter()
                 lowered.compile()
                 times.append(time.perf_counter() - t0)

@@ -7,8 +7,6 @@ included) and Monte Carlo moments. Errors are measured on a grid of x_T values: 
 deterministic sampler is affine in x_T here, so two points give its exact output law.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,13 +15,13 @@ import pytest
 from diffusion_jax import samplers, timesteps
 from diffusion_jax.schedules import make_schedule
 
+from helpers import lower_sampler_scan
 from oracles import (
     SCHED,
     T,
     check_moments,
     exact_ode_sample,
     gaussian_eps,
-    gaussian_eps_at,
     moments,
     reference_sample,
 )
@@ -236,29 +234,11 @@ def test_zero_terminal_snr_v_prediction():
     assert abs(mean - MU) < 2e-3 and abs(std - S) < 0.03 * S
 
 
-def _lower(sampler, num_steps):
-    ts = timesteps.ddim_timesteps(T, num_steps, "leading")
-    model_fn = functools.partial(gaussian_eps_at, mu=0.3, s=0.5)  # new object: no cache hits
-    return samplers._scan_sample.lower(
-        jax.tree_util.Partial(model_fn),
-        SCHED,
-        jnp.zeros((8, 4, 4, 3)),
-        jnp.asarray(ts),
-        jnp.asarray(np.append(ts[1:], -1).astype(np.int32)),
-        jax.random.split(jax.random.key(0), num_steps),
-        jnp.float32(0.0),
-        update=sampler,
-        prediction="eps",
-        clip_x0=False,
-        return_every=0,
-    )
-
-
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_program_size_flat_in_num_steps(sampler):
     # One scan body whatever the length: the HLO differs only in the step arrays' shapes
     # (compile time itself is measured for DDIM in test_samplers.py).
-    hlo = {n: len(_lower(sampler, n).as_text()) for n in (10, 1000)}
+    hlo = {n: len(lower_sampler_scan(sampler, n).as_text()) for n in (10, 1000)}
     assert abs(hlo[1000] - hlo[10]) <= 0.05 * hlo[10], hlo
 
 
