@@ -157,6 +157,20 @@ class _Resample(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv_impl: str = "xla"  # see Conv
 
+    def conv(self, x: jnp.ndarray, strides=(1, 1)) -> jnp.ndarray:
+        """The 3x3 "SAME" conv keeping the channel count (parameters under "conv")."""
+        return Conv(
+            x.shape[-1],
+            (3, 3),
+            strides=strides,
+            padding="SAME",
+            kernel_init=xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
+            name="conv",
+        )(x)
+
 
 class Downsample(_Resample):
     """Halve H and W: 3x3 stride-2 conv (DDPM, ``use_conv``) or 2x2 average pooling."""
@@ -165,17 +179,7 @@ class Downsample(_Resample):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.use_conv:
             # padding 'SAME' with stride 2 = TF's convention, as in the DDPM code.
-            return Conv(
-                x.shape[-1],
-                (3, 3),
-                strides=(2, 2),
-                padding="SAME",
-                kernel_init=xavier_uniform(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                conv_impl=self.conv_impl,
-                name="conv",
-            )(x)
+            return self.conv(x, strides=(2, 2))
         return einops.reduce(x, "b (h 2) (w 2) c -> b h w c", "mean")
 
 
@@ -186,16 +190,7 @@ class Upsample(_Resample):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = einops.repeat(x, "b h w c -> b (h 2) (w 2) c")
         if self.use_conv:
-            x = Conv(
-                x.shape[-1],
-                (3, 3),
-                padding="SAME",
-                kernel_init=xavier_uniform(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                conv_impl=self.conv_impl,
-                name="conv",
-            )(x)
+            x = self.conv(x)
         return x
 
 

@@ -204,51 +204,40 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
+_DDPM_CIFAR10 = dict(
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    num_heads=1,
+    num_head_channels=None,
+    dropout=0.1,
+    use_scale_shift_norm=False,
+    resblock_updown=False,
+    conv_resample=True,
+    norm_groups=32,
+)
 UNET_PRESETS: Dict[str, Dict[str, Any]] = {
     # Ho et al. 2020, CIFAR-10 32x32 (App. B; the official diffusion_tf code): 35.7M params.
-    "ddpm_cifar10": dict(
-        base_channels=128,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attn_resolutions=(16,),
-        num_heads=1,
-        num_head_channels=None,
-        dropout=0.1,
-        use_scale_shift_norm=False,
-        resblock_updown=False,
-        conv_resample=True,
-        norm_groups=32,
-    ),
+    "ddpm_cifar10": _DDPM_CIFAR10,
     # Small model for the bundled 8x8x1 digits (sklearn load_digits): levels 8x8 and 4x4,
     # attention at 4x4; 2.80M parameters with 10 classes, ~0.05 GFLOPs per image.
     "digits": dict(
+        _DDPM_CIFAR10,
         base_channels=64,
         channel_mult=(1, 2),
         num_res_blocks=1,
         attn_resolutions=(4,),
-        num_heads=1,
-        num_head_channels=None,
-        dropout=0.1,
-        use_scale_shift_norm=False,
-        resblock_updown=False,
-        conv_resample=True,
-        norm_groups=32,
     ),
     # ADM-flavoured small model (scale-shift norm, ResBlock resampling, 64-ch heads), e.g.
     # for class-conditional 32x32 experiments. Not a published size.
     "adm_small": dict(
-        base_channels=128,
+        _DDPM_CIFAR10,
         channel_mult=(1, 2, 2),
-        num_res_blocks=2,
         attn_resolutions=(16, 8),
-        num_heads=1,
         num_head_channels=64,
-        dropout=0.1,
         use_scale_shift_norm=True,
         resblock_updown=True,
-        conv_resample=True,
-        norm_groups=32,
     ),
 }
-
 __all__: Tuple[str, ...] = ("UNet", "UNET_PRESETS")
