@@ -8,9 +8,11 @@ checked the same way everywhere and a state is restored one way.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import tempfile
 from typing import Optional
 
 import jax
@@ -103,6 +105,33 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             "as naive loops); set model.unet.conv_impl=explicit_grad",
             c.train.steps_per_dispatch,
         )
+
+
+def ensure_writable_dir(path: str, what: str) -> None:
+    """Create directory ``path`` if needed and prove it takes a file, or raise ConfigError
+    naming ``what`` (e.g. "--workdir") and the fix: a path that is a file, a read-only file
+    system, no permission, no space. Run it before any compile or sampling, so a run never
+    computes for minutes and then cannot write its result."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except FileExistsError:
+        raise ConfigError(
+            f"{what} {path!r}: a file is in the way (it must be a directory); "
+            "choose another path or move the file"
+        ) from None
+    except OSError as e:
+        reason = {
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.ENOSPC: "no space left on the device",
+            errno.ENOTDIR: "a file is in the way (a parent is not a directory)",
+        }.get(e.errno, e.strerror or str(e))
+        raise ConfigError(
+            f"{what} {path!r} is not writable ({reason}); choose a writable location"
+        ) from None
 
 
 def save_config(config, workdir: str) -> None:
