@@ -1,11 +1,13 @@
-"""Checkpoints: the only module that imports orbax.
+"""Checkpoints: the only module that imports orbax (with its helpers checkpoint_tree.py and
+checkpoint_failures.py).
 
 `Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` whose steps hold two items:
 ``state`` (any pytree of jax.Arrays, written with `StandardSave`, possibly sharded over many
 devices and processes) and ``extra`` (a JSON dict: data-iterator state, config snapshot...).
 Restoring takes an abstract pytree of `jax.ShapeDtypeStruct` whose ``.sharding`` says where
 every array must land, so a checkpoint written on 8 devices restores on 1 (or on a different
-mesh) bit-exactly.
+mesh) bit-exactly. ``read_only=True`` (sampling, evaluation) never creates or changes
+anything: a missing directory simply holds no checkpoint.
 
 How failures are handled (orbax behaviour measured with orbax-checkpoint 0.12.8):
 
@@ -16,17 +18,26 @@ How failures are handled (orbax behaviour measured with orbax-checkpoint 0.12.8)
 * Async saves (the default) copy the arrays to host memory before `save` returns, so the
   caller may donate or delete the device buffers right away; the write continues in a
   background thread. `wait()` blocks until it is on disk (call it before exiting).
+* A write that fails (disk full, file-size limit, permission, read-only file system) raises
+  `CheckpointWriteError` with one line, e.g. ``no space left on device while saving step N in
+  DIR; the previous checkpoint (step M) is intact``: from `save` (synchronous), or from
+  `wait`, `close` or the next `save` (async; it still names the failed step). The unfinished
+  tmp directory is deleted first (by process 0; each process whose write failed raises) and
+  orbax's own tracebacks are not shown; a later `close()` is quiet. Other errors (bad
+  arguments) propagate unchanged.
 * A finalized step can still be broken (disk trouble, a manual copy gone wrong, files edited
   by hand). orbax does not notice until it reads the data: a missing item directory raises
   KeyError, a damaged data file raises a bare Exception or ValueError from TensorStore.
-  `restore()` with ``step=None`` then warns, naming the directory, and falls back to the next
-  older step. Once an older step has restored with the *same* abstract state (which proves the
-  newer one is broken, not the request), each broken newer step directory is renamed to
-  ``<step>.corrupt`` (``<step>.corrupt-1``... if taken): nothing is ever deleted, orbax no
-  longer sees it (so it neither garbage-collects it nor refuses to save that step again) and
-  the user can inspect or delete it. If no step restores, nothing is moved and
-  `restore()` raises. (After such a failed read Python may print "RuntimeError: Event loop is
-  closed" from orbax's leftover read coroutines: noise, not a second problem.)
+  `restore()` with ``step=None`` then falls back to the next older step. Once an older step
+  has restored with the *same* abstract state (which proves the newer one is broken, not the
+  request), each broken newer step directory is renamed to ``<step>.corrupt``
+  (``<step>.corrupt-1``... if taken), with one warning per step naming the problem, the step
+  restored instead and the new name: nothing is ever deleted, orbax no longer sees it (so it
+  neither garbage-collects it nor refuses to save that step again) and the user can inspect
+  or delete it. If no step restores, nothing is moved and `restore()` raises. orbax leaves
+  the failed read's other reads in flight; Python would report each as a traceback ("Event
+  loop is closed", "Exception ignored in: <coroutine ...>"), thousands of lines that the
+  filters in checkpoint_failures.py (installed by the first Checkpointer) drop.
 * A checkpoint whose tree structure or array shapes differ from the abstract state (the model
   or optimizer config changed) raises a ValueError before any data is read: that is a usage
   error, not corruption, so there is no fallback. A dtype difference only warns (orbax casts,
@@ -36,21 +47,28 @@ Multi-process: every process constructs the `Checkpointer` and calls `save`/`res
 in the same order; orbax writes cooperatively (each process its own shards) and only process 0
 renames broken steps aside. Limitation: a step broken on only some hosts' files fails the
 restore on those hosts alone, and the processes can then disagree; orbax's barriers time out
-instead of hanging forever, but the job fails and needs a manual look.
+instead of hanging forever, but the job fails and needs a manual look. The same holds for a
+write that fails on only some hosts.
 
 Preemption (SIGTERM -> save and exit) lives in preemption.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from diffusion_jax import checkpoint_failures, checkpoint_tree
+from diffusion_jax.checkpoint_failures import CheckpointWriteError, short_error
+
+__all__ = ["Checkpointer", "CheckpointWriteError"]
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +82,33 @@ class Checkpointer:
     """Saves and restores (state, extra) per training step under one directory.
 
     Args:
-      directory: the run's checkpoint directory (created if missing; local path or any
-        path orbax/etils supports, e.g. gs://).
+      directory: the run's checkpoint directory (created if missing unless ``read_only``;
+        local path or any path orbax/etils supports, e.g. gs://).
       keep: how many most recent checkpoints orbax keeps; older ones are deleted by orbax
         after each save. Directories renamed to ``<step>.corrupt`` are never deleted.
       async_save: write in a background thread (the default); False blocks in `save`.
+      read_only: only read: the directory is not created and `save` raises (so sampling or
+        evaluating a workdir without checkpoints leaves no empty directory behind).
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+    ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         directory = str(directory)
         self.directory = epath.Path(
             directory if "://" in directory else epath.Path(directory).resolve()
         )
+        self.read_only = read_only
+        self._async = async_save
+        checkpoint_failures.silence_orbax_noise(str(self.directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=1,  # the trainer decides when to save
             enable_async_checkpointing=async_save,
-            create=True,
+            # Not orbax's own read_only option: it logs warnings about every setting it drops.
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -94,6 +120,9 @@ class Checkpointer:
         )
         self._is_primary = jax.process_index() == 0
         self._warned: set[tuple[int, str]] = set()
+        self._pending: int | None = None  # step of an async save not yet waited for
+        self._failed = False  # a CheckpointWriteError was raised
+        self._closed = False
         self._warn_about_leftover_tmp_dirs()
 
     # ------------------------------------------------------------------ queries
@@ -105,13 +134,14 @@ class Checkpointer:
         and are non-empty); damaged array data is only found by reading it, which `restore`
         does (and then falls back to an older step). A save still in flight is not counted.
         """
-        if not self._manager.is_saving_in_progress():
+        in_flight = self._pending if self._manager.is_saving_in_progress() else None
+        if in_flight is None:
             self._manager.reload()
         for step in sorted(self._manager.all_steps(), reverse=True):
             problem = self._structural_problem(step)
             if problem is None:
                 return step
-            if not self._is_in_flight(step):
+            if step != in_flight:
                 self._warn_once(step, problem)
         return None
 
@@ -127,8 +157,16 @@ class Checkpointer:
         already has a checkpoint is skipped (logged), never overwritten. Without ``force`` a
         step older than the latest checkpoint is also skipped (orbax's policy, so a resumed
         run cannot interleave with newer checkpoints by accident); ``force=True`` saves it.
+
+        Raises:
+          CheckpointWriteError: this save, or the previous async one, could not be written.
+          TypeError: ``extra`` is not JSON-serialisable.
         """
         step = int(step)
+        if self.read_only:
+            raise RuntimeError(
+                f"Cannot save step {step}: the Checkpointer for {self.directory} is read-only."
+            )
         extra = {} if extra is None else extra
         try:  # fail here, not in orbax's background thread
             json.dumps(extra)
@@ -136,31 +174,23 @@ class Checkpointer:
             raise TypeError(
                 f"Checkpointer.save: extra must be a JSON-serialisable dict: {e}"
             ) from e
+        self.wait()  # a failed previous async save is reported as that step's failure
         if step in self._manager.all_steps():
-            log.info(
-                "Checkpoint for step %d already exists in %s; not saving it again.",
-                step,
-                self.directory,
-            )
-            return
+            return self._skip_existing(step)
         try:
-            saved = self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        STATE_ITEM: ocp.args.StandardSave(state),
-                        EXTRA_ITEM: ocp.args.JsonSave(extra),
-                    }
-                ),
-                force=force,
-            )
+            with self._write_failures(step):
+                saved = self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            STATE_ITEM: ocp.args.StandardSave(state),
+                            EXTRA_ITEM: ocp.args.JsonSave(extra),
+                        }
+                    ),
+                    force=force,
+                )
         except ocp.checkpoint_manager.StepAlreadyExistsError:  # written by someone else meanwhile
-            log.info(
-                "Checkpoint for step %d already exists in %s; not saving it again.",
-                step,
-                self.directory,
-            )
-            return
+            return self._skip_existing(step)
         if not saved:
             log.info(
                 "Not saving step %d in %s: older than the latest checkpoint (step %s); pass force=True to save it.",
@@ -168,14 +198,39 @@ class Checkpointer:
                 self.directory,
                 self._manager.latest_step(),
             )
+        elif self._async:
+            self._pending = step
 
     def wait(self) -> None:
-        """Blocks until in-flight async saves are on disk; re-raises a failed background save."""
-        self._manager.wait_until_finished()
+        """Blocks until in-flight async saves are on disk.
+
+        Raises:
+          CheckpointWriteError: the background write failed (reported once).
+        """
+        step, self._pending = self._pending, None
+        with self._write_failures(step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for in-flight saves and releases orbax's threads."""
-        self._manager.close()
+        """Waits for in-flight saves and releases orbax's threads; safe to call again, and
+        quiet after a CheckpointWriteError.
+
+        Raises:
+          CheckpointWriteError: the last async save failed (and was not reported yet).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as e:  # the failure was reported already: do not repeat it
+                if not (self._failed and checkpoint_failures.write_failure_reason(e)):
+                    raise
+                log.debug("Ignoring a repeated write failure while closing: %s", short_error(e))
+            checkpoint_failures.report_dropped()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -192,7 +247,7 @@ class Checkpointer:
         `jax.eval_shape` plus the target shardings). ``step=None`` restores the newest step
         that reads back fine, renaming broken newer ones to ``<step>.corrupt`` (see the
         module docstring); an explicit ``step`` is restored or raises. Returns None when the
-        directory holds no checkpoint at all.
+        directory holds no checkpoint at all (or does not exist).
 
         Raises:
           ValueError: the checkpoint's tree or shapes differ from ``abstract_state`` (written
@@ -212,14 +267,12 @@ class Checkpointer:
             if problem is not None:
                 raise RuntimeError(f"Checkpoint {self._step_dir(step)} is unusable: {problem}.")
             self._check_tree(step, abstract_state)
-            try:
+            try:  # orbax/TensorStore raise bare Exception, ValueError, KeyError...
                 return self._restore_step(step, abstract_state)
-            except (
-                Exception
-            ) as e:  # orbax/TensorStore raise bare Exception, ValueError, KeyError...
+            except Exception as e:
                 raise RuntimeError(
-                    f"Could not read checkpoint {self._step_dir(step)} ({_short(e)}); it is probably "
-                    "corrupt. restore(step=None) falls back to the newest readable one."
+                    f"Could not read checkpoint {self._step_dir(step)} ({short_error(e)}); it is "
+                    "probably corrupt. restore(step=None) falls back to the newest readable one."
                 ) from e
 
         if not steps:
@@ -234,9 +287,10 @@ class Checkpointer:
                     result = self._restore_step(s, abstract_state)
                 except Exception as e:
                     last_error = e
-                    problem = f"reading it failed: {_short(e)}"
+                    problem = f"reading it failed: {short_error(e)}"
             if problem is not None:
-                log.warning(
+                # INFO: the warning comes once the outcome is known (_move_aside or the error).
+                log.info(
                     "Checkpoint %s is corrupt or incomplete (%s); trying the previous step.",
                     self._step_dir(s),
                     problem,
@@ -256,6 +310,34 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ internals
 
+    @contextlib.contextmanager
+    def _write_failures(self, step: int | None) -> Iterator[None]:
+        """Turns an I/O failure while writing ``step`` into a one-line CheckpointWriteError,
+        after deleting the step's unfinished tmp directory; other errors pass unchanged."""
+        try:
+            yield
+        except Exception as e:
+            reason = checkpoint_failures.write_failure_reason(e)
+            if reason is None or step is None:
+                raise
+            self._failed = True
+            log.debug("Saving step %d failed.", step, exc_info=e)
+            checkpoint_failures.discard_failed_save(
+                self.directory, f"{step}{_TMP_MARKER}", delete=self._is_primary
+            )
+            try:  # the failed step is not listed: its tmp directory never became a step
+                previous = self.latest_step()
+            except Exception:  # listing failed too: say nothing rather than something wrong
+                previous = None
+            raise CheckpointWriteError(reason, step, str(self.directory), previous) from None
+
+    def _skip_existing(self, step: int) -> None:
+        log.info(
+            "Checkpoint for step %d already exists in %s; not saving it again.",
+            step,
+            self.directory,
+        )
+
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self._manager.restore(
             step,
@@ -273,11 +355,6 @@ class Checkpointer:
 
     def _step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
-
-    def _is_in_flight(self, step: int) -> bool:
-        return self._manager.is_saving_in_progress() and step == max(
-            self._manager.all_steps(), default=None
-        )
 
     def _structural_problem(self, step: int) -> str | None:
         """Cheap completeness check of a finalized step directory; None when it looks fine."""
@@ -302,47 +379,18 @@ class Checkpointer:
             return
         if stored_tree is None:
             return
-        stored_leaves = _leaves_by_path(stored_tree)
-        wanted_leaves = _leaves_by_path(abstract_state)
-        missing = sorted(set(wanted_leaves) - set(stored_leaves))
-        unexpected = sorted(set(stored_leaves) - set(wanted_leaves))
-        shape_diffs, dtype_diffs = [], []
-        for path in sorted(set(wanted_leaves) & set(stored_leaves)):
-            want_shape, want_dtype = _stored_form(wanted_leaves[path])
-            have = stored_leaves[path]
-            have_shape, have_dtype = getattr(have, "shape", None), getattr(have, "dtype", None)
-            if (
-                want_shape is not None
-                and have_shape is not None
-                and tuple(have_shape) != tuple(want_shape)
-            ):
-                shape_diffs.append(
-                    f"{_fmt(path)}: checkpoint {tuple(have_shape)} vs wanted {tuple(want_shape)}"
-                )
-            elif (
-                want_dtype is not None
-                and have_dtype is not None
-                and str(have_dtype) != str(want_dtype)
-            ):
-                dtype_diffs.append(f"{_fmt(path)}: {have_dtype} -> {want_dtype}")
-        if missing or unexpected or shape_diffs:
-            details = []
-            if missing:
-                details.append(f"missing from the checkpoint: {_fmt_list(missing)}")
-            if unexpected:
-                details.append(f"only in the checkpoint: {_fmt_list(unexpected)}")
-            if shape_diffs:
-                details.append(f"different shapes: {_fmt_list(shape_diffs, fmt=str)}")
+        mismatch, casts = checkpoint_tree.compare(stored_tree, abstract_state)
+        if mismatch:
             raise ValueError(
                 f"The checkpoint in {self.directory} step {step} was written by a different "
-                f"model/optimizer config ({'; '.join(details)}). Use a fresh --workdir, or resume "
+                f"model/optimizer config ({mismatch}). Use a fresh --workdir, or resume "
                 "with the same config that wrote it."
             )
-        if dtype_diffs:
+        if casts:
             log.warning(
                 "Checkpoint %s stores other dtypes than requested; casting on restore: %s",
                 self._step_dir(step),
-                _fmt_list(dtype_diffs, fmt=str),
+                casts,
             )
 
     def _move_aside(self, bad: Iterable[tuple[int, str]], good_step: int) -> None:
@@ -386,43 +434,6 @@ class Checkpointer:
                 self._step_dir(step),
                 problem,
             )
-
-
-def _key_name(key: Any) -> str:
-    """One name per path entry, whatever the container (dict, dataclass, tuple...)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _leaves_by_path(tree: Any) -> dict[tuple[str, ...], Any]:
-    # None leaves vanish here, as orbax stores empty optimizer states (None, EmptyState) as None.
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {tuple(_key_name(k) for k in path): leaf for path, leaf in flat}
-
-
-def _stored_form(leaf: Any) -> tuple[tuple[int, ...] | None, Any]:
-    """Shape and dtype as orbax stores ``leaf`` (typed PRNG keys are stored as their key data)."""
-    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
-        return data.shape, data.dtype
-    return shape, dtype
-
-
-def _fmt(path: tuple[str, ...]) -> str:
-    return "/".join(path) or "<root>"
-
-
-def _fmt_list(items: list, fmt=_fmt, limit: int = 5) -> str:
-    shown = ", ".join(fmt(i) for i in items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _free_name(directory: epath.Path, name: str) -> epath.Path:
