@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.util
+import os
 import re
 import sys
+import traceback
 from typing import Callable, NoReturn
 
 from absl import flags
 
 from diffusion_jax.runtime import setup_logging
-from diffusion_jax.workdir import ConfigError
+from diffusion_jax.workdir import ConfigError, check_keys
 
 CONFIG_PREFIX = "--config."
 USAGE_EXIT_CODE = 2
@@ -143,3 +146,31 @@ def apply_overrides(config, overrides: dict) -> None:
         if isinstance(value, str):
             value = _parse_value(key, value, current)
         node[name] = value
+
+
+def load_config_file(path: str):
+    """``get_config()`` of a config file (``FILE.py`` or ``FILE.py:ARG``, passed on as
+    ``get_config(ARG)``), with its keys checked against configs/base.py. Every problem is
+    one ConfigError naming the file (and the line, for an error inside it): a missing file,
+    a syntax error, an exception while building the config, an undeclared key."""
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise ConfigError(f"--config={path}: no such file (config files live in configs/)")
+    name = "_diffusion_jax_config_" + re.sub(r"\W", "_", os.path.basename(file))
+    try:
+        loader = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"--config={path}: the file defines no get_config()")
+        config = module.get_config(*([arg] if arg else []))
+        check_keys(config)
+    except SyntaxError as e:
+        raise ConfigError(f"--config={path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"--config={path}: {e}") from None
+    except Exception as e:
+        where = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
+        at = f" at line {where[-1].lineno}" if where else ""
+        raise ConfigError(f"--config={path}{at}: {type(e).__name__}: {e}") from None
+    return config

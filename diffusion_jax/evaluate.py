@@ -84,11 +84,14 @@ def run(
 
     from diffusion_jax import data, evaluation, schedules, steps, workdir as workdir_lib
 
-    config = workdir_lib.load_config(workdir)
-    cli.apply_overrides(config, overrides or {})
-    workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
     if num_samples < 2:
         raise workdir_lib.ConfigError(f"num_samples must be >= 2, got {num_samples}")
+    if batch_size < 1:
+        raise workdir_lib.ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    config = workdir_lib.load_config(workdir)
+    workdir_lib.require_checkpoint(workdir)
+    cli.apply_overrides(config, overrides or {})
+    workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
     bs = min(batch_size, num_samples)
@@ -141,10 +144,16 @@ def run(
 
 def main(overrides: dict) -> dict:
     from diffusion_jax import evaluation, runtime
-    from diffusion_jax.workdir import ConfigError
+    from diffusion_jax.workdir import ConfigError, ensure_writable_file
 
     runtime.configure_cpu_xla_flags()
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "eval.jsonl")
     try:
+        # the record is appended after minutes of sampling: check first that it can be.
+        # The default's directory is the workdir: not probed (so not created) when missing,
+        # run() reports that.
+        if FLAGS.out or os.path.isdir(FLAGS.workdir):
+            ensure_writable_file(out, "--out" if FLAGS.out else "the default --out")
         result = run(
             FLAGS.workdir,
             num_samples=FLAGS.num_samples,
@@ -160,7 +169,7 @@ def main(overrides: dict) -> dict:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         cli.fail(str(e))
     print(json.dumps(result, sort_keys=True))
-    evaluation.append_jsonl(FLAGS.out or os.path.join(FLAGS.workdir, "eval.jsonl"), result)
+    evaluation.append_jsonl(out, result)
     return result
 
 

@@ -10,12 +10,16 @@ denoises its slice through the whole ``lax.scan``) and gathers the images to the
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable
 
 import jax
 import numpy as np
 
 from diffusion_jax import parallel
+from diffusion_jax.preemption import Interrupted
+
+_POLL_S = 0.05
 
 
 def class_balanced_labels(num_classes: int, n: int) -> np.ndarray:
@@ -62,6 +66,7 @@ def generate_samples(
     images=None,
     mask=None,
     source_labels=None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """``num_samples`` images [N, H, W, C] in [-1, 1] on the host, in batches.
 
@@ -78,6 +83,11 @@ def generate_samples(
     it (a no-op when they already are). The random draws do not depend on the sharding (JAX's partitionable
     threefry), so the images equal the unsharded ones up to float reduction order.
     Multi-process: every process gets all images.
+
+    ``interrupt()`` (optional, single-process) is polled while each batch runs; once it
+    returns True ``preemption.Interrupted`` is raised at once, carrying the batch still
+    running on the device, so the caller can save before that batch ends (a first call
+    still compiles before it can be interrupted).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples, batch_size >= 1, got {num_samples}, {batch_size}")
@@ -109,5 +119,9 @@ def generate_samples(
         rng = _place(jax.random.fold_in(jax.random.PRNGKey(seed), i), mesh, batched=False)
         batch_mask = cut(np.asarray(mask, np.float32)) if per_image_mask else shared_mask
         out = fn(params, rng, cut(labels), scale, cut(images), batch_mask, cut(source_labels))
+        while interrupt is not None and not out.is_ready():
+            if interrupt():
+                raise Interrupted(f"interrupted while sampling batch {i}", pending=out)
+            time.sleep(_POLL_S)
         chunks.append(parallel.gather_to_host(out, name=f"samples:{i}"))
     return np.concatenate(chunks)[:num_samples]

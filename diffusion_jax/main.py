@@ -4,51 +4,61 @@ r"""Train a diffusion model from a config file.
       [--config.schedule.name=cosine ...] [--verbosity=0]
 
 The workdir holds config.json, checkpoints/, tensorboard/, samples/ and metrics.jsonl;
-running the same command again resumes from the latest checkpoint. The console shows
-progress lines and this package's own messages; ``--verbosity=0`` (absl's flag) also shows
-the libraries' INFO logs (orbax, TensorStore), ``--verbosity=1`` their debug logs.
+running the same command again resumes from the latest checkpoint (a changed config is
+refused, except the keys listed in diffusion_jax/workdir.py's RESUMABLE_KEYS). One run per
+workdir: a second one is refused while the first holds <workdir>/lock.
+
+Exit codes: 0 done; 2 bad input or a refused run (one ``error:`` line, nothing written);
+75 preempted (SIGTERM: the checkpoint is saved, run the same command to resume); 1 a bug.
+The console shows progress lines and this package's own messages; ``--verbosity=0``
+(absl's levels) also shows the libraries' INFO logs (orbax, TensorStore), ``--verbosity=1``
+their debug logs.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import sys
 
-from diffusion_jax import cli, runtime, train
+from absl import flags
+
+from diffusion_jax import cli, preemption, runtime, train
+from diffusion_jax.checkpoint import CheckpointWriteError
 from diffusion_jax.workdir import ConfigError
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+# Own FlagValues, like the other CLIs; config overrides are --config.KEY=VALUE.
+FLAGS = flags.FlagValues()
+OWN = dict(flag_values=FLAGS)
+flags.DEFINE_string("config", None, "Config file (configs/*.py, or FILE.py:ARG).", **OWN)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.", **OWN)
 flags.DEFINE_enum(
     "multihost",
     "auto",
     ["auto", "on", "off"],
     "jax.distributed: auto = on when --coordinator_address is given or a "
     "TPU/SLURM/MPI cluster is detected.",
+    **OWN,
 )
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-host).", **OWN)
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", **OWN)
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", **OWN)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    runtime.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else None)
+def main(overrides: dict):
     runtime.configure_cpu_xla_flags()
     try:
+        config = cli.load_config_file(FLAGS.config)
+        cli.apply_overrides(config, overrides)
         try:
             runtime.initialize_distributed(
                 FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, FileNotFoundError, train.NonFiniteError) as e:
+        state = train.train_and_evaluate(config, FLAGS.workdir)
+    except (ConfigError, FileNotFoundError, train.NonFiniteError, CheckpointWriteError) as e:
         cli.fail(str(e))
+    if int(state.step) < config.train.num_steps:
+        sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, FLAGS, __doc__)

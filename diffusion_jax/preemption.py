@@ -4,6 +4,10 @@ SIGTERM (what schedulers send before killing), on one process or many.
 `PreemptionHandler` is a callable ``should_stop(step)``; see its docstring for the single-
 and multi-process behaviour. Use it as a context manager: ``with PreemptionHandler() as
 should_stop:`` installs it once and restores the previous signal handlers on exit.
+
+A preempted run exits with EXIT_CODE (75, sysexits' EX_TEMPFAIL: "try again later"), not 0,
+so a scheduler's requeue logic can tell "saved, resume me" from "finished" (SLURM:
+``--requeue`` plus a wrapper that requeues on 75).
 """
 
 from __future__ import annotations
@@ -18,6 +22,18 @@ import jax
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+EXIT_CODE = 75  # EX_TEMPFAIL
+
+
+class Interrupted(Exception):
+    """Raised while sampling once the job got SIGTERM (see `generate`). ``pending`` is the
+    abandoned batch, still computing: wait for it (after saving) before exiting, since
+    tearing the runtime down under a running computation crashes the process."""
+
+    def __init__(self, message: str, pending=None):
+        super().__init__(message)
+        self.pending = pending
 
 
 class PreemptionHandler:

@@ -34,9 +34,16 @@ import numpy as np
 from absl import flags
 
 from diffusion_jax import cli, data, generate, metrics, runtime, samplers, schedules, steps
-from diffusion_jax.workdir import ConfigError, check_config, load_config, load_state
-
-MASKS = ("top", "bottom", "left", "right", "center")
+from diffusion_jax.edit_inputs import MASKS, load_images, load_mask, parse_interval, parse_labels
+from diffusion_jax.workdir import (
+    ConfigError,
+    check_config,
+    ensure_writable_dir,
+    ensure_writable_file,
+    load_config,
+    load_state,
+    require_checkpoint,
+)
 
 # Own FlagValues: importable next to the other CLIs, whose flags share names.
 FLAGS = flags.FlagValues()
@@ -100,129 +107,16 @@ flags.DEFINE_string("npz", "", "If set, also write uint8 images + labels to this
 flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
-def parse_labels(text: str, n: int, num_classes: int, flag: str = "--labels") -> np.ndarray:
-    if not text:
-        return generate.class_balanced_labels(num_classes, n)
-    if num_classes == 0:
-        raise ConfigError(f"{flag} given but the model is unconditional")
-    try:
-        labels = np.array([int(x) for x in text.split(",")], np.int32)
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ConfigError(f"{flag} must be in 0..{num_classes - 1}")
-    return np.resize(labels, n)
-
-
-def _shape_text(shape) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def load_images(spec_arg: str, image_shape):
-    """(uint8 [N, H, W, C], labels [N] or None) from --input, checked against the model's
-    (H, W, C); raises ConfigError with a one-line reason."""
-    from PIL import Image
-
-    paths = [p for p in spec_arg.split(",") if p]
-    for p in paths:
-        if not os.path.exists(p):
-            raise ConfigError(f"--input file {p} not found")
-    labels = None
-    if len(paths) == 1 and paths[0].endswith(".npz"):
-        with np.load(paths[0]) as f:
-            if "images" not in f:
-                raise ConfigError(f"{paths[0]} has no 'images' array (keys: {list(f.keys())})")
-            images = f["images"]
-            labels = f["labels"].astype(np.int32) if "labels" in f else None
-        if images.ndim == 3:  # [N, H, W] grayscale
-            images = images[..., None]
-        if images.ndim != 4:
-            raise ConfigError(
-                f"{paths[0]}: 'images' must be [N, H, W, C], got shape {images.shape}"
-            )
-        if images.dtype != np.uint8:
-            raise ConfigError(f"{paths[0]}: 'images' must be uint8 (0..255), got {images.dtype}")
-    else:
-        arrays = []
-        for p in paths:
-            if not p.lower().endswith(".png"):
-                raise ConfigError(f"--input {p}: expected .png files or one .npz")
-            img = Image.open(p)
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB" if image_shape[2] == 3 else "L")
-            a = np.asarray(img, np.uint8)
-            arrays.append(a[..., None] if a.ndim == 2 else a)
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ConfigError(f"--input PNGs differ in size: {sorted(shapes)}")
-        images = np.stack(arrays)
-    if images.shape[1:] != tuple(image_shape):
-        raise ConfigError(
-            f"--input images are {_shape_text(images.shape[1:])} (HxWxC) but the model "
-            f"expects {_shape_text(image_shape)}; resize/convert them first"
-        )
-    if labels is not None and labels.shape != (images.shape[0],):
-        labels = None
-    return images, labels
-
-
-def load_mask(spec_arg: str, image_shape) -> np.ndarray:
-    """float32 mask (1 = known) broadcastable to [N, H, W, C] from --mask."""
-    from PIL import Image
-
-    h, w, c = image_shape
-    if spec_arg in MASKS:
-        m = np.zeros((h, w, 1), np.float32)
-        if spec_arg == "top":
-            m[: h // 2] = 1
-        elif spec_arg == "bottom":
-            m[h - h // 2 :] = 1
-        elif spec_arg == "left":
-            m[:, : w // 2] = 1
-        elif spec_arg == "right":
-            m[:, w - w // 2 :] = 1
-        else:
-            m[:] = 1
-            m[h // 4 : h - h // 4, w // 4 : w - w // 4] = 0
-        return m
-    if not os.path.exists(spec_arg):
-        raise ConfigError(f"--mask {spec_arg!r} is neither a file nor one of {MASKS}")
-    if spec_arg.endswith(".npz"):
-        with np.load(spec_arg) as f:
-            if "mask" not in f:
-                raise ConfigError(f"{spec_arg} has no 'mask' array (keys: {list(f.keys())})")
-            m = np.asarray(f["mask"], np.float32)
-        if m.ndim == 2:
-            m = m[..., None]
-    else:
-        m = (np.asarray(Image.open(spec_arg).convert("L"), np.float32) >= 128)[..., None]
-        m = m.astype(np.float32)
-    if m.ndim not in (3, 4) or m.shape[-3:-1] != (h, w) or m.shape[-1] not in (1, c):
-        raise ConfigError(
-            f"--mask is {_shape_text(m.shape)} but the images are "
-            f"{_shape_text(image_shape)} (HxWxC; mask HxW, HxWx1, HxWxC "
-            "or NxHxWxC)"
-        )
-    if np.any((m < 0) | (m > 1)):
-        raise ConfigError("--mask values must lie in [0, 1] (1 = known)")
-    return m
-
-
-def parse_interval(text: str):
-    if not text:
-        return None
-    try:
-        lo, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--guidance_interval must be 't_lo,t_hi', got {text!r}") from None
-    return lo, hi
-
-
 def setup(overrides: dict):
     """Everything that can fail on user input, before any compile: (config, model, spec,
     params, step, n, labels, inputs dict). Raises ConfigError / ValueError /
     FileNotFoundError."""
+    if FLAGS.num_samples < 1:
+        raise ConfigError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+    if FLAGS.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     config = load_config(FLAGS.workdir)
+    require_checkpoint(FLAGS.workdir)
     cli.apply_overrides(config, overrides)
     spec = data.dataset_spec(config.data)
     check_config(config, spec, training=False)
@@ -272,6 +166,13 @@ def setup(overrides: dict):
         )
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
+    # last of the checks: the probes create the output directories
+    if FLAGS.out:
+        ensure_writable_file(FLAGS.out, "--out", image=True)
+    else:
+        ensure_writable_dir(os.path.join(FLAGS.workdir, "samples"), "the default --out directory")
+    if FLAGS.npz:
+        ensure_writable_file(FLAGS.npz, "--npz")
     model, spec, state = load_state(FLAGS.workdir, config)
     params, step = state.ema_params, int(state.step)
     return config, model, spec, params, step, n, labels, inputs

@@ -23,8 +23,9 @@ from diffusion_jax import (
     steps,
     workdir,
 )
+from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.models import build_model
-from diffusion_jax.preemption import PreemptionHandler
+from diffusion_jax.preemption import Interrupted, PreemptionHandler
 from diffusion_jax.state import create_train_state, make_lr_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
     batch = generate.padded_batch_size(min(n, 500), dp.mesh)
     sample_fn = steps.make_sample_fn(model, schedule, config, (batch, *spec.image_shape))
 
-    def quality(params, step: int) -> dict:
+    def quality(params, step: int, interrupt=None) -> dict:
         return evaluation.evaluate_sampler(
             sample_fn,
             params,
@@ -64,6 +65,7 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
             mesh=dp.mesh,
             matched_num_samples=min(n, ref.n // 2),
             info={**evaluation.sampler_info(config), "step": step},
+            interrupt=interrupt,
         )
 
     return quality
@@ -71,13 +73,21 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
 
 def train_and_evaluate(config, workdir_path: str):
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint) and return the
-    final canonical TrainState."""
-    runtime.setup_compilation_cache(config.train.compilation_cache_dir)
+    final canonical TrainState; its step is below ``train.num_steps`` when the run was
+    preempted. Everything that can be refused is checked before anything is written or
+    compiled: the config (keys, values, shapes), the workdir (writable, not in use by
+    another run, and on a resume: the same config in every key that may not change)."""
     spec = data.dataset_spec(config.data)
     workdir.check_config(config, spec)
-    os.makedirs(workdir_path, exist_ok=True)
-    workdir.save_config(config, workdir_path)
+    workdir.ensure_writable_dir(workdir_path, "--workdir")
+    with WorkdirLock(workdir_path):
+        if workdir.has_checkpoints(workdir_path):
+            workdir.check_resume(config, workdir_path)
+        runtime.setup_compilation_cache(config.train.compilation_cache_dir)
+        return _train(config, workdir_path, spec)
 
+
+def _train(config, workdir_path: str, spec: data.DatasetSpec):
     model = build_model(config.model)
     schedule = schedules.build(config.schedule)
     num_steps = config.train.num_steps
@@ -88,6 +98,7 @@ def train_and_evaluate(config, workdir_path: str):
 
     ckpt = workdir.checkpointer(workdir_path, config)
     restored = workdir.restore_state(ckpt, config, model, tx, spec, dp.state_sharding)
+    workdir.save_config(config, workdir_path)  # the resume is valid: record its config
     process_batch = config.train.batch_size // jax.process_count()
     it = data.create_train_iterator(
         config.data,
@@ -167,7 +178,13 @@ def train_and_evaluate(config, workdir_path: str):
         make_quality_eval(config, model, schedule, dp) if config.eval.metrics_every_steps else None
     )
 
-    def write_samples():
+    def save(force: bool):
+        flush_metrics()
+        # orbax copies to host before save() returns, so donating dstate in the next
+        # step is safe (tests/test_checkpoint.py deletes the buffers to check)
+        ckpt.save(step, dp.get_state(dstate), extra={"data": it.get_state()}, force=force)
+
+    def write_samples(interrupt):
         """The sample grid: what `diffusion_jax.sample --seed=<seed + 1>` draws too."""
         images = generate.generate_samples(
             sample_fn,
@@ -178,6 +195,7 @@ def train_and_evaluate(config, workdir_path: str):
             generate.class_balanced_labels(config.model.num_classes, n_samples),
             guidance_scale=config.sampler.guidance_scale,
             mesh=dp.mesh,
+            interrupt=interrupt,
         )
         grid = metrics.make_grid(images, upscale=max(1, 32 // spec.image_shape[0]))
         path = os.path.join(workdir_path, "samples", f"step_{step:07d}.png")
@@ -202,21 +220,27 @@ def train_and_evaluate(config, workdir_path: str):
             if step % config.train.log_every_steps == 0 or final or stop:
                 flush_metrics()
             if step % config.ckpt.every_steps == 0 or final or stop:
-                flush_metrics()
-                # orbax copies to host before save() returns, so donating dstate in the
-                # next step is safe (tests/test_checkpoint.py deletes the buffers to check)
-                ckpt.save(step, dp.get_state(dstate), extra={"data": it.get_state()}, force=stop)
+                save(force=stop)
             if stop:
                 log.warning("preempted (SIGTERM): saved step %d, exiting", step)
                 outcome["preempted"] = True
                 break
-            if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
-                outcome["samples"] = write_samples()
-            if quality and (final or step % config.eval.metrics_every_steps == 0):
-                record = quality(dp.get_state(dstate).ema_params, step)
-                writer.scalars(step, evaluation.tensorboard_scalars(record))
-                if jax.process_index() == 0:
-                    evaluation.append_jsonl(os.path.join(workdir_path, "eval.jsonl"), record)
+            interrupt = lambda: should_stop.received  # single-process: between batches
+            try:
+                if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
+                    outcome["samples"] = write_samples(interrupt)
+                if quality and (final or step % config.eval.metrics_every_steps == 0):
+                    record = quality(dp.get_state(dstate).ema_params, step, interrupt)
+                    writer.scalars(step, evaluation.tensorboard_scalars(record))
+                    if jax.process_index() == 0:
+                        evaluation.append_jsonl(os.path.join(workdir_path, "eval.jsonl"), record)
+            except Interrupted as e:
+                save(force=True)  # a no-op when this step is already saved
+                ckpt.wait()
+                log.warning("preempted (SIGTERM) while sampling: saved step %d, exiting", step)
+                jax.block_until_ready(e.pending)  # exiting under a running batch crashes
+                outcome["preempted"] = not final
+                break
             if not pending:  # sampling/eval time does not count against steps/s
                 last_log = time.time()
     ckpt.wait()

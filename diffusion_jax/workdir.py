@@ -8,6 +8,7 @@ checked the same way everywhere and a state is restored one way.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import logging
@@ -38,12 +39,74 @@ def check_config(config, spec: data.DatasetSpec, *, training: bool = True) -> No
     """Every check that can be made without compiling; raises ConfigError.
 
     ``training=False`` (sample, evaluate) skips what only matters to the training loop:
-    the global batch size against this machine's device count and the step multiples.
+    keys against configs/base.py (an old workdir's config.json may predate a key), the
+    global batch size against this machine's device count and the step multiples.
     """
     try:
+        if training:
+            check_keys(config)
         _check(config, spec, training)
+        _check_ranges(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def flatten(config, prefix: str = "") -> dict:
+    """{"train.num_steps": 3000, ...} with JSON-normal values (tuples as lists)."""
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_keys(config) -> None:
+    """Every key of ``config`` must be declared in configs/base.py (a config file that
+    sets ``c.train.nmu_steps`` would otherwise train the default job silently)."""
+    from configs import base
+
+    declared = flatten(base.get_config())
+    for key in flatten(config):
+        if key not in declared:
+            close = difflib.get_close_matches(key, list(declared), n=1)
+            raise ConfigError(
+                f"unknown config key {key!r} (not declared in configs/base.py)"
+                f"{f'; did you mean {close[0]!r}?' if close else ''}"
+            )
+
+
+# (key, low, high, low inclusive, high inclusive): values outside train silently or NaN
+_RANGES = (
+    ("optim.learning_rate", 0.0, None, False, True),
+    ("optim.warmup_steps", 0, None, True, True),
+    ("optim.final_lr_fraction", 0.0, 1.0, True, True),
+    ("optim.weight_decay", 0.0, None, True, True),
+    ("optim.grad_clip_norm", 0.0, None, True, True),
+    ("optim.b1", 0.0, 1.0, True, False),
+    ("optim.b2", 0.0, 1.0, True, False),
+    ("optim.eps", 0.0, None, False, True),
+    ("optim.ema_decay", 0.0, 1.0, True, False),
+    ("model.unet.dropout", 0.0, 1.0, True, False),
+    ("objective.label_dropout", 0.0, 1.0, True, False),
+    ("objective.min_snr_gamma", 0.0, None, False, True),
+    ("sampler.eta", 0.0, None, True, True),
+    ("sampler.guidance_scale", 0.0, None, True, True),
+)
+
+
+def _check_ranges(config) -> None:
+    values = flatten(config)
+    for key, low, high, low_in, high_in in _RANGES:
+        v = values[key]
+        ok = (low is None or (v >= low if low_in else v > low)) and (
+            high is None or (v <= high if high_in else v < high)
+        )
+        if not ok:
+            lo = "" if low is None else f"{'[' if low_in else '('}{low}"
+            hi = "inf)" if high is None else f"{high}{']' if high_in else ')'}"
+            raise ValueError(f"{key}={v} is out of range: it must lie in {lo}, {hi}")
 
 
 def _check(c, spec: data.DatasetSpec, training: bool) -> None:
@@ -134,10 +197,93 @@ def ensure_writable_dir(path: str, what: str) -> None:
         ) from None
 
 
+# Keys that may differ between a run and its resume: how long to train, how often to
+# log/checkpoint/evaluate, how to sample, where caches and data live, and how the (equal)
+# math is laid out on devices. Everything else changes what is being trained.
+RESUMABLE_KEYS = (
+    "train.num_steps",
+    "train.log_every_steps",
+    "train.quiet",
+    "train.compilation_cache_dir",
+    "train.parallel",
+    "train.steps_per_dispatch",
+    "ckpt.every_steps",
+    "ckpt.keep",
+    "ckpt.async_save",
+    "data.data_dir",
+    "data.worker_count",
+    "eval.*",
+    "sampler.*",
+)
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def check_resume(config, workdir: str) -> None:
+    """Refuse to resume a workdir's checkpoints with a config that differs from its
+    ``config.json`` in keys outside RESUMABLE_KEYS (one line listing them, old -> new).
+    Call before anything is written: the workdir's record of how it was trained is only
+    replaced once the resume is known to be valid."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = flatten(json.load(f))
+    new = json.loads(config.to_json_best_effort())
+    new = flatten(new)
+    changed = [
+        k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")
+    ]
+    refused = [k for k in changed if not _resumable(k)]
+    if refused:
+        shown = ", ".join(
+            f"{k} ({old.get(k, '<unset>')} -> {new.get(k, '<unset>')})" for k in refused[:6]
+        )
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ConfigError(
+            f"{workdir} was trained with another config: {shown}{more} differ. Resume with "
+            "the config in its config.json (only train.num_steps, logging, checkpoint, eval "
+            "and sampler settings may change; see RESUMABLE_KEYS in diffusion_jax/workdir.py), "
+            "or use a fresh --workdir"
+        )
+    if "train.num_steps" in changed and config.optim.decay != "constant":
+        log.warning(
+            "train.num_steps changed from %s to %s: the %s learning-rate decay is recomputed "
+            "for the new length from step 0, so the rate jumps at the resume",
+            old.get("train.num_steps"),
+            config.train.num_steps,
+            config.optim.decay,
+        )
+    if changed:
+        log.info("resuming with changed %s", ", ".join(changed))
+
+
+def ensure_writable_file(path: str, what: str, image: bool = False) -> None:
+    """Raise ConfigError now, not after minutes of sampling, if the file ``path`` (flag
+    ``what``) cannot be written: it is a directory, its directory is a file or not writable
+    (created if missing: the probe needs it), or (``image``) PIL cannot write its
+    extension."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a directory; give a file path")
+    if image:
+        from PIL import Image
+
+        Image.init()
+        ext = os.path.splitext(path)[1].lower()
+        if Image.registered_extensions().get(ext) not in Image.SAVE:
+            raise ConfigError(f"{what} {path!r}: unknown image extension {ext!r}; use .png")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(path)), f"{what}'s directory")
+
+
 def save_config(config, workdir: str) -> None:
+    """Write ``config.json`` atomically (a crash leaves the old record or the new one)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -156,12 +302,29 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(tuples(raw))
 
 
-def checkpointer(workdir: str, config=None) -> Checkpointer:
-    """The workdir's checkpoint manager (``config`` given: with its ckpt options)."""
+def has_checkpoints(workdir: str) -> bool:
+    """Whether the workdir holds any finalized checkpoint step (cheap: no orbax)."""
+    path = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def require_checkpoint(workdir: str) -> None:
+    """Raise ConfigError (before any directory is created) if there is nothing to load."""
+    if not has_checkpoints(workdir):
+        raise _no_checkpoint(workdir)
+
+
+def _no_checkpoint(workdir: str) -> ConfigError:
+    return ConfigError(f"no checkpoint in {workdir}/{CHECKPOINT_DIR}: train first")
+
+
+def checkpointer(workdir: str, config=None, *, read_only: bool = False) -> Checkpointer:
+    """The workdir's checkpoint manager (``config`` given: with its ckpt options;
+    ``read_only``: for sample/evaluate, creates nothing)."""
     options = (
         {} if config is None else dict(keep=config.ckpt.keep, async_save=config.ckpt.async_save)
     )
-    return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), **options)
+    return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), read_only=read_only, **options)
 
 
 def restore_state(
@@ -181,7 +344,10 @@ def restore_state(
             model, tx, spec.image_shape, config.seed, conditional=config.model.num_classes > 0
         ),
     )
-    return ckpt.restore(abstract, step=step)
+    try:
+        return ckpt.restore(abstract, step=step)
+    except ValueError as e:  # the checkpoint's tree/shapes differ: another model/optimizer
+        raise ConfigError(str(e)) from None
 
 
 def load_state(workdir: str, config=None, step: Optional[int] = None):
@@ -192,8 +358,8 @@ def load_state(workdir: str, config=None, step: Optional[int] = None):
     model = build_model(config.model)
     tx = make_optimizer(config.optim, config.train.num_steps)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with checkpointer(workdir) as ckpt:
+    with checkpointer(workdir, read_only=True) as ckpt:
         restored = restore_state(ckpt, config, model, tx, spec, sharding, step)
     if restored is None:
-        raise ConfigError(f"no checkpoint in {workdir}/{CHECKPOINT_DIR}: train first")
+        raise _no_checkpoint(workdir)
     return model, spec, restored[0]

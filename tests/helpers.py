@@ -1,6 +1,7 @@
 """Code the test modules share (no test module imports another): the tiny config with
 overrides, synthetic batches, running the CLIs in a subprocess, restoring a workdir's
-state, comparing parameter trees, and lowering the samplers' scan."""
+state, comparing parameter trees, lowering the samplers' scan, and holding a workdir's
+lock from another process."""
 
 import functools
 import os
@@ -50,6 +51,26 @@ def cli(module, *args, timeout=600, env_extra=None):
         text=True,
         timeout=timeout,
     )
+
+
+def hold_lock(path):
+    """A process that holds ``path``'s workdir lock until killed; returns it once it does."""
+    code = (
+        "import sys, time\n"
+        "from diffusion_jax.lock import WorkdirLock\n"
+        "with WorkdirLock(sys.argv[1]):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, path],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout.readline().strip() == "locked"
+    return p
 
 
 def load_state(workdir_path, step):

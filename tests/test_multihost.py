@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from helpers import REPO, load_state
+from helpers import REPO, hold_lock, load_state
 
 STEPS = 4
 TIMEOUT_S = 600  # per launch; each process compiles the tiny model (~20-90 s on 2 cores)
@@ -95,3 +95,21 @@ def test_two_processes_equal_one_process(tmp_path, mode):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     # only process 0 writes samples (gathered from all devices of both processes)
     assert os.listdir(os.path.join(two, "samples")) == [f"step_{STEPS:07d}.png"]
+
+
+def test_a_busy_workdir_refuses_every_process(tmp_path):
+    """One lock for the run: process 0 finds the workdir in use and both processes stop
+    with its one-line refusal (none hangs at a barrier, none trains)."""
+    wd = str(tmp_path / "wd")
+    os.makedirs(wd)
+    holder = hold_lock(wd)
+    try:
+        procs = start(wd, "jit", num_processes=2, devices_per_process=4)
+        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        holder.kill()
+        holder.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2, out[-3000:]
+        assert f"in use by another training run (pid {holder.pid}" in out, out[-3000:]
+    assert sorted(os.listdir(wd)) == ["lock"]  # nothing written

@@ -6,6 +6,7 @@ tested against oracles elsewhere; here: flags, file formats, shapes, exact known
 """
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -101,24 +102,154 @@ def test_invert_edits_and_reports_round_trip(workdir, inputs, tmp_path):
     np.testing.assert_array_equal(res["labels"], [5, 5, 5])
 
 
-@pytest.mark.parametrize("case", ["size", "channels", "mask"])
-def test_bad_inputs_give_one_line_errors(workdir, tmp_path, case):
-    args = ["--mode=inpaint", "--mask=left"]
+def _png(path, size=8):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _truncated_png(path):
+    """A valid PNG cut after 40 bytes: PIL opens it (lazily) and fails on decode."""
+    data = open(_png(path), "rb").read()[:40]
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def _bad_case(case, workdir, tmp):
+    """(module, args, words the error line must hold) of one bad-input case."""
+    png = f"--input={_png(tmp / 'x.png')}"
+    afile = tmp / "afile"  # a regular file where a directory is needed
+    afile.write_text("not a directory")
+    sample, evaluate = "diffusion_jax.sample", "diffusion_jax.evaluate"
     if case == "size":
-        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "x.png")
-        args.append(f"--input={tmp_path / 'x.png'}")
-        expected = "16x16x1"
-    elif case == "channels":
-        np.savez(tmp_path / "x.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-        args.append(f"--input={tmp_path / 'x.npz'}")
-        expected = "8x8x3"
-    else:
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-        np.savez(tmp_path / "m.npz", mask=np.ones((4, 4)))
-        args = ["--mode=inpaint", f"--input={tmp_path / 'x.png'}", f"--mask={tmp_path / 'm.npz'}"]
-        expected = "--mask is 4x4x1"
-    r = run("diffusion_jax.sample", f"--workdir={workdir}", *args)
+        return (
+            sample,
+            ["--mode=inpaint", "--mask=left", f"--input={_png(tmp / 'y.png', 16)}"],
+            ["16x16x1"],
+        )
+    if case == "channels":
+        np.savez(tmp / "x.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+        return sample, ["--mode=inpaint", "--mask=left", f"--input={tmp / 'x.npz'}"], ["8x8x3"]
+    if case == "mask":
+        np.savez(tmp / "m.npz", mask=np.ones((4, 4)))
+        return sample, ["--mode=inpaint", png, f"--mask={tmp / 'm.npz'}"], ["--mask is 4x4x1"]
+    if case in ("num_samples_zero", "num_samples_negative", "batch_size_zero"):
+        flag = {"num_samples_zero": "--num_samples=0", "num_samples_negative": "--num_samples=-3"}
+        flag = flag.get(case, "--batch_size=0")
+        return sample, [flag], [flag.split("=")[0], "must be >= 1", f"got {flag.split('=')[1]}"]
+    if case == "empty_npz":
+        np.savez(tmp / "e.npz", images=np.zeros((0, 8, 8, 1), np.uint8))
+        return (
+            sample,
+            ["--mode=img2img", f"--input={tmp / 'e.npz'}"],
+            [f"{tmp / 'e.npz'} holds no images"],
+        )
+    if case == "corrupt_npz":
+        np.savez(tmp / "c.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+        (tmp / "c.npz").write_bytes((tmp / "c.npz").read_bytes()[:60])
+        return (
+            sample,
+            ["--mode=img2img", f"--input={tmp / 'c.npz'}"],
+            [f"--input {tmp / 'c.npz'} is not a readable .npz ("],
+        )
+    if case in ("truncated_png", "text_as_png"):
+        bad = tmp / "bad.png"
+        if case == "truncated_png":
+            _truncated_png(bad)
+        else:
+            bad.write_text("not an image")
+        return (
+            sample,
+            ["--mode=img2img", f"--input={bad}"],
+            [f"--input {bad} is not a readable PNG ("],
+        )
+    if case == "truncated_mask_png":
+        bad = _truncated_png(tmp / "m.png")
+        return (
+            sample,
+            ["--mode=inpaint", png, f"--mask={bad}"],
+            [f"--mask {bad} is not a readable PNG ("],
+        )
+    if case == "out_under_file":
+        return sample, [f"--out={afile / 'out.png'}"], ["--out's directory", "file is in the way"]
+    if case == "npz_under_file":
+        return sample, [f"--npz={afile / 'sub' / 'o.npz'}"], ["--npz", "file is in the way"]
+    if case == "out_not_writable":
+        return sample, ["--out=/sys/forbidden/out.png"], ["/sys/forbidden", "not writable"]
+    if case == "out_is_directory":
+        return sample, [f"--out={tmp}"], ["--out", "is a directory"]
+    if case == "out_bad_extension":
+        return sample, [f"--out={tmp / 'grid.xyz'}"], ["unknown image extension '.xyz'"]
+    if case == "default_out_blocked":
+        wd = tmp / "wd"  # a trained workdir whose samples/ is a file
+        shutil.copytree(workdir, wd)
+        shutil.rmtree(wd / "samples", ignore_errors=True)
+        (wd / "samples").write_text("not a directory")
+        return sample, [f"--workdir={wd}"], ["default --out directory", "file is in the way"]
+    # evaluate: checked before loading anything (a missing workdir is reported after them)
+    fast = ["--num_samples=4", "--config.sampler.num_steps=2", f"--cache_dir={tmp / 'cache'}"]
+    if case == "eval_num_samples_zero":
+        return (
+            evaluate,
+            [f"--workdir={tmp / 'nowhere'}", "--num_samples=0"],
+            ["num_samples must be >= 2, got 0"],
+        )
+    if case == "eval_batch_size_zero":
+        return (
+            evaluate,
+            [f"--workdir={tmp / 'nowhere'}", "--batch_size=0"],
+            ["batch_size must be >= 1, got 0"],
+        )
+    if case == "eval_out_under_file":
+        return evaluate, [*fast, f"--out={afile / 'e.jsonl'}"], ["--out", "file is in the way"]
+    if case == "eval_out_is_directory":
+        return evaluate, [*fast, f"--out={tmp}"], ["--out", "is a directory"]
+    assert case == "eval_out_not_writable", case
+    return evaluate, [*fast, "--out=/sys/forbidden/e.jsonl"], ["/sys/forbidden", "not writable"]
+
+
+def _files(*roots):
+    return {os.path.join(d, f) for root in roots for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "size",
+        "channels",
+        "mask",
+        "num_samples_zero",
+        "num_samples_negative",
+        "batch_size_zero",
+        "empty_npz",
+        "corrupt_npz",
+        "truncated_png",
+        "text_as_png",
+        "truncated_mask_png",
+        "out_under_file",
+        "npz_under_file",
+        "out_not_writable",
+        "out_is_directory",
+        "out_bad_extension",
+        "default_out_blocked",
+        "eval_num_samples_zero",
+        "eval_batch_size_zero",
+        "eval_out_under_file",
+        "eval_out_is_directory",
+        "eval_out_not_writable",
+    ],
+)
+def test_bad_inputs_give_one_line_errors(workdir, tmp_path, case):
+    """Bad input: one stderr line ``error: ...`` naming the problem, exit code 2, before
+    any sampling, and nothing written (outputs are checked before, not after, sampling)."""
+    module, args, expected = _bad_case(case, workdir, tmp_path)
+    before = _files(tmp_path, workdir)
+    r = run(module, f"--workdir={workdir}", *args)  # a --workdir in args wins (absl: last)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for word in expected:
+        assert word in lines[0], (word, lines[0])
+    assert r.stdout == ""
+    assert _files(tmp_path, workdir) == before

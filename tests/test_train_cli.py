@@ -124,23 +124,6 @@ def test_exact_resume_after_sigkill(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--config.train.bogus=1", "bogus"),
-        ("--config.schedule.name=cosin", "valid"),
-        ("--config.train.batch_size=12", "not divisible by the 8 devices"),
-        ("--config.train.parallel=pjit", "valid"),
-        ("--config.model.num_classes=7", "num_classes"),
-    ],
-)
-def test_cli_bad_config_is_one_clear_line(tmp_path, override, message):
-    r = cli("diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}", override)
-    assert r.returncode != 0
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
-
-
 def test_missing_named_dataset_is_clear(tmp_path):
     cfg = tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path)})
     with pytest.raises(Exception, match="tfds build"):

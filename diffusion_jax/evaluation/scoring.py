@@ -125,11 +125,13 @@ def evaluate_sampler(
     mesh=None,
     matched_num_samples: Optional[int] = None,
     info: Optional[Mapping[str, Any]] = None,
+    interrupt: Optional[Callable[[], bool]] = None,
 ) -> dict:
     """Generate ``num_samples`` images (class-balanced labels for conditional models) and
     score them: ``evaluate_samples``' metrics plus seed, guidance_scale, the sampler
     ``info`` (see ``sampler_info``) and wall time, in one record. Use one fixed ``seed``
-    for in-loop evaluation so successive numbers differ by the model only."""
+    for in-loop evaluation so successive numbers differ by the model only. ``interrupt``:
+    see ``generate.generate_samples``."""
     t0 = time.time()
     labels = generate.class_balanced_labels(num_classes, num_samples)
     images = generate.generate_samples(
@@ -141,6 +143,7 @@ def evaluate_sampler(
         labels,
         guidance_scale=guidance_scale,
         mesh=mesh,
+        interrupt=interrupt,
     )
     t1 = time.time()
     result = dict(info or {})
