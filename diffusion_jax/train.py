@@ -205,6 +205,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         return path
 
     with PreemptionHandler() as should_stop:
+        interrupt = lambda: should_stop.received  # polled while sampling (single-process)
         while step < num_steps:
             batches = [next(it) for _ in range(k)]
             batch = batches[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *batches)
@@ -225,7 +226,6 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
                 log.warning("preempted (SIGTERM): saved step %d, exiting", step)
                 outcome["preempted"] = True
                 break
-            interrupt = lambda: should_stop.received  # single-process: between batches
             try:
                 if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
                     outcome["samples"] = write_samples(interrupt)

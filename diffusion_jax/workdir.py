@@ -77,7 +77,8 @@ def check_keys(config) -> None:
             )
 
 
-# (key, low, high, low inclusive, high inclusive): values outside train silently or NaN
+# (key, low, high or None, low inclusive, high inclusive): values outside train silently
+# or give NaN
 _RANGES = (
     ("optim.learning_rate", 0.0, None, False, True),
     ("optim.warmup_steps", 0, None, True, True),
@@ -100,11 +101,11 @@ def _check_ranges(config) -> None:
     values = flatten(config)
     for key, low, high, low_in, high_in in _RANGES:
         v = values[key]
-        ok = (low is None or (v >= low if low_in else v > low)) and (
+        ok = (v >= low if low_in else v > low) and (
             high is None or (v <= high if high_in else v < high)
         )
         if not ok:
-            lo = "" if low is None else f"{'[' if low_in else '('}{low}"
+            lo = f"{'[' if low_in else '('}{low}"
             hi = "inf)" if high is None else f"{high}{']' if high_in else ')'}"
             raise ValueError(f"{key}={v} is out of range: it must lie in {lo}, {hi}")
 
