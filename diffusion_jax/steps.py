@@ -28,6 +28,36 @@ def drop_labels(rng, labels, example_ids, p: float, null_label: int):
     return jnp.where(drop, null_label, labels)
 
 
+def loss_buckets(t, loss_per_example, num_timesteps: int):
+    """(sum, count) [NUM_LOSS_BUCKETS] of the per-example losses in equal-width buckets of
+    t: bucket b holds b·T/N <= t < (b+1)·T/N."""
+    bucket = t * NUM_LOSS_BUCKETS // num_timesteps
+    ones = jnp.ones_like(loss_per_example, jnp.float32)
+    return (
+        jax.ops.segment_sum(loss_per_example, bucket, NUM_LOSS_BUCKETS),
+        jax.ops.segment_sum(ones, bucket, NUM_LOSS_BUCKETS),
+    )
+
+
+def apply_per_example(model, params, x, t, y, rng, example_ids):
+    """``model.apply(..., train=True)`` with the model's randomness (dropout) drawn from
+    ``fold_in(rng, example_id)`` per example, like the noise and timesteps: the masks of
+    example i are the same on 1 or N devices, under jit or pmap, so a run gives the same
+    numbers on any layout. The model is vmapped over single examples (it has no
+    cross-example layer such as batch norm), which XLA folds back into batched
+    convolutions and matmuls; measured cost on the digits UNet train step: ~6%."""
+    keys = objectives.per_example_keys(rng, example_ids)
+
+    def one(x1, t1, y1, key):
+        y1 = None if y1 is None else y1[None]
+        out = model.apply(
+            {"params": params}, x1[None], t1[None], y1, train=True, rngs={"dropout": key}
+        )
+        return out[0]
+
+    return jax.vmap(one)(x, t, y, keys)
+
+
 def apply_gradients(
     state: TrainState, grads, tx: optax.GradientTransformation, optim_cfg
 ) -> TrainState:
@@ -68,6 +98,9 @@ def make_train_step(
     """
     obj, model_cfg = config.objective, config.model
     conditional = model_cfg.num_classes > 0
+    # Only a model with dropout draws randomness; without it the per-example vmap would
+    # cost time for nothing (digits UNet step: ~10%).
+    random_model = model_cfg.get(model_cfg.name, {}).get("dropout", 0.0) > 0
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -84,11 +117,9 @@ def make_train_step(
             batch.pop("label", None)
 
         def apply_fn(params, x_t, t, y, rng_model):
-            # dropout masks: decorrelated across pmap devices
-            rng_model = jax.random.fold_in(rng_model, device)
-            return model.apply(
-                {"params": params}, x_t, t, y, train=True, rngs={"dropout": rng_model}
-            )
+            if not random_model:
+                return model.apply({"params": params}, x_t, t, y, train=True)
+            return apply_per_example(model, params, x_t, t, y, rng_model, ids)
 
         def loss_fn(params):
             return objectives.diffusion_loss(
@@ -104,10 +135,8 @@ def make_train_step(
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        bucket = aux["t"] * NUM_LOSS_BUCKETS // schedule.num_timesteps
-        bucket_sum = jax.ops.segment_sum(aux["loss_per_example"], bucket, NUM_LOSS_BUCKETS)
-        bucket_count = jax.ops.segment_sum(
-            jnp.ones_like(bucket, jnp.float32), bucket, NUM_LOSS_BUCKETS
+        bucket_sum, bucket_count = loss_buckets(
+            aux["t"], aux["loss_per_example"], schedule.num_timesteps
         )
         if axis_name:
             grads, loss = jax.lax.pmean((grads, loss), axis_name)

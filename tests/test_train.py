@@ -39,49 +39,91 @@ def compiled_step_and_state(config, devices):
     return dp, step, dp.put_state(state)
 
 
-def run_steps(config, devices, batches):
-    """Train ``len(batches)`` steps on ``devices``; returns the canonical state's params."""
+def run_steps(config, devices, batches, metrics=None):
+    """Train ``len(batches)`` steps on ``devices``; returns the canonical state's params
+    and the losses (and, given a list ``metrics``, appends each step's metrics to it)."""
     dp, step, dstate = compiled_step_and_state(config, devices)
     losses = []
     for b in batches:
         dstate, m = step(dstate, dp.put_batch(b))
-        losses.append(float(dp.get_metrics(m)["loss"]))
+        m = dp.get_metrics(m)
+        losses.append(float(m["loss"]))
+        if metrics is not None:
+            metrics.append(m)
     return jax.device_get(dp.get_state(dstate).params), losses
 
 
-@needs_8
-def test_jit_one_device_equals_eight_devices():
-    cfg = tiny_config()
-    batches = synthetic_batches(4, 16)
-    p1, l1 = run_steps(cfg, jax.devices()[:1], batches)
-    p8, l8 = run_steps(cfg, jax.devices()[:8], batches)
-    # Same random draws (per-example keys); only the order of the gradient all-reduce
-    # differs, so float32 agreement to ~1e-6 relative after 4 Adam steps.
-    np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    assert max_diff(p1, p8) < 1e-5
+# Dropout at the DDPM CIFAR-10 rate. The model starts with exactly zero output (zero final
+# conv and zero conv2 in every ResBlock), so the masks first reach a gradient at the second
+# step; no learning-rate warmup (whose first step has lr 0) so that happens early.
+DROPOUT = {"model.unet.dropout": 0.1, "optim.warmup_steps": 0}
+
+
+def assert_same_run(config_a, devices_a, config_b, devices_b, batches):
+    """Two layouts of one run give the same losses, gradient norms, loss-by-t buckets and
+    parameters; returns the parameters. grad_norm is compared because Adam and clipping
+    are invariant to a constant gradient scale: a psum in place of a pmean would leave the
+    parameters alone but multiply grad_norm by the device count. Same random draws
+    (per-example keys for noise, t, label dropout and dropout masks); only the float
+    summation order differs between layouts: ~1e-6 relative after a few Adam steps, 1e-5
+    allowed."""
+    ma, mb = [], []
+    pa, la = run_steps(config_a, devices_a, batches, ma)
+    pb, lb = run_steps(config_b, devices_b, batches, mb)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for a, b in zip(ma, mb):
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(a["loss_bucket_sum"], b["loss_bucket_sum"], rtol=1e-5)
+        np.testing.assert_array_equal(a["loss_bucket_count"], b["loss_bucket_count"])
+    assert max_diff(pa, pb) < 1e-5
+    return pa
 
 
 @needs_8
-def test_pmap_equals_jit():
-    batches = synthetic_batches(4, 16)
-    p_jit, l_jit = run_steps(tiny_config(**{"train.parallel": "jit"}), jax.devices(), batches)
-    p_pmap, l_pmap = run_steps(tiny_config(**{"train.parallel": "pmap"}), jax.devices(), batches)
-    # pmap computes per-device losses then pmean; jit one global mean: same math,
-    # different float summation order -> 1e-5.
-    np.testing.assert_allclose(l_jit, l_pmap, rtol=1e-5)
-    assert max_diff(p_jit, p_pmap) < 1e-5
+def test_jit_one_device_equals_eight_devices_with_dropout():
+    cfg = tiny_config(**DROPOUT)
+    assert_same_run(cfg, jax.devices()[:1], cfg, jax.devices()[:8], synthetic_batches(4, 16))
+
+
+@needs_8
+def test_pmap_equals_jit_with_dropout():
+    jit_cfg = tiny_config(**DROPOUT, **{"train.parallel": "jit"})
+    pmap_cfg = tiny_config(**DROPOUT, **{"train.parallel": "pmap"})
+    assert_same_run(jit_cfg, jax.devices(), pmap_cfg, jax.devices(), synthetic_batches(4, 16))
+
+
+def test_dropout_is_active_in_the_train_step():
+    """The equivalences above would hold trivially if the step ignored dropout. With
+    DROPOUT vs the same run at rate 0: the first step is identical (see DROPOUT); the
+    second step's gradient of every ResBlock's conv2 sees the dropped activations, and
+    Adam's early updates are ~lr·sign(g) whatever g's size, so the parameters move apart
+    by ~lr (1e-4) vs ~1e-7 of float noise between the two programs."""
+    batches = synthetic_batches(2, 16)
+    one, two = {}, {}
+    for rate in (0.0, 0.1):
+        cfg = tiny_config(**{**DROPOUT, "model.unet.dropout": rate})
+        one[rate], _ = run_steps(cfg, jax.devices()[:1], batches[:1])
+        two[rate], _ = run_steps(cfg, jax.devices()[:1], batches)
+    assert max_diff(one[0.0], one[0.1]) < 1e-6
+    assert max_diff(two[0.0], two[0.1]) > 2e-5
 
 
 @needs_8
 def test_class_conditional_pmap_equals_jit_and_labels_matter():
-    over = {"model.num_classes": 10}
+    over = {"model.num_classes": 10, **DROPOUT}
     batches = synthetic_batches(3, 16)
-    p_jit, _ = run_steps(tiny_config(**over), jax.devices(), batches)
-    p_pmap, _ = run_steps(tiny_config(**over, **{"train.parallel": "pmap"}), jax.devices(), batches)
-    assert max_diff(p_jit, p_pmap) < 1e-5
-    # the same images with other labels: the class embedding gets other gradients, so the
-    # update differs far beyond the 1e-5 float noise allowed between jit and pmap
-    relabelled = [dict(b, label=(b["label"] + 1) % 10) for b in batches]
+    p_jit = assert_same_run(
+        tiny_config(**over),
+        jax.devices(),
+        tiny_config(**over, **{"train.parallel": "pmap"}),
+        jax.devices(),
+        batches,
+    )
+    # the same images with their labels permuted: the class embedding gets other
+    # gradients, so the update differs far beyond the 1e-5 allowed between layouts
+    perm = np.random.default_rng(1).permutation(16)
+    relabelled = [dict(b, label=b["label"][perm]) for b in batches]
+    assert all((r["label"] != b["label"]).any() for r, b in zip(relabelled, batches))
     p_other, _ = run_steps(tiny_config(**over), jax.devices(), relabelled)
     assert max_diff(p_jit, p_other) > 1e-4
 
@@ -227,6 +269,9 @@ def test_bfloat16_compute_trains_close_to_float32():
     # tracks f32 within 3% and params within 2e-2 absolute (params are O(0.1-1)).
     np.testing.assert_allclose(l16, l32, rtol=3e-2)
     assert max_diff(p32, p16) < 2e-2
+    # ...and it really ran in bf16: an ignored compute_dtype would give the f32 run to
+    # float noise (~1e-7); bf16 rounding moves the losses by ~1e-3 relative
+    assert np.max(np.abs(np.array(l16) / np.array(l32) - 1)) > 1e-4
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p16))
 
 
@@ -254,3 +299,55 @@ def test_sharded_sampling_equals_single_device():
     assert out[1][0] == 12 and out[8][0] == 16
     # same arithmetic per example; different batch tiling may reorder float reductions
     np.testing.assert_allclose(out[8][1][:12], out[1][1][:12], atol=1e-5)
+
+
+# ------------------------------------------------------------- label dropout, loss by t
+
+
+def test_label_dropout_rate_null_class_and_layout():
+    """Classifier-free-guidance training drops each label to the null class with
+    probability p, from a key per global example id."""
+    rng = jax.random.PRNGKey(3)
+    n, p, null = 20000, 0.1, 10
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, n), jnp.int32)
+    ids = jnp.arange(n)
+    out = np.asarray(steps.drop_labels(rng, labels, ids, p, null))
+    dropped = out != np.asarray(labels)
+    # kept labels are untouched, dropped ones are exactly the null class
+    assert set(np.unique(out[dropped])) == {null}
+    # binomial count: mean n·p = 2000, std sqrt(n·p·(1-p)) = 42; 5 std = 212
+    assert abs(dropped.sum() - n * p) < 5 * np.sqrt(n * p * (1 - p)), dropped.sum()
+    # 8 shards with their global ids draw what the whole batch draws
+    shards = [
+        steps.drop_labels(rng, labels[i : i + n // 8], ids[i : i + n // 8], p, null)
+        for i in range(0, n, n // 8)
+    ]
+    np.testing.assert_array_equal(np.concatenate(shards), out)
+    # another step's key draws other examples; p = 0 drops none
+    other = np.asarray(steps.drop_labels(jax.random.PRNGKey(4), labels, ids, p, null))
+    assert (other != out).sum() > n * p
+    np.testing.assert_array_equal(steps.drop_labels(rng, labels, ids, 0.0, null), labels)
+
+
+def test_loss_buckets_partition_the_batch_by_t():
+    """metrics["loss_bucket_*"]: the counts add up to the batch and the sums to
+    batch * loss (uniform weighting, so the loss is the plain mean of the per-example
+    losses); float32 sums of 16 terms -> 1e-6 relative."""
+    cfg = tiny_config()
+    metrics = []
+    run_steps(cfg, jax.devices()[:1], synthetic_batches(2, 16), metrics)
+    for m in metrics:
+        assert m["loss_bucket_count"].shape == (steps.NUM_LOSS_BUCKETS,)
+        assert m["loss_bucket_count"].sum() == 16
+        np.testing.assert_allclose(m["loss_bucket_sum"].sum(), 16 * m["loss"], rtol=1e-6)
+        # a bucket without examples has no loss
+        assert np.all(m["loss_bucket_sum"][m["loss_bucket_count"] == 0] == 0)
+
+
+def test_loss_bucket_edges():
+    """Bucket b holds b·T/10 <= t < (b+1)·T/10 (T = 1000 here: 100 timesteps a bucket)."""
+    t = jnp.array([0, 99, 100, 555, 999, 998, 0])
+    losses = jnp.array([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+    sums, counts = steps.loss_buckets(t, losses, 1000)
+    np.testing.assert_array_equal(counts, [3, 1, 0, 0, 0, 1, 0, 0, 0, 2])
+    np.testing.assert_array_equal(sums, [67, 4, 0, 0, 0, 8, 0, 0, 0, 48])

@@ -106,10 +106,18 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     last = Checkpointer(ckdir).latest_step()
     target = last + 4
+    with open(os.path.join(killed, "metrics.jsonl")) as f:
+        logged_before = len(f.readlines())
     r = cli(
         "diffusion_jax.main", *common, f"--workdir={killed}", f"--config.train.num_steps={target}"
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # it resumed from the checkpoint, not from step 0: a run that retrained from scratch
+    # would end with the same parameters, so the steps it trained are checked
+    assert f"resumed from step {last}" in r.stderr
+    with open(os.path.join(killed, "metrics.jsonl")) as f:
+        resumed_steps = [json.loads(line)["step"] for line in f.readlines()[logged_before:]]
+    assert resumed_steps == [last + 2, last + 4], resumed_steps
     straight = str(tmp_path / "straight")
     r = cli(
         "diffusion_jax.main", *common, f"--workdir={straight}", f"--config.train.num_steps={target}"
