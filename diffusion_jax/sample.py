@@ -220,9 +220,9 @@ def main(overrides: dict):
         images = run(labels, s_cfg.guidance_scale)
     except ValueError as e:  # e.g. a mask that does not broadcast to the batch
         cli.fail(str(e))
-    name = s_cfg.name + (f"{s_cfg.num_steps}" if s_cfg.name != "ddpm" else "")
-    if mode == "invert":
-        name = f"ddim{s_cfg.num_steps}"
+    sampler = "ddim" if mode == "invert" else s_cfg.name  # invert: always DDIM
+    num_steps = config.schedule.num_timesteps if sampler == "ddpm" else s_cfg.num_steps
+    name = sampler + (f"{num_steps}" if sampler != "ddpm" else "")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{mode}_{name}.png")
     upscale = max(1, 32 // spec.image_shape[0])
     if mode == "sample":
@@ -238,8 +238,8 @@ def main(overrides: dict):
         "inpaint": f", mask {FLAGS.mask}, repaint {FLAGS.repaint_resample}x{FLAGS.repaint_jump}",
     }.get(mode, "")
     print(
-        f"wrote {out} ({mode}, {n} images, step {step}, sampler {name}, eta {s_cfg.eta}, "
-        f"guidance {s_cfg.guidance_scale}{extra})"
+        f"wrote {out} ({mode}, {n} images, step {step}, sampler {sampler}, {num_steps} steps, "
+        f"eta {0.0 if mode == 'invert' else s_cfg.eta}, guidance {s_cfg.guidance_scale}{extra})"
     )
     if mode == "invert":
         # the round trip: invert and regenerate under the source labels, unguided

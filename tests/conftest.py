@@ -33,3 +33,36 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+from diffusion_jax import data  # noqa: E402
+
+from helpers import TinyModel, digits_data_cfg  # noqa: E402
+
+# ------------------------------------------------------------- fixtures shared by modules
+# Module-scoped: each test module that asks builds its own (xdist runs modules apart).
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """helpers.TinyModel("unet"): the tiny UNet with params and inputs."""
+    return TinyModel("unet")
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    return TinyModel("dit")
+
+
+@pytest.fixture(params=["unet", "dit"])
+def tiny(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """A data_dir holding the bundled digits dataset, built once per module."""
+    path = tmp_path_factory.mktemp("tfds")
+    data.dataset_spec(digits_data_cfg(path))
+    return path

@@ -1,18 +1,16 @@
 """Tests for diffusion_jax.data: the offline digits dataset through tfds.data_source + grain.
 
-Everything runs offline in tmp dirs; named datasets (mnist, cifar10) use
-tfds.testing.mock_data. The digits dataset is built once per module (~1-2 s).
+Everything runs offline in tmp dirs. The digits dataset is built once per module (~1-2 s).
+Named datasets (mnist, cifar10, celeb_a) are tested in test_data_named.py.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,32 +18,14 @@ from sklearn.datasets import load_digits
 
 from diffusion_jax import data
 
+from helpers import (
+    DIGITS_NUM_TEST as NUM_TEST,
+    DIGITS_NUM_TRAIN as NUM_TRAIN,
+    digits_data_cfg as make_cfg,
+    take,
+)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_TRAIN, NUM_TEST = 1498, 299  # sklearn index i is a test example iff i % 6 == 5
-
-
-def make_cfg(data_dir, **overrides):
-    cfg = dict(
-        name="digits",
-        data_dir=str(data_dir),
-        split="train",
-        image_size=8,
-        random_flip=False,
-        worker_count=0,
-    )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    data.dataset_spec(make_cfg(path))  # builds the dataset once
-    return path
-
-
-def take(iterator, num_batches):
-    return [next(iterator) for _ in range(num_batches)]
 
 
 def assert_batches_equal(a, b):
@@ -277,83 +257,6 @@ def test_config_validation(digits_dir):
         name="digits", data_dir=str(digits_dir), split="test", image_size=8, random_flip=False
     )
     assert data.dataset_spec(plain).num_examples == NUM_TEST
-
-
-# ---------------------------------------------------------------------------------------
-# Named TFDS datasets.
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data pipeline tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
-def test_prepared_named_dataset_reads_through_the_same_path(digits_dir, no_network):
-    """A real (unmocked) array_record dataset found by TFDS name: here the built digits."""
-    by_name = make_cfg(digits_dir, name="sklearn_digits", split="test")
-    spec = data.dataset_spec(by_name)
-    assert spec == data.DatasetSpec(
-        name="sklearn_digits", image_shape=(8, 8, 1), num_classes=10, num_examples=NUM_TEST
-    )
-    for a, b in zip(
-        data.load_split_arrays(by_name, "test"),
-        data.load_split_arrays(make_cfg(digits_dir), "test"),
-    ):
-        np.testing.assert_array_equal(a, b)
-    # Named datasets may also shrink (digits may not): antialiased 8 -> 4.
-    small, _ = data.load_split_arrays(
-        make_cfg(digits_dir, name="sklearn_digits", image_size=4), "test"
-    )
-    assert small.shape == (NUM_TEST, 4, 4, 1) and -1.0 <= small.min() <= small.max() <= 1.0
-
-
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_missing_named_dataset_says_how_to_prepare_it(tmp_path, no_network, name):
-    cfg = make_cfg(tmp_path, name=name, image_size=32)
-    with pytest.raises(FileNotFoundError) as info:
-        data.dataset_spec(cfg)
-    message = str(info.value)
-    assert f"tfds build {name}" in message
-    assert "--file_format=array_record" in message
-    assert "--config.data.data_dir" in message
-    with pytest.raises(FileNotFoundError):
-        data.create_train_iterator(cfg, batch_size=8, seed=0)
-    assert not list(tmp_path.iterdir())  # nothing downloaded or written
-
-
-def test_unknown_dataset_name(tmp_path, no_network):
-    with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset_xyz'"):
-        data.dataset_spec(make_cfg(tmp_path, name="no_such_dataset_xyz"))
-
-
-@pytest.mark.parametrize(
-    "name,image_size,shape",
-    [
-        ("mnist", 28, (28, 28, 1)),  # native size: no resize
-        ("cifar10", 16, (16, 16, 3)),  # resized
-    ],
-)
-def test_mocked_named_dataset(tmp_path, no_network, name, image_size, shape):
-    cfg = make_cfg(tmp_path, name=name, image_size=image_size, random_flip=True)
-    with tfds.testing.mock_data(num_examples=48):
-        spec = data.dataset_spec(cfg)
-        assert spec == data.DatasetSpec(
-            name=name, image_shape=shape, num_classes=10, num_examples=48
-        )
-        it = data.create_train_iterator(cfg, batch_size=16, seed=0)
-        for batch in take(it, 4):  # crosses an epoch (3 steps per epoch)
-            assert batch["image"].shape == (16, *shape) and batch["image"].dtype == np.float32
-            assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-            assert batch["image"].std() > 0.1  # random mock pixels, not a constant
-            assert batch["label"].dtype == np.int32
-            assert np.all((0 <= batch["label"]) & (batch["label"] < 10))
-        images, labels = data.load_split_arrays(cfg, "test")
-        assert images.shape == (48, *shape) and labels.shape == (48,)
 
 
 # ---------------------------------------------------------------------------------------

@@ -106,6 +106,29 @@ def test_guidance_scale_params_and_labels_never_retrace():
     assert all(not np.allclose(a, b) for a, b in zip(outs, outs[1:]))
 
 
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5, 7.0, "per-example"])
+def test_guided_prediction_is_w_cond_minus_w_minus_1_uncond(w):
+    """One model call: guided(x_t, t) = w * cond - (w - 1) * uncond, with cond and uncond
+    from calling the model directly with the labels and with the null label."""
+    x_t = 1.5 * jax.random.normal(jax.random.key(20), SHAPE)
+    t = jnp.asarray([0, 3, 50, 200, 400, 600, 850, 999], jnp.int32)  # a different t each
+    if w == "per-example":  # a [B] scale: each example its own w
+        w = np.asarray([0.0, 1.0, 2.5, 7.0, 7.0, 2.5, 1.0, 0.0], np.float32)
+    wb = np.reshape(w, (-1, 1, 1, 1)) if np.ndim(w) else w
+    cond = np.asarray(class_apply(PARAMS, x_t, t, LABELS), np.float64)
+    uncond = np.asarray(class_apply(PARAMS, x_t, t, jnp.full_like(LABELS, NULL)), np.float64)
+    # every example differs somewhere (near t = 0 the mixture is one class at many x)
+    assert np.abs(cond - uncond).reshape(8, -1).max(axis=1).min() > 3e-3
+    out = np.asarray(guided(w, LABELS)(x_t, t), np.float64)
+    # float32 rounding only: the guided fn evaluates the (elementwise) oracle on the doubled
+    # batch, which XLA may vectorize differently (about 1 ulp of cond and of uncond), then
+    # w c + (1 - w) u in float32 (an ulp or two more): 4 ulps of the terms' magnitudes
+    # (measured <= 0.45 ulp). Swapped cond/uncond is off by |2w - 1| |c - u|, w (c - u) by |u|.
+    tol = 4 * np.finfo(np.float32).eps * (np.abs(wb * cond) + np.abs((wb - 1) * uncond))
+    err = np.abs(out - (wb * cond - (wb - 1) * uncond))
+    assert np.all(err <= tol), (err.max(), tol[err > tol])
+
+
 def test_guided_samples_move_away_from_the_other_class():
     x = _sample(guided(3.0, LABELS), "ddim")
     c = _sample(conditional(LABELS), "ddim")

@@ -1,8 +1,9 @@
-"""Evaluation: FID/KID/precision-recall math against closed forms and scipy, the digits
-feature net, cached reference statistics, the real floor, InceptionV3 shapes and weight
-loading, batched/sharded sample generation and the evaluate CLI."""
+"""Evaluation: the digits feature net, cached reference statistics, the real floor,
+InceptionV3 shapes and weight loading, batched/sharded sample generation and the evaluate
+CLI. The FID/KID/precision-recall math is tested in test_evaluation_metrics.py."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -12,117 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 
 from configs import tiny
 from diffusion_jax import data, evaluation as ev, generate
-from diffusion_jax.evaluation.inception import _flatten
+from diffusion_jax.evaluation.inception import _ConvBN, _flatten, _unflatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "digits", "image_size": 8}
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
-
-
-def random_spd(rng, d, rank=None):
-    a = rng.normal(size=(d, rank or 2 * d))
-    return a @ a.T / a.shape[1]
-
-
-def scipy_fid(mu1, s1, mu2, s2):
-    """The usual reference implementation: sqrtm of the non-symmetric product."""
-    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-# --------------------------------------------------------------------------- FID math
-
-
-def test_fid_closed_form_diagonal_gaussians():
-    rng = np.random.default_rng(0)
-    d = 16
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
-    got = ev.fid_from_stats(mu1, np.diag(v1), mu2, np.diag(v2))
-    np.testing.assert_allclose(got, expected, rtol=1e-12)  # float64 throughout
-    # 1-d: (m1 - m2)^2 + (s1 - s2)^2
-    np.testing.assert_allclose(ev.fid_from_stats([1.0], [[4.0]], [3.0], [[9.0]]), 4 + 1, rtol=1e-12)
-
-
-@pytest.mark.parametrize("d", [8, 64, 256])
-def test_fid_matches_scipy_sqrtm(d):
-    rng = np.random.default_rng(d)
-    s1, s2 = random_spd(rng, d) + 0.1 * np.eye(d), random_spd(rng, d)
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    expected = scipy_fid(mu1, s1, mu2, s2)
-    # float64 eigh route vs scipy's sqrtm: measured ~1e-15 relative; allow 1e-9.
-    np.testing.assert_allclose(ev.fid_from_stats(mu1, s1, mu2, s2), expected, rtol=1e-9)
-    # jnp float32: measured ~1e-7 relative; round-off is ~eps * trace in absolute terms.
-    got = float(ev.fid_from_stats_jax(mu1, s1, mu2, s2))
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.trace(s1 + s2))
-
-
-def test_fid_identical_is_zero_and_translation_is_squared_distance():
-    rng = np.random.default_rng(1)
-    feats = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
-    mu, sigma = ev.feature_stats(feats)
-    assert abs(ev.fid_from_features(feats, feats)) < 1e-9 * np.trace(sigma)
-    shift = rng.normal(size=32)
-    np.testing.assert_allclose(ev.fid_from_features(feats + shift, feats), shift @ shift, rtol=1e-7)
-
-
-def test_fid_singular_covariances():
-    """Fewer samples than dimensions (rank-deficient covariances) still give finite,
-    correct values: equal singular covariances leave only the mean term."""
-    rng = np.random.default_rng(2)
-    s = random_spd(rng, 64, rank=10)
-    mu1, mu2 = rng.normal(size=64), rng.normal(size=64)
-    np.testing.assert_allclose(
-        ev.fid_from_stats(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-7, atol=1e-7
-    )
-
-
-# --------------------------------------------------------------------------- KID, P/R
-
-
-def kid_reference(x, y):
-    """Unbiased polynomial-kernel MMD^2 on the full sets, in float64 loops-free numpy."""
-    d = x.shape[1]
-    k = lambda a, b: (a @ b.T / d + 1) ** 3
-    m, n = len(x), len(y)
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    off_diagonal_mean = lambda k, s: (k.sum() - np.trace(k)) / (s * (s - 1))
-    return off_diagonal_mean(kxx, m) + off_diagonal_mean(kyy, n) - 2 * kxy.mean()
-
-
-def test_kid_formula_unbiased_and_sensitive():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(300, 16))
-    y = rng.normal(size=(300, 16))
-    # one subset covering both sets = the plain unbiased estimator (float32 kernels)
-    mean, std = ev.kid(x, y, num_subsets=3, subset_size=300)
-    np.testing.assert_allclose(mean, kid_reference(x, y), rtol=1e-4, atol=1e-5)
-    assert std < 1e-6 * max(1.0, abs(mean))  # the same full-set subset three times
-    # same distribution: ~0 within one subset std; shifted: far above it
-    same_mean, same_std = ev.kid(x, y, num_subsets=50, subset_size=100)
-    assert abs(same_mean) < same_std
-    shift_mean, shift_std = ev.kid(x, y + 0.5, num_subsets=50, subset_size=100)
-    assert shift_mean > 5 * shift_std > 0
-
-
-def test_precision_recall_extremes():
-    rng = np.random.default_rng(4)
-    real = rng.normal(size=(400, 8)).astype(np.float32)
-    assert ev.precision_recall(real, real.copy()) == (1.0, 1.0)
-    far = real + 100.0
-    assert ev.precision_recall(real, far) == (0.0, 0.0)
-    # half the fakes are real points (inside), half far away (outside): precision 1/2
-    mixed = np.concatenate([real[:200], far[:200]])
-    precision, _ = ev.precision_recall(real, mixed)
-    assert precision == 0.5
-    # more rows than one distance block (1024) exercises the padded batching
-    big = rng.normal(size=(1500, 4)).astype(np.float32)
-    assert ev.precision_recall(big, big) == (1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- digits net
@@ -233,32 +131,42 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         ev.inception_v3(str(tmp_path / "missing.npz"))
-    # A file in pytorch-fid's naming/layout converts on load (conv [O,I,kh,kw] -> [kh,kw,I,O]).
+    # A file in pytorch-fid's naming/layout converts on load (conv [O,I,kh,kw] -> [kh,kw,I,O];
+    # BN weight/bias/running_mean/running_var -> scale/bias/mean/var). Every tensor gets its
+    # own random values (variances positive), so a swapped mean/var, a transposition with
+    # kh/kw or I/O exchanged, or two modules' weights mapped to each other's keys all fail
+    # the exact comparison below (each leaf is copied, never computed: equality is exact).
+    rng = np.random.default_rng(5)
     flat = _flatten(variables)
-    torch_sd = {"fc.weight": np.zeros((1008, 2048), np.float32)}
+    torch_sd = {"fc.weight": np.zeros((1008, 2048), np.float32)}  # dropped on load
+    expected = {}
     for key, shape in flat.items():
         collection, *path, leaf = key.split("/")
         module = ".".join(path)
         if leaf == "kernel":
             kh, kw, i, o = shape.shape
-            torch_sd[f"{module}.weight"] = np.zeros((o, i, kh, kw), np.float32)
-        else:
-            torch_name = {
-                "scale": "weight",
-                "bias": "bias",
-                "mean": "running_mean",
-                "var": "running_var",
-            }[leaf]
-            torch_sd[f"{module}.{torch_name}"] = np.ones(shape.shape, np.float32)
-    marker = np.arange(32 * 3 * 3 * 3, dtype=np.float32).reshape(32, 3, 3, 3)
-    torch_sd["Conv2d_1a_3x3.conv.weight"] = marker
+            weight = rng.standard_normal((o, i, kh, kw), np.float32)
+            torch_sd[f"{module}.weight"] = weight
+            expected[key] = weight.transpose(2, 3, 1, 0)
+            continue
+        torch_name = {
+            "scale": "weight",
+            "bias": "bias",
+            "mean": "running_mean",
+            "var": "running_var",
+        }[leaf]
+        value = rng.uniform(0.5, 2.0, shape.shape).astype(np.float32)
+        if leaf != "var":
+            value -= 1.25  # mean/scale/bias of either sign, var > 0
+        torch_sd[f"{module}.{torch_name}"] = value
+        expected[key] = value
     path = tmp_path / ev.INCEPTION_FILE_NAME
     np.savez(path, **torch_sd)
-    loaded = ev.load_inception_variables(str(path))
-    np.testing.assert_array_equal(
-        loaded["params"]["Conv2d_1a_3x3"]["conv"]["kernel"], marker.transpose(2, 3, 1, 0)
-    )
-    assert loaded["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"].shape == (192,)
+    loaded = _flatten(ev.load_inception_variables(str(path)))
+    assert set(loaded) == set(expected)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(loaded[key], want, err_msg=key)
+    assert loaded["batch_stats/Mixed_7c/branch_pool/bn/var"].shape == (192,)
     extractor = ev.inception_v3(str(path))
     feats = jax.eval_shape(
         extractor.apply_features,
@@ -269,6 +177,41 @@ def test_inception_v3_shapes_and_weight_loading(tmp_path):
     np.savez(path, **torch_sd)
     with pytest.raises(ValueError, match="missing"):
         ev.load_inception_variables(str(path))
+
+
+def test_inception_conv_bn_matches_pytorch_basic_conv2d():
+    """What the converted names mean: a converted pytorch-fid BasicConv2d state dict in one
+    _ConvBN computes relu((conv(x) - running_mean) / sqrt(running_var + 1e-3) * weight +
+    bias), PyTorch's cross-correlation out[o, h, w] = sum_{i,y,x} W[o, i, y, x]
+    in[i, h + y, w + x] (zero padding). A 1x3 kernel with padding (0, 1) tells kh from kw;
+    running_var is a variance (its square root is taken), not a standard deviation."""
+    rng = np.random.default_rng(6)
+    o, i, kh, kw = 4, 3, 1, 3
+    sd = {
+        "blk.conv.weight": rng.standard_normal((o, i, kh, kw)).astype(np.float32),
+        "blk.bn.weight": rng.uniform(0.5, 2.0, o).astype(np.float32),
+        "blk.bn.bias": rng.uniform(-1.0, 1.0, o).astype(np.float32),
+        "blk.bn.running_mean": rng.uniform(-1.0, 1.0, o).astype(np.float32),
+        "blk.bn.running_var": rng.uniform(0.2, 4.0, o).astype(np.float32),
+    }
+    tree = _unflatten(ev.inception_variables_from_torch(sd))
+    variables = {"params": tree["params"]["blk"], "batch_stats": tree["batch_stats"]["blk"]}
+    x = rng.standard_normal((2, 5, 6, i)).astype(np.float32)
+    got = _ConvBN(o, (kh, kw), padding=(0, 1)).apply(variables, jnp.asarray(x))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (0, 0)))
+    w = sd["blk.conv.weight"].astype(np.float64)
+    conv = sum(
+        np.einsum("nhwi,oi->nhwo", xp[:, y : y + 5, dx : dx + 6], w[:, :, y, dx])
+        for y in range(kh)
+        for dx in range(kw)
+    )
+    f64 = {k: v.astype(np.float64) for k, v in sd.items()}
+    bn = (conv - f64["blk.bn.running_mean"]) / np.sqrt(f64["blk.bn.running_var"] + 1e-3)
+    want = np.maximum(bn * f64["blk.bn.weight"] + f64["blk.bn.bias"], 0.0)
+    assert (want > 0).mean() > 0.3  # the ReLU does not hide the comparison
+    # float32 conv of 9 O(1) products, then BN with scale/sqrt(var) <= ~4.5: round-off
+    # ~1e-6 absolute; 1e-5 still tells a sqrt(var) from var or a wrong eps (>= ~1e-3).
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -305,14 +248,59 @@ def test_generate_samples_batches_labels_and_seeds():
 
 @needs_8
 def test_generate_samples_sharded_equals_unsharded():
-    from diffusion_jax import parallel
+    """A real sampler (a tiny class-conditional DiT, 2 DDIM steps, guidance 2) on 8 devices
+    gives the unsharded images. A fresh model's zero-initialized output layer predicts
+    eps = 0 whatever its input, label or noise, which would hide labels or noise sent to
+    the wrong shard; so every parameter is random here (drawn directly, which also skips
+    compiling model.init), x0 is not clipped (clipping would flatten most pixels to +-1),
+    and the test checks that the images depend on the parameters and on each image's own
+    label."""
+    from diffusion_jax import parallel, schedules, steps
+    from diffusion_jax.models import build_model
 
+    cfg = tiny.get_config()
+    cfg.model.name = "dit"
+    cfg.model.dit.update(hidden_size=32, depth=1, num_heads=2, patch_size=2, freq_embed_dim=32)
+    cfg.model.num_classes = 10
+    cfg.sampler.update(num_steps=2, clip_x0=False)
+    n, batch, shape = 20, 16, (8, 8, 1)  # 2 batches, the second padded
+    model = build_model(cfg.model)
+    schedule = schedules.make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
+    abstract = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)},
+            jnp.zeros((1, *shape)),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            train=False,
+        )["params"]
+    )
+    rng = np.random.default_rng(0)
+    fan_in = lambda x: int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 1
+    params = jax.tree.map(
+        lambda x: 0.3 * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(fan_in(x)),
+        abstract,
+    )
+    labels = generate.class_balanced_labels(10, n)
+    fn = steps.make_sample_fn(model, schedule, cfg, (batch, *shape))
+    draw = functools.partial(
+        generate.generate_samples, fn, num_samples=n, batch_size=batch, seed=0, guidance_scale=2
+    )
+    one = draw(params=params, labels=labels)
     mesh = parallel.make_mesh()
-    params = jax.device_put({"w": jnp.float32(2.0)}, parallel.replicated(mesh))
-    labels = generate.class_balanced_labels(10, 20)
-    one = generate.generate_samples(toy_sample_fn, {"w": jnp.float32(2.0)}, 20, 16, 0, labels)
-    sharded = generate.generate_samples(toy_sample_fn, params, 20, 16, 0, labels, mesh=mesh)
-    np.testing.assert_allclose(sharded, one, atol=1e-6)
+    sharded = draw(params=params, labels=labels, mesh=mesh)
+    assert sharded.shape == (n, *shape)
+    # Same arithmetic per image; a batch of 2 per device instead of 16 may reorder float32
+    # reductions: a few ulps of pixels up to ~15 after two steps (measured 2e-6). A label
+    # or noise mix-up moves pixels by >= 0.05 (checked below).
+    np.testing.assert_allclose(sharded, one, rtol=0, atol=1e-4)
+    # Non-trivial: the images differ from the zero-output model's (all parameters 0), and
+    # each image depends on its own label (labels shifted by one -> other images).
+    zero_out = draw(params=jax.tree.map(np.zeros_like, params), labels=labels)
+    shifted = draw(params=params, labels=(labels + 1) % 10)
+    per_image = lambda a, b: np.abs(a - b).reshape(n, -1).max(axis=1)
+    assert per_image(one, zero_out).min() > 0.05
+    assert per_image(one, shifted).min() > 0.05
     with pytest.raises(ValueError, match="not divisible"):
         generate.generate_samples(toy_sample_fn, params, 20, 12, 0, labels, mesh=mesh)
 

@@ -1,16 +1,18 @@
-"""Tests for diffusion_jax.models: published sizes, shapes, conditioning, init, jit.
+"""Tests for diffusion_jax.models: shapes, conditioning, the registry, dropout, jit, bf16
+compute, layers and the documented module fields. Parameter counts and Gflops of the
+published presets are in test_model_sizes.py, initialization in test_model_init.py.
 
-Anything that runs uses tiny configs; the paper-sized presets are only counted /
-lowered with abstract shapes (jax.eval_shape, .lower().cost_analysis()), which costs no
-memory and no compile. Real initializations use an 'rbg' PRNG key: same distributions,
-but XLA compiles it several times faster than threefry on CPU.
+Anything that runs uses tiny configs; the paper-sized presets are only lowered with
+abstract shapes (jax.eval_shape), which costs no memory and no compile.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import re
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,176 +26,17 @@ from diffusion_jax.models import (
     build_model,
     check_input_shape,
     constructor_kwargs,
-    count_params,
     layers,
-    xla_forward_flops,
 )
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.unet import UNet
 
-NUM_CLASSES = 3
-UNET_TINY = dict(
-    base_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    num_heads=2,
-    dropout=0.5,
-    norm_groups=4,
+from helpers import (
+    TINY_MODEL_SHAPES as SHAPES,
+    TINY_NUM_CLASSES as NUM_CLASSES,
+    perturb_params as _perturb,
+    tiny_model_cfg as _cfg,
 )
-DIT_TINY = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2)
-SHAPES = {"unet": (8, 8, 1), "dit": (8, 8, 4)}
-
-
-def _cfg(name, num_classes=NUM_CLASSES, compute_dtype="float32", **arch):
-    base = {"unet": UNET_TINY, "dit": DIT_TINY}[name]
-    return {
-        "name": name,
-        "num_classes": num_classes,
-        "compute_dtype": compute_dtype,
-        name: dict(base, **arch),
-    }
-
-
-def _inputs(shape, batch=4, seed=0):
-    x = jax.random.normal(jax.random.key(seed), (batch, *shape), jnp.float32)
-    t = jnp.arange(batch, dtype=jnp.int32) * 250  # distinct timesteps 0, 250, 500, 750
-    y = jnp.arange(batch, dtype=jnp.int32) % NUM_CLASSES
-    return x, t, y
-
-
-def _perturb(params, seed=1, scale=0.3):
-    """Random non-zero parameters: a fresh model's zero-initialized output layers would
-    make every output 0 and hide the effect of t, y and dropout. Drawn with numpy on the
-    host: eager jax.random per leaf shape would compile once per shape."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), params)
-
-
-class Tiny:
-    """A tiny class-conditional model with real init and one jitted eval / train apply
-    each, shared by all tests of a module (few compiles)."""
-
-    def __init__(self, name):
-        self.model = build_model(_cfg(name))
-        self.x, self.t, self.y = _inputs(SHAPES[name])
-        self.params = jax.jit(self.model.init)(
-            jax.random.key(0, impl="rbg"), self.x, self.t, self.y
-        )
-        self.perturbed = _perturb(self.params)
-
-        # Wrapped in a trace counter: every test that calls it also checks that nothing
-        # retraces (all calls share shapes and dtypes).
-        def forward(params, x, t, y):
-            return self.model.apply(params, x, t, y)  # train=False
-
-        self.eval_fn = jax.jit(chex.assert_max_traces(forward, n=1))
-        self.train_fn = jax.jit(
-            lambda p, x, t, y, rng: self.model.apply(p, x, t, y, train=True, rngs={"dropout": rng})
-        )
-
-
-@pytest.fixture(scope="module")
-def tiny_unet():
-    return Tiny("unet")
-
-
-@pytest.fixture(scope="module")
-def tiny_dit():
-    return Tiny("dit")
-
-
-@pytest.fixture(params=["unet", "dit"])
-def tiny(request):
-    return request.getfixturevalue(f"tiny_{request.param}")
-
-
-# --------------------------------------------------------------------------- paper sizes
-
-
-def test_ddpm_cifar10_param_count():
-    model = build_model({"name": "unet", "num_classes": 0, "unet": UNET_PRESETS["ddpm_cifar10"]})
-    n = count_params(abstract_params(model, (32, 32, 3)))
-    print(f"ddpm_cifar10 params: {n:,}")
-    # Ho et al. 2020 report 35.7M; their official diffusion_tf code counts 35,746,307.
-    assert n == 35_746_307
-
-
-# Peebles & Xie 2023, Table 4 (params, Gflops) at 256x256 -> 32x32x4 latent, learned sigma
-# (8 output channels), 1000 classes.
-DIT_PAPER = {
-    "DiT-S/2": (33, 6.06),
-    "DiT-B/2": (130, 23.0),
-    "DiT-L/2": (458, 80.7),
-    "DiT-XL/2": (675, 118.6),
-}
-# Exact trainable counts of this implementation. The official code stores the fixed
-# position embedding (tokens x width) as a frozen nn.Parameter and includes it in the
-# count its train.py prints (675,129,632 for DiT-XL/2); it is a constant here.
-DIT_EXACT = {
-    "DiT-S/2": 32_865_056,
-    "DiT-B/2": 130_315_808,
-    "DiT-L/2": 457_840_672,
-    "DiT-XL/2": 674_834_720,
-}
-
-
-def _paper_dit(preset):
-    return build_model(
-        {"name": "dit", "num_classes": 1000, "dit": dict(DIT_PRESETS[preset], out_channels=8)}
-    )
-
-
-@pytest.mark.parametrize("preset", list(DIT_PAPER))
-def test_dit_param_count_and_gflops_match_paper(preset):
-    model = _paper_dit(preset)
-    params = abstract_params(model, (32, 32, 4))
-    n = count_params(params)
-    n_with_pos = n + 256 * model.hidden_size
-    # XLA counts a multiply-add as 2 flops, the paper (Gflops) as 1: divide by 2.
-    # Batch 1 with class labels, as the paper.
-    gflops = xla_forward_flops(model, (32, 32, 4), params=params) / 2 / 1e9
-    paper_m, paper_gflops = DIT_PAPER[preset]
-    print(
-        f"{preset}: params {n:,} (+pos-embed {n_with_pos:,}; paper {paper_m}M), "
-        f"GFLOPs {gflops:.3f} (paper {paper_gflops})"
-    )
-    assert n == DIT_EXACT[preset]
-    # The paper's rounded counts are of the trainable parameters: with the position
-    # embedding DiT-B/2 would round to 131M.
-    assert round(n / 1e6) == paper_m
-    if preset == "DiT-XL/2":
-        assert n_with_pos == 675_129_632
-    # The excess (+0.3..0.7%) is elementwise work (bias, LayerNorm, GELU, residual adds),
-    # which XLA counts and a multiply-add count does not.
-    assert abs(gflops / paper_gflops - 1) < 0.02
-
-
-def test_dit_patch_size_changes_only_embed_and_final_layer():
-    """Patch p: the patch embedding has p*p*C*h weights, the final linear h*p*p*out + p*p*out."""
-    for size in ("S", "XL"):
-        counts = {
-            p: count_params(abstract_params(_paper_dit(f"DiT-{size}/{p}"), (32, 32, 4)))
-            for p in (2, 4, 8)
-        }
-        h = DIT_PRESETS[f"DiT-{size}/2"]["hidden_size"]
-        for p in (4, 8):
-            d = p * p - 4
-            assert counts[p] - counts[2] == d * 4 * h + d * h * 8 + d * 8
-
-
-def test_dit_presets_cover_all_sizes_and_patches():
-    assert len(DIT_PRESETS) == 12
-    assert DIT_PRESETS["DiT-XL/8"] == dict(
-        depth=28, hidden_size=1152, num_heads=16, patch_size=8, mlp_ratio=4.0
-    )
-
-
-def test_digits_preset_is_small():
-    model = build_model({"name": "unet", "num_classes": 10, "unet": UNET_PRESETS["digits"]})
-    n = count_params(abstract_params(model, (8, 8, 1)))
-    assert 1e6 < n < 3e6, n
-
 
 # --------------------------------------------------------------------------- shapes
 
@@ -328,47 +171,6 @@ def test_build_model_from_config_dict():
 # --------------------------------------------------------------------------- behaviour
 
 
-def test_fresh_model_outputs_exact_zero(tiny):
-    """DDPM zero-initializes the output conv; DiT's final layer is zero (adaLN-Zero)."""
-    out = tiny.eval_fn(tiny.params, tiny.x, tiny.t, tiny.y)
-    assert out.shape == tiny.x.shape and out.dtype == jnp.float32
-    assert jnp.all(out == 0)
-
-
-def test_dit_blocks_start_as_identity(tiny_dit):
-    """adaLN-Zero: every gate is 0 at init, so each block returns its input exactly."""
-    from diffusion_jax.models.dit import DiTBlock
-
-    block = DiTBlock(hidden_size=32, num_heads=2)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 32)), jnp.float32)
-    c = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32)), jnp.float32)
-    params = {"params": tiny_dit.params["params"]["block1"]}
-    np.testing.assert_array_equal(jax.jit(block.apply)(params, x, c), x)
-
-
-def test_initialization_matches_papers(tiny):
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path): v
-        for path, v in jax.tree_util.tree_flatten_with_path(tiny.params)[0]
-    }
-    if isinstance(tiny.model, UNet):
-        # Last conv of every residual branch, every attention output projection, output conv.
-        zero = [k.replace("conv1", "conv2") for k in flat if k.endswith("conv1/kernel")]
-        zero += [k.replace("qkv", "proj") for k in flat if k.endswith("attn/qkv/kernel")]
-        zero += ["params/conv_out/kernel", "params/conv_out/bias"]
-        assert len(zero) == 8 + 4 + 2  # tiny UNet: 8 ResBlocks, 4 attention blocks
-    else:
-        zero = [k for k in flat if "adaLN" in k or k.startswith("params/final/linear")]
-        assert len(zero) == 2 * 2 + 2 + 2  # (kernel, bias) x (2 blocks + final adaLN + linear)
-        # Xavier uniform: Var = 2 / (fan_in + fan_out); qkv of a 32-wide block is 32 x 96.
-        qkv = flat["params/block0/attn/qkv/kernel"]
-        assert abs(float(jnp.std(qkv)) / np.sqrt(2 / (32 + 96)) - 1) < 0.1
-        assert abs(float(jnp.std(flat["params/y_embed/table/embedding"])) / 0.02 - 1) < 0.2
-        assert flat["params/y_embed/table/embedding"].shape == (NUM_CLASSES + 1, 32)
-    for k in zero:
-        assert jnp.all(flat[k] == 0), k
-
-
 def test_conditioning_changes_output(tiny):
     p = tiny.perturbed
     x, t, y = tiny.x, tiny.t, tiny.y
@@ -410,7 +212,7 @@ def test_dropout_only_in_train_mode(tiny):
 
 def test_jit_does_not_retrace(tiny):
     """New values of the same shapes (params, x, t, y) reuse the compiled forward;
-    ``eval_fn`` raises on a second trace (chex.assert_max_traces)."""
+    ``eval_fn`` raises on a second trace (its own trace counter)."""
     outs = [
         tiny.eval_fn(params, tiny.x * s, tiny.t + s, (tiny.y + s) % NUM_CLASSES)
         for s in range(3)
@@ -419,18 +221,51 @@ def test_jit_does_not_retrace(tiny):
     assert not np.allclose(outs[1], outs[3])
 
 
+def _matmul_operand_types(model, params, x, t, y):
+    """Element types (lhs, rhs, result) of every convolution and dot_general in the
+    lowered StableHLO of ``model.apply`` (lowering only: nothing compiles)."""
+    text = jax.jit(model.apply).lower(params, x, t, y).as_text()
+    ty = r"tensor<(?:[^>]*x)?(\w+)>"  # element type after the last "x" of the shape
+    sig = re.compile(rf":\s*\({ty}, {ty}\)\s*->\s*{ty}")
+    found = []
+    for line in text.splitlines():
+        op = re.search(r"stablehlo\.(convolution|dot_general)\b", line)
+        if op:
+            found.append((op.group(1), sig.search(line).groups()))
+    return found
+
+
 def test_bfloat16_compute_smoke(tiny):
-    """bf16 compute, f32 params and output; close to f32 at bf16 precision (8 mantissa
-    bits, ~4e-3 relative per op, accumulated over a few layers -> a few 1e-2)."""
+    """compute_dtype="bfloat16" really computes in bf16: every conv and matmul of the
+    lowered program takes and returns bf16 (the f32 model's take f32), with f32 params and
+    output; the result is close to f32 but not equal to it."""
     name = "unet" if isinstance(tiny.model, UNet) else "dit"
     model16 = build_model(_cfg(name, compute_dtype="bfloat16"))
     p = _perturb(tiny.params, scale=0.1)
+    ops16 = _matmul_operand_types(model16, p, tiny.x, tiny.t, tiny.y)
+    ops32 = _matmul_operand_types(tiny.model, p, tiny.x, tiny.t, tiny.y)
+    # Tiny UNet: conv_in + 2 per ResBlock x 8 + conv down/upsample + conv_out = 20 convs.
+    # Tiny DiT: patch embed, timestep MLP 2, per block (adaLN, qkv, QK^T, AV, out, fc1,
+    # fc2) x 2, final adaLN + linear = 19 dot_generals.
+    kinds = [kind for kind, _ in ops16]
+    if name == "unet":
+        assert kinds.count("convolution") == 20, kinds
+    else:
+        assert kinds.count("dot_general") == 19 and "convolution" not in kinds, kinds
+    assert [kind for kind, _ in ops32] == kinds
+    not_bf16 = [op for op in ops16 if op[1] != ("bf16", "bf16", "bf16")]
+    not_f32 = [op for op in ops32 if op[1] != ("f32", "f32", "f32")]
+    assert not not_bf16 and not not_f32, (not_bf16, not_f32)
+
     out32 = tiny.eval_fn(p, tiny.x, tiny.t, tiny.y)
     out16 = jax.jit(model16.apply)(p, tiny.x, tiny.t, tiny.y)
     assert out16.dtype == jnp.float32
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     print(f"bf16 vs f32 relative error: {rel:.2e}")
-    assert rel < 5e-2, rel
+    # bf16 keeps 8 mantissa bits: unit roundoff 2^-9 ~ 2e-3 per op, accumulated over a few
+    # layers -> a few 1e-2 at most (measured 6e-3 DiT, 1.6e-2 UNet). Below 1e-3 (~ one
+    # bf16 rounding) the bf16 path cannot have been taken: f32 would give ~1e-7.
+    assert 1e-3 < rel < 5e-2, rel
 
 
 # --------------------------------------------------------------------------- layers
@@ -457,46 +292,72 @@ def test_sincos_and_timestep_embeddings():
     np.testing.assert_allclose(te[1, 0], np.cos(10.0), rtol=1e-6)  # frequency 1 first
 
 
-def test_resblock_variants_start_as_skip():
-    """Zero-initialized conv2: a fresh ResBlock is the identity (or its 1x1 projection)."""
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 8)), jnp.float32)
-    emb = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16)), jnp.float32)
-    # The additive variant is covered by the UNet's zero-output test.
-    block = layers.ResBlock(8, norm_groups=4, use_scale_shift_norm=True)
-    params = jax.jit(block.init)(jax.random.key(0, impl="rbg"), x, emb)
-    np.testing.assert_array_equal(jax.jit(block.apply)(params, x, emb), x)
+def _documented_attributes(cls):
+    """{field: its text} from the "Attributes:" section of ``cls``'s docstring (entries
+    "  name: text" or "  a, b / c: text" with 4-space continuation lines)."""
+    section = inspect.getdoc(cls).split("Attributes:\n", 1)[1]
+    entries = {}
+    for m in re.finditer(r"^  (\w[\w ,/]*):(.*?)(?=^  \w|\Z)", section, re.M | re.S):
+        for field in re.split(r"\s*[,/]\s*", m.group(1)):
+            entries[field] = " ".join(m.group(2).split())
+    return entries
 
 
-def test_module_fields_are_documented_defaults():
+def _documented_default(text):
+    """The default an attribute's text states, as source text, or None. Conventions in the
+    docstrings: "(32 in DDPM and ADM)" / "(256 in DiT)" (the paper value, which is the
+    default) and "0 = unconditional" / "None = input channels" (the default's meaning)."""
+    m = re.search(r"\((\S+) in (?:DDPM|ADM|DiT)\b", text) or re.search(r"(?:^|; )(\S+) = ", text)
+    return m.group(1) if m else None
+
+
+@pytest.mark.parametrize(
+    "cls,preset", [(UNet, UNET_PRESETS["ddpm_cifar10"]), (DiT, DIT_PRESETS["DiT-S/2"])]
+)
+def test_module_fields_are_documented_defaults(cls, preset):
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
     # The configs mirror these names; changing one is an interface change.
-    unet = {f.name for f in dataclasses.fields(UNet)}
-    dit = {f.name for f in dataclasses.fields(DiT)}
-    assert {
-        "base_channels",
-        "channel_mult",
-        "num_res_blocks",
-        "attn_resolutions",
-        "num_heads",
-        "num_head_channels",
-        "dropout",
-        "use_scale_shift_norm",
-        "resblock_updown",
-        "conv_resample",
-        "norm_groups",
-        "num_classes",
-        "out_channels",
-        "dtype",
-        "param_dtype",
-    } <= unet
-    assert {
-        "patch_size",
-        "hidden_size",
-        "depth",
-        "num_heads",
-        "mlp_ratio",
-        "freq_embed_dim",
-        "num_classes",
-        "out_channels",
-        "dtype",
-        "param_dtype",
-    } <= dit
+    interface = {
+        UNet: {
+            "base_channels",
+            "channel_mult",
+            "num_res_blocks",
+            "attn_resolutions",
+            "num_heads",
+            "num_head_channels",
+            "dropout",
+            "use_scale_shift_norm",
+            "resblock_updown",
+            "conv_resample",
+            "norm_groups",
+            "conv_impl",
+        },
+        DiT: {"patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "freq_embed_dim"},
+    }[cls]
+    interface |= {"num_classes", "out_channels", "dtype", "param_dtype"}
+    assert interface <= set(fields)
+
+    # Every field is documented (its own entry, or ``named`` in another's: UNet's
+    # num_head_channels is explained under num_heads), and nothing documented is gone.
+    docs = _documented_attributes(cls)
+    assert set(docs) <= set(fields)
+    mentioned = set(re.findall(r"``(\w+)``", " ".join(docs.values())))
+    assert set(fields) <= set(docs) | mentioned, set(fields) - set(docs) - mentioned
+
+    # Each default the docstring states is the field's default.
+    stated = {k: _documented_default(text) for k, text in docs.items()}
+    stated = {k: ast.literal_eval(v) for k, v in stated.items() if v is not None}
+    expected = {
+        UNet: {"norm_groups", "num_classes", "out_channels"},
+        DiT: {"freq_embed_dim", "num_classes", "out_channels"},
+    }[cls]
+    assert set(stated) == expected, stated  # the parser found every stated default
+    for k, value in stated.items():
+        assert fields[k].default == value, (k, fields[k].default, value)
+
+    # The other architecture defaults are the published base models (the docstrings cite
+    # DDPM / DiT): UNet() is DDPM's CIFAR-10 model (35.7M), DiT() is DiT-S/2; float32
+    # compute and storage.
+    for k, value in preset.items():
+        assert fields[k].default == value, (k, fields[k].default, value)
+    assert fields["dtype"].default == fields["param_dtype"].default == jnp.float32

@@ -6,6 +6,7 @@ tested against oracles elsewhere; here: flags, file formats, shapes, exact known
 """
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -48,6 +49,11 @@ def sample(workdir, *args):
     return r.stdout
 
 
+def _rms(a, b):
+    """RMS difference of two uint8 image arrays in [-1, 1] units."""
+    return float(np.sqrt(np.mean(((a.astype(np.float64) - b.astype(np.float64)) / 127.5) ** 2)))
+
+
 def test_img2img_from_pngs(workdir, inputs, tmp_path):
     _, _, pngs = inputs
     out, png = str(tmp_path / "o.npz"), str(tmp_path / "o.png")
@@ -66,16 +72,42 @@ def test_img2img_from_pngs(workdir, inputs, tmp_path):
         f"--npz={out}",
         f"--out={png}",
     )
-    assert "img2img" in stdout and os.path.exists(png)
+    assert "(img2img, 4 images" in stdout and os.path.exists(png)
+    assert "sampler dpmpp_2m, 4 steps" in stdout and "strength 0.6" in stdout
     res = np.load(out)
     assert res["images"].shape == (4, 8, 8, 1) and res["images"].dtype == np.uint8
     np.testing.assert_array_equal(res["labels"], [7, 7, 7, 7])
+    # strength 0.6 of the 4 logsnr steps (indices 99, 67, 17, 0) runs the last 2: the inputs
+    # are noised to index 17, sqrt(1 - ab) / sqrt(ab) = 0.62 noise per unit of signal, which
+    # this barely trained model cannot remove, so the outputs are far from the (cycled)
+    # inputs: measured RMS 0.46 in [-1, 1] units. Strength 0 returns them (next test).
+    cycled = np.stack([np.asarray(Image.open(pngs[i % 2]))[..., None] for i in range(4)])
+    assert _rms(res["images"], cycled) > 0.2
+
+
+def test_img2img_strength_0_returns_the_inputs(workdir, inputs, tmp_path):
+    """--strength=0 runs no step: the outputs are the input PNGs. Exact: PNG is lossless
+    and uint8 -> [-1, 1] -> uint8 is off by far less than the 0.5 that rounding absorbs.
+    ddpm: the reported step count is the schedule's T (100), not --config.sampler.num_steps."""
+    images, _, pngs = inputs
+    out = str(tmp_path / "o.npz")
+    stdout = sample(
+        workdir,
+        "--mode=img2img",
+        f"--input={','.join(pngs)}",
+        "--strength=0",
+        "--config.sampler.name=ddpm",
+        f"--npz={out}",
+        f"--out={tmp_path / 'o.png'}",
+    )
+    assert "sampler ddpm, 100 steps" in stdout and "strength 0.0" in stdout, stdout
+    np.testing.assert_array_equal(np.load(out)["images"], images)
 
 
 def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
     images, npz, _ = inputs
     out = str(tmp_path / "o.npz")
-    sample(
+    stdout = sample(
         workdir,
         "--mode=inpaint",
         f"--input={npz}",
@@ -85,6 +117,7 @@ def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
         "--repaint_jump=2",
         f"--npz={out}",
     )
+    assert "sampler heun, 4 steps" in stdout and "repaint 2x2" in stdout, stdout
     res = np.load(out)
     assert res["images"].shape == images.shape
     np.testing.assert_array_equal(res["images"][:, :4], images[:, :4])  # known: exact
@@ -92,14 +125,44 @@ def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
     assert os.path.exists(os.path.join(workdir, "samples", "inpaint_heun4.png"))
 
 
+def _round_trip_rms(stdout):
+    m = re.search(r"round-trip \(same labels\) RMS (\d+\.\d+) in \[-1, 1\] units", stdout)
+    assert m, stdout
+    return float(m.group(1))
+
+
 def test_invert_edits_and_reports_round_trip(workdir, inputs, tmp_path):
+    """Inversion under the .npz's labels (1, 2, 3), regeneration under --labels=5; the
+    reported round trip regenerates under 1, 2, 3 instead, which a second run (no --labels)
+    writes out, so the reported RMS can be recomputed from its images."""
     images, npz, _ = inputs
-    out = str(tmp_path / "o.npz")
+    out, back = str(tmp_path / "o.npz"), str(tmp_path / "back.npz")
     stdout = sample(workdir, "--mode=invert", f"--input={npz}", "--labels=5", f"--npz={out}")
-    assert "round-trip (same labels) RMS" in stdout
+    assert "sampler ddim, 4 steps" in stdout, stdout
     res = np.load(out)
     assert res["images"].shape == images.shape
     np.testing.assert_array_equal(res["labels"], [5, 5, 5])
+    rms = _round_trip_rms(stdout)
+    stdout = sample(workdir, "--mode=invert", f"--input={npz}", f"--npz={back}")
+    np.testing.assert_array_equal(np.load(back)["labels"], [1, 2, 3])
+    # the same round trip either way (same inputs, labels and batch: deterministic)
+    assert _round_trip_rms(stdout) == rms
+    # the reported RMS is that of these images, which are rounded to uint8 (<= 0.5/127.5
+    # per pixel: the RMS moves by <= 0.004) and clipped to [-1, 1]; the inputs lie inside,
+    # so clipping only shrinks errors (measured: 0.109 from the .npz, 0.131 reported), and
+    # the printed value has 4 decimals
+    assert _rms(np.load(back)["images"], images) <= rms + 0.5 / 127.5 + 1e-4
+    # Bound. One inverted DDIM step t -> t' uses eps at the start point, the sampler's step
+    # back eps at the end point; for a model whose eps hardly depends on x the sampler's
+    # later steps just divide by sqrt(ab), so the round trip is off by the sum over steps
+    # of |sigma/alpha(t') - sigma/alpha(t)| |delta eps|, at most sigma/alpha at the largest
+    # index (75 here: 21.4) times the largest |delta eps|. A zero-output model (this UNet's
+    # zero-initialised conv_out, before training) is exact. After 8 Adam steps of <= 2e-4
+    # this model's eps is ~0.02 RMS and changes ~0.006 within a step: measured RMS 0.13.
+    # 0.3 allows delta eps up to 0.014. An inversion that skips a step leaves x off by a
+    # ratio of sqrt(ab)s: 25 -> 50 skipped gives x * (a(25)/a(50) - 1) ~ 1.7 x (RMS ~1.0 on
+    # these uniform inputs, RMS 0.58), the last one (50 -> 75) ~4.5 x.
+    assert rms < 0.3, rms
 
 
 def _png(path, size=8):

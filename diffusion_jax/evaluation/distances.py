@@ -52,7 +52,7 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in numpy float64.
 
     Matches ``scipy.linalg.sqrtm``-based implementations to ~1e-9 relative on SPD inputs
-    (tests/test_evaluation.py); exact 0 up to round-off for identical statistics.
+    (tests/test_evaluation_metrics.py); exact 0 up to round-off for identical statistics.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
