@@ -99,7 +99,7 @@ def make_train_step(
     obj, model_cfg = config.objective, config.model
     conditional = model_cfg.num_classes > 0
     # Only a model with dropout draws randomness; without it the per-example vmap would
-    # cost time for nothing (digits UNet step: ~10%).
+    # cost time for nothing (digits UNet step at dropout 0: 0.498 vs 0.443 s, ~12%).
     random_model = model_cfg.get(model_cfg.name, {}).get("dropout", 0.0) > 0
 
     def train_step(state: TrainState, batch):
