@@ -26,7 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
         dict(UNET_PRESETS["digits"], conv_impl="xla", out_channels=None)
     )
     c.model.dit = ml_collections.ConfigDict(
-        dict(DIT_PRESETS["DiT-S/2"], freq_embed_dim=256, out_channels=None)
+        dict(
+            DIT_PRESETS["DiT-S/2"],
+            freq_embed_dim=256,
+            time_init_std=0.02,
+            label_init_std=0.02,
+            out_channels=None,
+        )
     )
 
     c.schedule = ml_collections.ConfigDict()

@@ -349,7 +349,7 @@ def test_module_fields_are_documented_defaults(cls, preset):
     stated = {k: ast.literal_eval(v) for k, v in stated.items() if v is not None}
     expected = {
         UNet: {"norm_groups", "num_classes", "out_channels"},
-        DiT: {"freq_embed_dim", "num_classes", "out_channels"},
+        DiT: {"freq_embed_dim", "time_init_std", "label_init_std", "num_classes", "out_channels"},
     }[cls]
     assert set(stated) == expected, stated  # the parser found every stated default
     for k, value in stated.items():

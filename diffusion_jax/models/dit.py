@@ -83,6 +83,9 @@ class DiT(nn.Module):
       patch_size: side p of the square patches; H and W must be divisible by p.
       hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
       freq_embed_dim: width of the timestep sinusoid before its MLP (256 in DiT).
+      time_init_std, label_init_std: std of the normal init of the timestep MLP kernels
+        and of the label table (0.02 in DiT, both). At 0.02 the conditioning c is ~0.03
+        per channel and a short run barely learns the label; docs/dit.md measures it.
       num_classes: 0 = unconditional; else num_classes + 1 label rows, the last = null.
       out_channels: output channels; None = input channels (DiT's learned-sigma models use
         2x the input channels).
@@ -95,6 +98,8 @@ class DiT(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     freq_embed_dim: int = 256
+    time_init_std: float = 0.02
+    label_init_std: float = 0.02
     num_classes: int = 0
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
@@ -145,15 +150,15 @@ class DiT(nn.Module):
         # Conditioning c [B, hidden]; DiT initializes the timestep MLP and the label table
         # with N(0, 0.02).
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        time_init = nn.initializers.normal(self.time_init_std)
         c = TimestepEmbedding(
-            self.freq_embed_dim,
-            hidden,
-            kernel_init=nn.initializers.normal(0.02),
-            name="t_embed",
-            **kw,
+            self.freq_embed_dim, hidden, kernel_init=time_init, name="t_embed", **kw
         )(t)
         if self.num_classes > 0:
-            c = c + LabelEmbedding(self.num_classes, hidden, name="y_embed", **kw)(y, batch)
+            label_init = nn.initializers.normal(self.label_init_std)
+            c = c + LabelEmbedding(
+                self.num_classes, hidden, embedding_init=label_init, name="y_embed", **kw
+            )(y, batch)
         elif y is not None:
             raise ValueError(
                 "this DiT is unconditional (num_classes=0) but labels y were "

@@ -1,0 +1,39 @@
+"""Every shipped config file is valid: its keys exist in configs/base.py, its values pass
+the config checks for its dataset's image shape and the 8 test devices, and its model
+builds (shapes only, so DiT-XL/2 costs no memory)."""
+
+import glob
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diffusion_jax import data, workdir
+from diffusion_jax.models import build_model
+
+from helpers import REPO
+
+CONFIGS = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+    if not p.endswith("__init__.py")
+)
+# Channels of each dataset the configs name (the specs of tfds datasets need their data).
+CHANNELS = {"digits": 1, "cifar10": 3, "imagenet256_sd_latents": 4}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_valid_and_its_model_builds(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    size = config.data.image_size
+    classes = max(config.model.num_classes, 10)
+    shape = (size, size, CHANNELS[config.data.name])
+    spec = data.DatasetSpec(config.data.name, shape, classes, 1000)
+    workdir.check_config(config, spec)  # raises ConfigError naming the problem
+    model = build_model(config.model)
+    x = jnp.zeros((1, *spec.image_shape))
+    y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32), y)
+    assert jax.tree.leaves(shapes), name
