@@ -128,16 +128,10 @@ def run(
         info=info,
     )
     if matched:
-        fl = evaluation.real_floor(
+        floor = evaluation.real_floor(
             extractor, config.data, num_samples=matched, split=ref_split, cache_dir=cache_dir
         )
-        result.update(
-            fid_floor=fl["fid"],
-            fid_floor_std=fl["fid_std"],
-            kid_floor=fl["kid"],
-            kid_floor_std=fl["kid_std"],
-            fid_matched_ratio=result["fid_matched"] / max(fl["fid"], 1e-12),
-        )
+        evaluation.with_floor(result, floor)
     result["jax_devices"] = f"{jax.device_count()}x{jax.devices()[0].platform}"
     return result
 

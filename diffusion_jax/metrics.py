@@ -1,9 +1,11 @@
-"""Scalar/image logging (TensorBoard via tensorboardX: no TensorFlow needed), image grids
-and a console progress line with ETA. Only process 0 writes; other processes get no-ops.
+"""Scalar/image logging (TensorBoard via tensorboardX: no TensorFlow needed), image grids,
+a console progress line with ETA and the run's training clock. Only process 0 writes;
+other processes get no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -107,6 +109,31 @@ class Progress:
     def close(self) -> None:
         if self.tty and jax.process_index() == 0:
             sys.stdout.write("\n")
+
+
+class TrainClock:
+    """Wall-clock seconds a run has spent training, summed over resumes (the checkpoint
+    carries it): compilation, steps and checkpoints count; sample grids and in-loop
+    metrics (``paused``) do not, so learning curves of different models share one
+    honest time axis."""
+
+    def __init__(self):
+        self._base, self._start, self._paused = 0.0, time.monotonic(), 0.0
+
+    def resume(self, seconds: float) -> None:
+        """Continue from the ``seconds`` a checkpoint recorded."""
+        self._base = float(seconds)
+
+    def seconds(self) -> float:
+        return self._base + time.monotonic() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._paused += time.monotonic() - t0
 
 
 def _fmt_seconds(s: float) -> str:

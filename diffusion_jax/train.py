@@ -39,7 +39,8 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
     """``quality(ema_params, step) -> record`` of FID/KID/precision/recall (and class
     accuracy) for ``eval.metrics_num_samples`` samples from a fixed seed, sampled
     data-parallel over the mesh; the record carries N, seed, sampler, steps, eta and
-    guidance scale (a FID means nothing without them)."""
+    guidance scale (a FID means nothing without them) and the real-vs-real floor at its
+    matched N with ``fid_matched_ratio`` (the floor is measured once per run)."""
     spec = data.dataset_spec(config.data)
     extractor = evaluation.make_extractor(
         config.data,
@@ -48,11 +49,15 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
     )
     ref = evaluation.reference_stats(extractor, config.data, "train", config.eval.cache_dir)
     n = config.eval.metrics_num_samples
+    matched = min(n, ref.n // 2)
+    floor = evaluation.real_floor(
+        extractor, config.data, num_samples=matched, cache_dir=config.eval.cache_dir
+    )
     batch = generate.padded_batch_size(min(n, 500), dp.mesh)
     sample_fn = steps.make_sample_fn(model, schedule, config, (batch, *spec.image_shape))
 
     def quality(params, step: int, interrupt=None) -> dict:
-        return evaluation.evaluate_sampler(
+        record = evaluation.evaluate_sampler(
             sample_fn,
             params,
             extractor,
@@ -63,10 +68,11 @@ def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
             num_classes=config.model.num_classes,
             guidance_scale=config.sampler.guidance_scale,
             mesh=dp.mesh,
-            matched_num_samples=min(n, ref.n // 2),
+            matched_num_samples=matched,
             info={**evaluation.sampler_info(config), "step": step},
             interrupt=interrupt,
         )
+        return evaluation.with_floor(record, floor)
 
     return quality
 
@@ -99,6 +105,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     ckpt = workdir.checkpointer(workdir_path, config)
     restored = workdir.restore_state(ckpt, config, model, tx, spec, dp.state_sharding)
     workdir.save_config(config, workdir_path)  # the resume is valid: record its config
+    clock = metrics.TrainClock()
     process_batch = config.train.batch_size // jax.process_count()
     it = data.create_train_iterator(
         config.data,
@@ -119,6 +126,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     else:
         state, extra = restored
         it.set_state(extra["data"])
+        clock.resume(extra.get("train_seconds", 0.0))
         log.info("resumed from step %d", int(state.step))
 
     k = config.train.steps_per_dispatch
@@ -174,15 +182,17 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         pending, last_log = [], time.time()
         outcome["loss"] = float(m["loss"].mean())
 
-    quality = (
-        make_quality_eval(config, model, schedule, dp) if config.eval.metrics_every_steps else None
-    )
+    quality = None
+    if config.eval.metrics_every_steps:
+        with clock.paused():  # the feature net, reference stats and floor: measuring costs
+            quality = make_quality_eval(config, model, schedule, dp)
 
     def save(force: bool):
         flush_metrics()
         # orbax copies to host before save() returns, so donating dstate in the next
         # step is safe (tests/test_checkpoint.py deletes the buffers to check)
-        ckpt.save(step, dp.get_state(dstate), extra={"data": it.get_state()}, force=force)
+        extra = {"data": it.get_state(), "train_seconds": clock.seconds()}
+        ckpt.save(step, dp.get_state(dstate), extra=extra, force=force)
 
     def write_samples(interrupt):
         """The sample grid: what `diffusion_jax.sample --seed=<seed + 1>` draws too."""
@@ -228,9 +238,13 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
                 break
             try:
                 if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
-                    outcome["samples"] = write_samples(interrupt)
+                    with clock.paused():
+                        outcome["samples"] = write_samples(interrupt)
                 if quality and (final or step % config.eval.metrics_every_steps == 0):
-                    record = quality(dp.get_state(dstate).ema_params, step, interrupt)
+                    train_seconds = clock.seconds()
+                    with clock.paused():
+                        record = quality(dp.get_state(dstate).ema_params, step, interrupt)
+                    record["train_seconds"] = round(train_seconds, 1)
                     writer.scalars(step, evaluation.tensorboard_scalars(record))
                     if jax.process_index() == 0:
                         evaluation.append_jsonl(os.path.join(workdir_path, "eval.jsonl"), record)

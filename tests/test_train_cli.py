@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import train
+from diffusion_jax import metrics, train
 
 from helpers import REPO, cli, load_state, tiny_config
 
@@ -38,6 +38,10 @@ def test_cli_train_resume_sample(tmp_path):
         record = json.loads(f.readlines()[-1])
     assert record["step"] == 8 and record["num_samples"] == 16
     assert np.isfinite(record["fid"]) and record["sampler"] == "ddim"
+    # the floor at the matched N (16) and the training clock, for learning curves
+    assert record["matched_num_samples"] == 16 and record["fid_floor"] > 0
+    assert record["fid_matched_ratio"] == pytest.approx(record["fid_matched"] / record["fid_floor"])
+    assert 0 < record["train_seconds"] < 600
     from diffusion_jax.checkpoint import Checkpointer
 
     assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 8
@@ -49,9 +53,15 @@ def test_cli_train_resume_sample(tmp_path):
         "--config=configs/tiny.py",
         f"--workdir={wd}",
         "--config.train.num_steps=12",
+        "--config.eval.metrics_every_steps=4",
+        "--config.eval.metrics_num_samples=16",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 8" in r.stderr
+    with open(os.path.join(wd, "eval.jsonl")) as f:
+        resumed = json.loads(f.readlines()[-1])
+    # the clock went on from the step-8 checkpoint's reading (taken before that record)
+    assert resumed["step"] == 12 and resumed["train_seconds"] > record["train_seconds"]
     # sampling restores the 8-device checkpoint onto 1 device
     npz = str(tmp_path / "s.npz")
     r = cli(
@@ -65,6 +75,19 @@ def test_cli_train_resume_sample(tmp_path):
     out = np.load(npz)
     assert out["images"].shape == (6, 8, 8, 1) and out["images"].dtype == np.uint8
     assert out["labels"].shape == (6,)
+
+
+def test_train_clock_excludes_paused_time_and_continues_after_resume(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    clock = metrics.TrainClock()
+    now[0] += 5.0
+    with clock.paused():  # sampling / metrics: not training time
+        now[0] += 30.0
+    now[0] += 2.0
+    assert clock.seconds() == 7.0
+    clock.resume(60.0)  # a checkpoint's reading
+    assert clock.seconds() == 67.0
 
 
 def test_exact_resume_after_sigkill(tmp_path):

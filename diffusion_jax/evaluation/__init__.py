@@ -82,6 +82,7 @@ from diffusion_jax.evaluation.scoring import (
     evaluate_samples,
     sampler_info,
     tensorboard_scalars,
+    with_floor,
 )
 from diffusion_jax.evaluation.stats import (
     DEFAULT_CACHE_DIR,
@@ -130,4 +131,5 @@ __all__ = [
     "evaluate_samples",
     "sampler_info",
     "tensorboard_scalars",
+    "with_floor",
 ]

@@ -166,6 +166,20 @@ def evaluate_sampler(
     return result
 
 
+def with_floor(result: dict, floor: Mapping[str, float]) -> dict:
+    """``result`` (an ``evaluate_sampler`` record with ``fid_matched``) plus the
+    real-vs-real floor measured at the same matched N (``real_floor``'s dict) and
+    ``fid_matched_ratio`` = fid_matched / fid_floor, the number targets are stated in."""
+    result.update(
+        fid_floor=floor["fid"],
+        fid_floor_std=floor["fid_std"],
+        kid_floor=floor["kid"],
+        kid_floor_std=floor["kid_std"],
+        fid_matched_ratio=result["fid_matched"] / max(floor["fid"], 1e-12),
+    )
+    return result
+
+
 # Always logged next to the metrics: a FID means nothing without them.
 PROVENANCE_SCALARS = (
     "num_samples",
