@@ -5,7 +5,9 @@ its runs' metrics.jsonl (training) and eval.jsonl (in-loop and evaluate.py recor
       [--out=experiments/results]
 
 Runs are grouped by every axis except ``seed``. Whatever has finished is reported; a
-missing value shows as "—".
+missing value shows as "—". Runs with in-loop metrics (``eval.metrics_every_steps``) also
+get sample quality against training minutes (the run's own clock, without sampling and
+metric time): a table of minutes to the targets and a plot.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def spec_label(spec: dict) -> str:
     label = f"{spec['sampler'].upper()}-{spec['num_steps']}"
     if "eta" in spec:
         label += f" eta={spec['eta']:g}"
+    if "guidance_scale" in spec:
+        label += f" guidance {spec['guidance_scale']:g}"
+    if "seed" in spec:
+        label += f" seed {spec['seed']}"
     return label + (f" ({spec['spacing']})" if "spacing" in spec else "")
 
 
@@ -59,7 +65,7 @@ def collect(sweep, root: str) -> dict:
     groups = defaultdict(list)
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
-        group = ",".join(f"{k}={overrides[k]}" for k in sweep.axes if k != "seed")
+        group = sweep.run_name(overrides, skip=("seed",))
         evals = [r for r in read_jsonl(os.path.join(wd, "eval.jsonl"))]
         groups[group].append(
             {
@@ -172,6 +178,8 @@ def build(sweep, root: str, out_dir: str) -> str:
             )
         lines.append("")
 
+    lines += quality_vs_time_table(groups)
+
     # training loss per timestep bucket
     lines += [
         "## Training loss by timestep bucket (last quarter of training)",
@@ -193,8 +201,9 @@ def build(sweep, root: str, out_dir: str) -> str:
     plots = {
         "loss_by_t.png": plot_buckets(buckets),
         "fid_vs_train_step.png": plot_inloop(groups),
+        "quality_vs_train_minutes.png": plot_quality_vs_time(groups),
         "fid_vs_sampler_steps.png": plot_steps(groups, sweep),
-        "log_snr.png": plot_log_snr(sweep),
+        "log_snr.png": plot_log_snr(sweep) if "schedule.name" in sweep.axes else None,
     }
     for name, fig in plots.items():
         if fig is not None:
@@ -252,9 +261,101 @@ def plot_inloop(groups):
     return fig if any_data else None
 
 
+# The targets the README states for class-conditional digits (issue 24).
+TARGET_ACCURACY = 0.95
+TARGET_FID_RATIO = 2.0
+
+
+def timed_inloop(run: dict) -> list[dict]:
+    """A run's in-loop records that carry the training clock and the floor, in order."""
+    recs = [r for r in run["inloop"] if "train_seconds" in r and "fid_matched_ratio" in r]
+    return sorted(recs, key=lambda r: r["step"])
+
+
+def meets_accuracy(record: dict) -> bool:
+    return (record.get("class_accuracy") or 0.0) >= TARGET_ACCURACY
+
+
+def meets_fid(record: dict) -> bool:
+    return record["fid_matched_ratio"] <= TARGET_FID_RATIO
+
+
+def first_minutes(recs: list[dict], ok) -> float | None:
+    """Training minutes of the first record for which ``ok(record)`` holds."""
+    return next((r["train_seconds"] / 60 for r in recs if ok(r)), None)
+
+
+def quality_vs_time_table(groups) -> list[str]:
+    """Markdown: per run, minutes of training until the targets are met (in-loop records;
+    the clock excludes sampling and metric time) and the final values."""
+    rows = [(g, run, timed_inloop(run)) for g, runs in groups.items() for run in runs]
+    rows = [(g, run, recs) for g, run, recs in rows if recs]
+    if not rows:
+        return []
+
+    def fmt(m):
+        return "not reached" if m is None else f"{m:.1f}"
+
+    lines = [
+        "## Sample quality vs training time (in-loop, EMA params)",
+        "",
+        f"Minutes of training (compilation, steps and checkpoints; not sampling) until "
+        f"class accuracy >= {TARGET_ACCURACY:.0%} and FID / floor <= {TARGET_FID_RATIO:g}, "
+        f"at the sampler and guidance scale of each run's config.",
+        "",
+        "| run | seed | accuracy target (min) | FID target (min) | both (min) | final step "
+        "| final min | final accuracy | final FID / floor |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for g, run, recs in rows:
+        last = recs[-1]
+        acc = last.get("class_accuracy")
+        lines.append(
+            f"| {g} | {run['overrides'].get('seed', 0)} "
+            f"| {fmt(first_minutes(recs, meets_accuracy))} "
+            f"| {fmt(first_minutes(recs, meets_fid))} "
+            f"| {fmt(first_minutes(recs, lambda r: meets_accuracy(r) and meets_fid(r)))} "
+            f"| {last['step']} | {last['train_seconds'] / 60:.1f} "
+            f"| {'—' if acc is None else f'{acc:.1%}'} | {last['fid_matched_ratio']:.2f}x |"
+        )
+    return lines + [""]
+
+
+def plot_quality_vs_time(groups):
+    """Class accuracy and FID / floor vs training minutes, one colour per group."""
+    fig, (ax_acc, ax_fid) = plt.subplots(1, 2, figsize=(9, 3.3))
+    any_data = False
+    for i, (g, runs) in enumerate(groups.items()):
+        for j, run in enumerate(runs):
+            recs = timed_inloop(run)
+            if not recs:
+                continue
+            any_data = True
+            minutes = [r["train_seconds"] / 60 for r in recs]
+            label = g if j == 0 else None
+            acc = [r.get("class_accuracy", np.nan) for r in recs]
+            ax_acc.plot(minutes, acc, "o-", color=f"C{i}", label=label, ms=3)
+            ratio = [r["fid_matched_ratio"] for r in recs]
+            ax_fid.plot(minutes, ratio, "o-", color=f"C{i}", label=label, ms=3)
+    ax_acc.axhline(TARGET_ACCURACY, ls="--", color="gray", lw=1)
+    ax_fid.axhline(TARGET_FID_RATIO, ls="--", color="gray", lw=1)
+    ax_acc.set(xlabel="training minutes (2-core CPU)", ylabel="class accuracy", ylim=(0, 1.02))
+    ax_fid.set(xlabel="training minutes (2-core CPU)", ylabel="FID / real-vs-real floor")
+    ax_fid.set_yscale("log")
+    ax_fid.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax_fid.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_fid.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_acc.legend(fontsize=7)
+    fig.suptitle("Sample quality vs training time (in-loop, dashed: targets)", fontsize=9)
+    return fig if any_data else None
+
+
 def plot_steps(groups, sweep):
     """FID vs number of sampler steps: one line per sampler family (sampler, eta, spacing)
-    and schedule group; colour = group, line style/marker = family."""
+    and schedule group; colour = group, line style/marker = family. None when the sweep's
+    evaluations all use one number of steps."""
+    if len({spec.get("num_steps", 1000) for spec in sweep.evals}) < 2:
+        return None
     families = defaultdict(list)
     for spec in sweep.evals:
         families[tuple((k, v) for k, v in sorted(spec.items()) if k != "num_steps")].append(spec)

@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.sweeps import SWEEPS
+from experiments.sweeps import CONFIG_AXIS, SWEEPS
 
 FLAGS = flags.FLAGS
 
@@ -33,9 +33,9 @@ def train_command(sweep, overrides, workdir: str) -> list[str]:
         sys.executable,
         "-m",
         "diffusion_jax.main",
-        f"--config={sweep.config}",
+        f"--config={sweep.config_of(overrides)}",
         f"--workdir={workdir}",
-    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    ] + [f"--config.{k}={v}" for k, v in overrides.items() if k != CONFIG_AXIS]
 
 
 def matches(record: dict, spec: dict) -> bool:
@@ -58,7 +58,8 @@ def pending_evals(sweep, workdir: str) -> list[dict]:
     return [spec for spec in sweep.evals if not any(matches(r, spec) for r in records)]
 
 
-# An evaluation spec's keys are those of the evaluate.py record; each sets a config key.
+# An evaluation spec's keys are those of the evaluate.py record; each sets a config key,
+# but "seed" (the sampling seed), which is evaluate.py's own --seed flag.
 EVAL_SPEC_KEYS = {
     "sampler": "sampler.name",
     "num_steps": "sampler.num_steps",
@@ -75,7 +76,10 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
         "diffusion_jax.evaluate",
         f"--workdir={workdir}",
         f"--num_samples={num_samples}",
-    ] + [f"--config.{EVAL_SPEC_KEYS[k]}={v}" for k, v in spec.items()]
+    ] + [
+        f"--seed={v}" if k == "seed" else f"--config.{EVAL_SPEC_KEYS[k]}={v}"
+        for k, v in spec.items()
+    ]
 
 
 def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:

@@ -2,13 +2,15 @@
 runs) and the evaluations to run on each trained workdir.
 
 A run is named by its axis values, e.g. ``schedule.name=cosine,seed=1``; its workdir is
-``<root>/<sweep>/<run name>``.
+``<root>/<sweep>/<run name>``. The axis ``config`` picks the config file itself (runs
+named by its stem, e.g. ``config=digits_dit``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Any
 
 
@@ -31,8 +33,23 @@ class Sweep:
             for values in itertools.product(*(self.axes[k] for k in keys))
         ]
 
-    def run_name(self, overrides: dict[str, Any]) -> str:
-        return ",".join(f"{k}={overrides[k]}" for k in self.axes)
+    def config_of(self, overrides: dict[str, Any]) -> str:
+        """The run's config file: the ``config`` axis when the sweep has one (e.g. two
+        architectures, each with its own tuned config), else ``self.config``."""
+        return overrides.get(CONFIG_AXIS, self.config)
+
+    def run_name(self, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+        """``key=value,...`` over the axes (but ``skip``: e.g. the seed, for group names)."""
+        return ",".join(f"{k}={_value_name(k, overrides[k])}" for k in self.axes if k not in skip)
+
+
+# The axis key that picks the config file instead of overriding a config key.
+CONFIG_AXIS = "config"
+
+
+def _value_name(key: str, value: Any) -> str:
+    """How a value appears in run and group names (a config file by its stem: no "/")."""
+    return os.path.splitext(os.path.basename(value))[0] if key == CONFIG_AXIS else str(value)
 
 
 # Sample quality vs number of sampler steps, evaluated on every run of a sweep:
@@ -65,6 +82,31 @@ SWEEPS = {
             "4 runs x (~10 min training incl. in-loop FID + ~9 min evaluation) on the "
             "2-core Intel Xeon dev box: ~80 min in total (~2.5x that on a 2-core AMD "
             "EPYC guest)"
+        ),
+    ),
+    # Issue 24: the class-conditional DiT against the UNet at equal training time, each
+    # with its own config; quality is measured in the loop (the clock excludes it).
+    "dit_vs_unet": Sweep(
+        name="dit_vs_unet",
+        config="configs/digits_dit.py",
+        axes={"config": ("configs/digits_unet_cond.py", "configs/digits_dit.py"), "seed": (0,)},
+        fixed={
+            "train.quiet": True,
+            "eval.metrics_every_steps": 200,
+            "eval.metrics_num_samples": 500,
+        },
+        # guidance 1, 2, 3 and 1.5 at sampling seed 0, and guidance 2 (the configs' scale)
+        # at four more seeds: FID at N = 500 moves with the sampling seed.
+        evals=tuple(
+            dict(sampler="ddim", num_steps=50, guidance_scale=g, seed=seed)
+            for g, seed in [(1.0, 0), (2.0, 0), (3.0, 0), (1.5, 0)]
+            + [(2.0, s) for s in (1, 2, 3, 4)]
+        ),
+        eval_samples=500,
+        budget=(
+            "2 runs on a 2-core AMD EPYC guest: training 10.7 min (UNet, 1,200 steps) and "
+            "14.9 min (DiT, 2,400 steps) on their own clocks, plus in-loop metrics (~46 s "
+            "each, 6 + 12) and 8 evaluations per run (~1 min each): ~70 min in total"
         ),
     ),
     # A seconds-long sweep for the launcher's own tests.
