@@ -2,7 +2,7 @@
 time and peak memory of the REAL step (steps.make_train_step, jitted by
 parallel.DataParallel("jit") on a 1-device mesh, state from state.create_train_state).
 
-    .venv/bin/python benchmarks/bench_train.py                       # all three, ~1.5 min
+    .venv/bin/python benchmarks/bench_train.py                       # all four, ~2 min
     .venv/bin/python benchmarks/bench_train.py --configs cifar10_ddpm --batch cifar10_ddpm=16
     .venv/bin/python benchmarks/bench_train.py --xla_options default,eigen_conv_ynn_reduce
     .venv/bin/python benchmarks/bench_train.py --configs digits_unet --steps_per_dispatch 4 \
@@ -30,12 +30,18 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
-CONFIGS = ("digits_unet", "cifar10_ddpm", "dit_s2")
-DEFAULT_BATCH = {"digits_unet": 128, "cifar10_ddpm": 8, "dit_s2": 8}
+CONFIGS = ("digits_unet", "digits_dit", "cifar10_ddpm", "dit_s2")
+DEFAULT_BATCH = {"digits_unet": 128, "digits_dit": 128, "cifar10_ddpm": 8, "dit_s2": 8}
 # image shape (H, W, C) each config is benchmarked at
-SHAPES = {"digits_unet": (8, 8, 1), "cifar10_ddpm": (32, 32, 3), "dit_s2": (32, 32, 4)}
+SHAPES = {
+    "digits_unet": (8, 8, 1),
+    "digits_dit": (8, 8, 1),
+    "cifar10_ddpm": (32, 32, 3),
+    "dit_s2": (32, 32, 4),
+}
 DESCRIPTION = {
     "digits_unet": "UNet digits preset (configs/digits_unet.py), uncond.",
+    "digits_dit": "DiT digits (configs/digits_dit.py), 4.2M, 10 classes, 16 tokens",
     "cifar10_ddpm": "UNet DDPM CIFAR-10 (configs/cifar10_ddpm.py), 35.7M, uncond.",
     "dit_s2": "DiT-S/2 (configs/base.py, model.name=dit), 1000 classes, 32x32x4",
 }
@@ -43,10 +49,12 @@ DESCRIPTION = {
 
 def get_config(name: str):
     """The config a row benchmarks, built from configs/ (never a copy of their values)."""
-    from configs import base, cifar10_ddpm, digits_unet
+    from configs import base, cifar10_ddpm, digits_dit, digits_unet
 
     if name == "digits_unet":
         return digits_unet.get_config()
+    if name == "digits_dit":
+        return digits_dit.get_config()
     if name == "cifar10_ddpm":
         return cifar10_ddpm.get_config()
     if name == "dit_s2":
