@@ -257,7 +257,8 @@ def plot_inloop(groups):
         yscale="log",
         title="Sample quality during training (DDIM-50, EMA)",
     )
-    ax.legend(fontsize=7)
+    if any_data:
+        ax.legend(fontsize=7)
     return fig if any_data else None
 
 
@@ -345,7 +346,8 @@ def plot_quality_vs_time(groups):
     ax_fid.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
     ax_fid.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_fid.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax_acc.legend(fontsize=7)
+    if any_data:
+        ax_acc.legend(fontsize=7)
     fig.suptitle("Sample quality vs training time (in-loop, dashed: targets)", fontsize=9)
     return fig if any_data else None
 
