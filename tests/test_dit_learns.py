@@ -47,16 +47,21 @@ def _dit_config(**overrides):
     )
 
 
-def _train(config, batch, num_steps):
-    """(state, losses) after ``num_steps`` real train steps on the fixed ``batch``."""
+def _train(config, batch, num_steps, params_history=None):
+    """(model, state, losses) after ``num_steps`` real train steps on the fixed ``batch``;
+    appends the parameters at init and after every step to ``params_history`` if given."""
     model = build_model(config.model)
     tx = make_optimizer(config.optim, num_steps)
     state = create_train_state(model, tx, batch["image"].shape[1:], 0, conditional=True)
     step = jax.jit(steps.make_train_step(model, tx, schedules.build(config.schedule), config))
     losses = []
     for _ in range(num_steps):
+        if params_history is not None:
+            params_history.append(state.params)
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
+    if params_history is not None:
+        params_history.append(state.params)
     return model, state, np.array(losses)
 
 
@@ -137,7 +142,8 @@ def test_adaln_zero_blocks_leave_identity_at_the_first_update_that_reaches_them(
     batch = {"image": patterns, "label": labels}
     config = _dit_config(**{"optim.learning_rate": 1e-3, "train.batch_size": NUM_PATTERNS})
     blocks = [f"block{i}" for i in range(config.model.dit.depth)]
-    history = [_train(config, batch, n)[1].params for n in (0, 1, 2)]
+    history = []
+    _train(config, batch, 2, params_history=history)
     init, after1, after2 = history
 
     assert all(_block_is_identity(init, b) for b in blocks)
