@@ -9,10 +9,14 @@ have a uint8 HxWxC ``"image"`` and, optionally, a ``ClassLabel`` ``"label"`` (da
 without one, e.g. celeb_a, give ``num_classes == 0`` and all-zero labels).
 ``data.data_dir == ""`` means ``~/.cache/diffusion_jax/tensorflow_datasets``.
 
-Images come out ``image_size x image_size`` (square). Named datasets whose images are not
-already that size are center-cropped to a square and resized with PIL bilinear
-(antialiased when shrinking); digits are only ever upscaled (``image_size >= 8``).
-Then uint8 -> float32 ``x / 127.5 - 1`` in [-1, 1].
+Images come out ``image_size x image_size`` (square). Images of another size are fitted by
+``data.resize_method``: "bilinear" (default) center-crops named datasets' images to a square
+and resizes them with PIL bilinear (antialiased when shrinking; digits are only ever
+upscaled, ``image_size >= 8``); "pad" center-pads with 0, the black background of digits
+and Fashion-MNIST (never scales: ``image_size`` must be >= the stored size; odd margins put
+the extra pixel at the bottom/right), e.g. Fashion-MNIST 28 -> 32, 2 pixels each side.
+Training, ``load_split_arrays`` and hence evaluation's reference statistics all go through
+the same ``transforms.PrepareExample``. Then uint8 -> float32 ``x / 127.5 - 1`` in [-1, 1].
 
 Order (train iterator): one global stream defined by ``seed`` and the *global* batch size
 ``G = batch_size * process_count``. Epoch ``e`` is the permutation
@@ -35,13 +39,15 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
-from PIL import Image
 
-from diffusion_jax import data_order, datasets
-from diffusion_jax.datasets import digits
+from diffusion_jax import data_order, data_transforms as transforms, datasets
+from diffusion_jax.datasets import digits, latents
 
 DIGITS = digits.NAME
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "diffusion_jax", "tensorflow_datasets")
+
+# data.resize_method: how images of another size become image_size x image_size.
+RESIZE_METHODS = ("bilinear", "pad")
 
 # Batches prefetched by one background thread when worker_count == 0 (enough to overlap
 # the next batch with a train step; grain's default of 500 batches is far too many).
@@ -68,6 +74,7 @@ class _Config:
     data_dir: str
     split: str
     image_size: int
+    resize_method: str
     random_flip: bool
     worker_count: int
 
@@ -87,6 +94,7 @@ def _parse_config(data_cfg: Any) -> _Config:
         data_dir=os.path.expanduser(str(get("data_dir", "")) or DEFAULT_DATA_DIR),
         split=str(get("split", "train")),
         image_size=get("image_size"),
+        resize_method=get("resize_method", "bilinear"),
         random_flip=get("random_flip", False),
         worker_count=get("worker_count", 0),
     )
@@ -102,6 +110,10 @@ def _parse_config(data_cfg: Any) -> _Config:
         )
     if cfg.image_size < 1:
         raise ValueError(f"data.image_size must be positive, got {cfg.image_size}")
+    if cfg.resize_method not in RESIZE_METHODS:
+        raise ValueError(
+            f"data.resize_method must be one of {RESIZE_METHODS}, got {cfg.resize_method!r}"
+        )
     if not isinstance(cfg.random_flip, (bool, np.bool_)):
         raise ValueError(f"data.random_flip must be a bool, got {cfg.random_flip!r}")
     if not isinstance(cfg.worker_count, (int, np.integer)) or cfg.worker_count < 0:
@@ -115,14 +127,24 @@ def _parse_config(data_cfg: Any) -> _Config:
 
 
 def _open(cfg: _Config, split: str):
-    """Returns (random-access source, DatasetSpec, has_label, crop) for `split`."""
+    """Returns (random-access source, DatasetSpec, transforms.PrepareExample) for `split`."""
     builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
     features = builder.info.features
+    if "latent" in features:
+        return _open_latents(cfg, source, features)
     if "image" not in features:
         raise ValueError(f"{cfg.name!r} has no 'image' feature (features: {list(features)})")
     native_shape = tuple(features["image"].shape)  # (H, W, C); H, W may be None
     if len(native_shape) != 3 or native_shape[-1] is None:
         raise ValueError(f"{cfg.name!r}: expected HxWxC images, got shape {native_shape}")
+    if cfg.resize_method == "pad" and any(
+        side is not None and side > cfg.image_size for side in native_shape[:2]
+    ):
+        raise ValueError(
+            f"{cfg.name!r} images are {native_shape[0]}x{native_shape[1]}, larger than "
+            f"data.image_size={cfg.image_size}: data.resize_method='pad' never shrinks; "
+            "raise image_size or use resize_method='bilinear'"
+        )
     has_label = "label" in features
     num_classes = 0
     if has_label:
@@ -135,65 +157,36 @@ def _open(cfg: _Config, split: str):
         num_classes=int(num_classes),
         num_examples=len(source),
     )
-    return source, spec, has_label, cfg.name != DIGITS
-
-
-# ----------------------------------------------------------------------------------------
-# Per-example and per-batch transforms (module-level classes: picklable for grain workers).
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxWxC -> uint8 size x size x C, PIL bilinear (antialiased when shrinking)."""
-    channels = image.shape[-1]
-    if channels in (1, 3):
-        mode_image = image[..., 0] if channels == 1 else image
-        out = np.asarray(Image.fromarray(mode_image).resize((size, size), Image.BILINEAR))
-        return out.reshape(size, size, channels)
-    return np.stack(  # any other channel count: one grayscale resize per channel
-        [_resize(image[..., c : c + 1], size)[..., 0] for c in range(channels)], axis=-1
+    prepare = transforms.PrepareExample(
+        cfg.image_size, crop=cfg.name != DIGITS, has_label=has_label, pad=cfg.resize_method == "pad"
     )
+    return source, spec, prepare
 
 
-def _center_crop_square(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return image[top : top + side, left : left + side]
-
-
-@dataclasses.dataclass(frozen=True)
-class _PrepareExample:
-    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar}."""
-
-    image_size: int
-    crop: bool
-    has_label: bool
-
-    def __call__(self, record):
-        image = np.asarray(record["image"])
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images, got {image.dtype}")
-        if image.shape[:2] != (self.image_size, self.image_size):
-            if self.crop:
-                image = _center_crop_square(image)
-            image = _resize(image, self.image_size)
-        label = np.int32(record["label"]) if self.has_label else np.int32(0)
-        return {"image": image, "label": label}
-
-
-def _random_flip(example, rng: np.random.Generator):
-    """Horizontal flip with probability 1/2; `rng` is grain's, keyed by (seed, index)."""
-    if rng.integers(2):
-        example = {**example, "image": example["image"][:, ::-1]}
-    return example
-
-
-def _to_float(batch):
-    """uint8 [B, H, W, C] -> float32 in [-1, 1]; labels int32 [B]."""
-    image = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {"image": image, "label": batch["label"].astype(np.int32)}
+def _open_latents(cfg: _Config, source, features):
+    """(source, spec, transforms.PrepareLatent) of a latent dataset (datasets/latents.py): latents
+    are never resized, and come out multiplied by the dataset's measured scale_factor."""
+    shape = tuple(int(d) for d in features["latent"].shape)
+    if cfg.image_size != shape[0]:
+        raise ValueError(
+            f"data.image_size={cfg.image_size} but the latents in {cfg.data_dir} are "
+            f"{shape[0]}x{shape[1]}x{shape[2]} (they are never resized); set "
+            f"--config.data.image_size={shape[0]}"
+        )
+    metadata = latents.read_metadata(cfg.data_dir)
+    if not metadata.get("scale_factor"):
+        raise ValueError(
+            f"the latent dataset in {cfg.data_dir} has no measured scale_factor (its encoding "
+            "did not finish); run the same `python -m diffusion_jax.encode` command again"
+        )
+    has_label = "label" in features
+    spec = DatasetSpec(
+        name=cfg.name,
+        image_shape=shape,
+        num_classes=int(features["label"].num_classes) if has_label else 0,
+        num_examples=len(source),
+    )
+    return source, spec, transforms.PrepareLatent(float(metadata["scale_factor"]), has_label)
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,7 +315,7 @@ class TrainIterator:
 def dataset_spec(data_cfg) -> DatasetSpec:
     """Shapes (after resizing), class count and size of ``data_cfg.split``."""
     cfg = _parse_config(data_cfg)
-    _, spec, _, _ = _open(cfg, cfg.split)
+    _, spec, _ = _open(cfg, cfg.split)
     return spec
 
 
@@ -344,7 +337,7 @@ def create_train_iterator(
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    source, spec, has_label, crop = _open(cfg, cfg.split)
+    source, spec, prepare = _open(cfg, cfg.split)
     n = spec.num_examples
     global_batch = batch_size * process_count
     if global_batch > n:
@@ -355,9 +348,9 @@ def create_train_iterator(
 
     # Index space of `ds`: epoch * n + position in that epoch's permutation.
     ds = data_order.EpochShuffle(grain.MapDataset.source(source), seed=int(seed))
-    ds = ds.map(_PrepareExample(cfg.image_size, crop=crop, has_label=has_label))
+    ds = ds.map(prepare)
     if cfg.random_flip:
-        ds = ds.random_map(_random_flip, seed=_flip_seed(int(seed)))
+        ds = ds.random_map(transforms.random_flip, seed=_flip_seed(int(seed)))
     ds = data_order.ProcessRows(
         ds,
         num_examples=n,
@@ -365,7 +358,7 @@ def create_train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    batches = ds.batch(batch_size, drop_remainder=True).map(_to_float)
+    batches = ds.batch(batch_size, drop_remainder=True).map(transforms.to_float)
     identity = {
         "seed": int(seed),
         "global_batch_size": global_batch,
@@ -387,13 +380,23 @@ def load_split_arrays(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
 
     Holds everything in memory: meant for small datasets (evaluation, reference stats).
     """
+    return load_split_rows(data_cfg, split, 0, None)
+
+
+def load_split_rows(
+    data_cfg, split: str, start: int, stop: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[start, stop)`` of `split` (stop None: to the end) like ``load_split_arrays``:
+    what ``diffusion_jax.encode`` reads one chunk at a time."""
     cfg = _parse_config(data_cfg)
-    source, spec, has_label, crop = _open(cfg, split)
-    prepare = _PrepareExample(cfg.image_size, crop=crop, has_label=has_label)
-    images = np.empty((spec.num_examples, *spec.image_shape), np.uint8)
-    labels = np.empty((spec.num_examples,), np.int32)
-    for i in range(spec.num_examples):
-        example = prepare(source[i])
-        images[i], labels[i] = example["image"], example["label"]
-    batch = _to_float({"image": images, "label": labels})
+    source, spec, prepare = _open(cfg, split)
+    rows = range(spec.num_examples)[start:stop]
+    examples = [prepare(source[i]) for i in rows]
+    images = np.empty((len(rows), *spec.image_shape), np.uint8)
+    if examples and examples[0]["image"].dtype != np.uint8:
+        images = images.astype(examples[0]["image"].dtype)
+    labels = np.empty((len(rows),), np.int32)
+    for j, example in enumerate(examples):
+        images[j], labels[j] = example["image"], example["label"]
+    batch = transforms.to_float({"image": images, "label": labels})
     return batch["image"], batch["label"]

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from diffusion_jax import data
+from diffusion_jax import data, data_transforms
 
 from helpers import (
     DIGITS_NUM_TEST as NUM_TEST,
@@ -176,10 +176,10 @@ def test_process_shards_concatenate_to_the_single_process_batches(digits_dir, pr
 
 def test_a_process_reads_only_its_own_rows(digits_dir, monkeypatch):
     calls = []
-    original = data._PrepareExample.__call__
+    original = data_transforms.PrepareExample.__call__
     main_thread = threading.get_ident()  # ignore prefetch threads of other tests' iterators
     monkeypatch.setattr(
-        data._PrepareExample,
+        data_transforms.PrepareExample,
         "__call__",
         lambda self, record: (
             threading.get_ident() == main_thread and calls.append(1) or original(self, record)
@@ -228,6 +228,25 @@ def test_resize_to_16(digits_dir):
     pixels = (small + 1.0) * 127.5
     want = upsample2_bilinear(upsample2_bilinear(pixels, axis=1), axis=2)
     np.testing.assert_allclose((big + 1.0) * 127.5, np.rint(want), atol=1.01)
+
+
+def test_pad_to_13(digits_dir):
+    """resize_method="pad": digits centred unscaled on the black background (-1); the odd
+    margin 13 - 8 = 5 is 2 pixels above/left and 3 below/right."""
+    cfg = make_cfg(digits_dir, image_size=13, resize_method="pad", split="test")
+    assert data.dataset_spec(cfg).image_shape == (13, 13, 1)
+    padded, labels = data.load_split_arrays(cfg, "test")
+    small, small_labels = data.load_split_arrays(make_cfg(digits_dir), "test")
+    assert padded.shape == (NUM_TEST, 13, 13, 1)
+    np.testing.assert_array_equal(padded[:, 2:10, 2:10], small)  # the same float32 values
+    inside = np.zeros((13, 13), bool)
+    inside[2:10, 2:10] = True
+    assert np.all(padded[:, ~inside] == -1.0)
+    np.testing.assert_array_equal(labels, small_labels)
+    batch = next(data.create_train_iterator(cfg, batch_size=32, seed=0))
+    assert batch["image"].shape == (32, 13, 13, 1) and np.all(batch["image"][:, ~inside] == -1)
+    with pytest.raises(ValueError, match="resize_method"):
+        data.dataset_spec(make_cfg(digits_dir, resize_method="bicubic"))
 
 
 def upsample2_bilinear(x, axis):

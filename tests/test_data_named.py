@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffusion_jax import data
+from diffusion_jax import data, data_transforms
 
 from helpers import DIGITS_NUM_TEST as NUM_TEST, digits_data_cfg as make_cfg, take
 
@@ -155,7 +155,7 @@ def test_center_crop_then_resize_non_square():
     """Non-square named-dataset images are cut to their centred square, then resized."""
     rng = np.random.default_rng(0)
     wide = (rng.permutation(60) * 4).astype(np.uint8).reshape(6, 10, 1)  # distinct pixels
-    crop_only = data._PrepareExample(6, crop=True, has_label=True)
+    crop_only = data_transforms.PrepareExample(6, crop=True, has_label=True)
     out = crop_only({"image": wide, "label": 3})
     np.testing.assert_array_equal(out["image"], wide[:, 2:8])  # columns (10 - 6) / 2 ..
     assert out["label"] == 3 and out["label"].dtype == np.int32
@@ -163,13 +163,14 @@ def test_center_crop_then_resize_non_square():
     np.testing.assert_array_equal(crop_only({"image": tall, "label": 0})["image"], tall[2:8])
     # Crop 6x6, then PIL bilinear 6 -> 3 (independent 2x reduction): not a squashed resize
     # of the whole 6x10 image, nor a resize before cropping.
-    shrunk = data._PrepareExample(3, crop=True, has_label=False)({"image": wide})
+    shrunk = data_transforms.PrepareExample(3, crop=True, has_label=False)({"image": wide})
     assert shrunk["image"].shape == (3, 3, 1) and shrunk["label"] == 0
     np.testing.assert_array_less(np.abs(shrunk["image"] - shrink2(wide[:, 2:8])), 1.5)
     # Digits (crop=False) are never cropped: a square image is only resized.
     square = wide[:, :6]
     np.testing.assert_array_equal(
-        data._PrepareExample(6, crop=False, has_label=False)({"image": square})["image"], square
+        data_transforms.PrepareExample(6, crop=False, has_label=False)({"image": square})["image"],
+        square,
     )
 
 

@@ -56,6 +56,15 @@ def test_digits_classifier_accuracy_and_cache(classifier, cache_dir, digits_test
     # digits upscaled by the data pipeline (image_size 16) are resized back to 8x8
     up = np.repeat(np.repeat(images[:10], 2, axis=1), 2, axis=2)
     assert classifier.features(up).shape == (10, 64)
+    # digits the pipeline padded (resize_method "pad") are center-cropped back: the same
+    # features as unpadded (equal inputs; float32 reassociation between compiled shapes
+    # allowed), under another version (other reference statistics)
+    cropping = ev.make_extractor({**DIGITS, "resize_method": "pad"}, cache_dir=cache_dir)
+    assert cropping.info["loaded_from_cache"] and cropping.version == classifier.version + "-crop"
+    padded = np.pad(images[:10], ((0, 0), (2, 3), (2, 3), (0, 0)), constant_values=-1.0)
+    np.testing.assert_allclose(
+        cropping.features(padded), classifier.features(images[:10]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_class_accuracy_on_real_test_images(classifier, cache_dir, digits_test):
@@ -81,6 +90,7 @@ def test_reference_stats_cache_and_provenance(classifier, tmp_path):
         "dataset": "digits",
         "split": "test",
         "image_size": 8,
+        "resize_method": "bilinear",  # pad and bilinear images differ: their stats too
         "num_images": 299,
         "feature_net": "digits_classifier",
         "feature_version": classifier.version,
@@ -384,3 +394,19 @@ def test_evaluate_cli_on_tiny_workdir(classifier, cache_dir, tmp_path):
 
     with pytest.raises(workdir_lib.ConfigError, match="num_steps=1000"):  # before sampling
         evaluate.run(workdir, num_samples=10, overrides={"sampler.num_steps": 1000})
+
+
+def test_floor_of_a_split_larger_than_the_kept_features(classifier, monkeypatch):
+    # Fashion-MNIST's 60k train images keep MAX_REFERENCE_FEATURES (50k) feature rows: the
+    # floor needs 2N of them, not all 60k (the old check refused every such split).
+    from diffusion_jax.evaluation import stats
+
+    feats = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    big = stats.FeatureStats.from_features(feats, {"dataset": "x"}, keep_features=60)
+    big = dataclasses.replace(big, n=60_000)
+    monkeypatch.setattr(stats, "reference_stats", lambda *a, **k: big)
+    floor = ev.real_floor(classifier, DIGITS, num_samples=30)
+    assert floor["num_samples"] == 30 and np.isfinite(floor["fid"])
+    assert ev.real_floor(classifier, DIGITS)["num_samples"] == 30  # default: kept // 2
+    with pytest.raises(ValueError, match="needs 62 reference features"):
+        ev.real_floor(classifier, DIGITS, num_samples=31)

@@ -3,7 +3,14 @@
 Bundled / locally built datasets (registered in ``BUILDERS``, written once on first use):
   * ``digits`` (:mod:`diffusion_jax.datasets.digits`): scikit-learn's 8x8 handwritten
     digits, works offline.
-  (Fashion-MNIST, glyphs and latent datasets will follow, each in its own module.)
+  * ``fashion_mnist`` (:mod:`diffusion_jax.datasets.fashion_mnist`): Fashion-MNIST, 28x28,
+    built from local IDX files (``apt-get install dataset-fashion-mnist``, or
+    ``$DIFFUSION_JAX_FASHION_MNIST_DIR``); without them, a copy already prepared in the
+    data dir (including TFDS's own ``fashion_mnist``).
+  * ``latents`` (:mod:`diffusion_jax.datasets.latents`): a dataset encoded by an
+    autoencoder (``python -m diffusion_jax.encode``) in ``data.data_dir``; never built
+    here, only read.
+  (Glyphs will follow, in its own module.)
 
 Any other name is a TFDS dataset that must already be prepared (array_record) in the data
 dir: ``tfds.builder(name, data_dir=...)``. Nothing is downloaded at run time.
@@ -13,7 +20,8 @@ says how to prepare a dataset that is missing.
 A new bundled dataset is a module with its builder class (in a package module: TFDS
 mis-handles builder classes defined in ``__main__`` or a script; override ``code_path``
 like ``digits.SklearnDigits`` does, because TFDS's default probes ``importlib_resources``)
-and a ``(data_dir) -> prepared builder`` function, added to ``BUILDERS``.
+and a ``(data_dir) -> prepared builder`` function (``prepare.prepare_once`` builds it
+once, under a file lock), added to ``BUILDERS``.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from diffusion_jax.datasets import digits
+from diffusion_jax.datasets import digits, fashion_mnist, latents
 
 # dataset name -> (data_dir -> prepared TFDS builder), building it on first use.
-BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {digits.NAME: digits.builder}
+BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
+    digits.NAME: digits.builder,
+    fashion_mnist.NAME: fashion_mnist.builder,
+    latents.NAME: latents.builder,
+}
 
 
 def _how_to_prepare(name: str) -> str:

@@ -11,12 +11,11 @@ in ``__main__`` or a script.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from diffusion_jax.datasets import prepare
 
 NAME = "digits"  # the `data.name` that selects this dataset
 IMAGE_SIZE = 8  # digits are IMAGE_SIZE x IMAGE_SIZE x 1
@@ -81,36 +80,9 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target
 
 
-@contextlib.contextmanager
-def _file_lock(directory: str):
-    """Exclusive lock on a file in a local `directory` (no-op for remote paths)."""
-    if "://" in directory:
-        yield
-        return
-    import fcntl
-
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ".sklearn_digits.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def builder(data_dir: str) -> SklearnDigits:
-    """The prepared digits builder, building it first if needed.
-
-    Safe when several processes race: the check-and-build runs under a file lock, and
-    TFDS writes into an ``incomplete.*`` directory that is renamed when complete.
-    """
-    prepared = SklearnDigits(data_dir=data_dir, file_format="array_record")
-    if prepared.is_prepared():
-        return prepared
-    with _file_lock(data_dir):
-        prepared = SklearnDigits(data_dir=data_dir, file_format="array_record")
-        if not prepared.is_prepared():
-            prepared.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-            )
-    return SklearnDigits(data_dir=data_dir)  # re-read the info written to disk
+    """The prepared digits builder, building it first if needed (safe when processes race:
+    ``prepare.prepare_once``)."""
+    return prepare.prepare_once(
+        lambda: SklearnDigits(data_dir=data_dir, file_format="array_record"), data_dir
+    )

@@ -119,6 +119,7 @@ def reference_stats(
         "dataset": name,
         "split": split,
         "image_size": size,
+        "resize_method": cfg_get(data_cfg, "resize_method", "bilinear"),
         "num_images": int(spec.num_examples),
         "feature_net": extractor.name,
         "feature_version": extractor.version,
@@ -225,9 +226,13 @@ def real_floor(
     its spread says how small a KID difference is meaningful.
     """
     ref = reference_stats(extractor, data_cfg, split, cache_dir)
-    if ref.features is None or len(ref.features) < ref.n:
-        raise ValueError("reference statistics keep too few features for a floor")
-    n = int(num_samples or ref.n // 2)
+    kept = 0 if ref.features is None else len(ref.features)  # <= MAX_REFERENCE_FEATURES
+    n = int(num_samples or kept // 2)
+    if n < 2 or 2 * n > kept:
+        raise ValueError(
+            f"a floor of {n} vs {n} real images needs {2 * n} reference features; "
+            f"the statistics of {split!r} keep {kept}"
+        )
     out = matched_fid(ref.features, n, num_splits=num_splits, seed=seed)
     kids = []
     for s in range(num_splits):
