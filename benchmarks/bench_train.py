@@ -103,10 +103,7 @@ def run_one(
     )
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
     dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:1]))
-    conditional = cfg.model.num_classes > 0
-    state = create_train_state(
-        model, tx, shape, cfg.seed, conditional=conditional, out_sharding=dp.state_sharding
-    )
+    state = create_train_state(model, tx, shape, cfg.seed, out_sharding=dp.state_sharding)
     n_params = count_params(state.params)
 
     rng = np.random.default_rng(0)

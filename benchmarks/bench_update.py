@@ -64,9 +64,7 @@ def main():
     cfg = get_config(args.config)
     model = build_model(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
-    state = create_train_state(
-        model, tx, SHAPES[args.config], cfg.seed, conditional=cfg.model.num_classes > 0
-    )
+    state = create_train_state(model, tx, SHAPES[args.config], cfg.seed)
     grads = jax.tree.map(lambda x: 1e-3 * x, state.params)
     print(common.describe_machine())
     print(

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from diffusion_jax.models import abstract_inputs
+
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # int32 scalar: number of optimizer updates applied
@@ -63,23 +65,20 @@ def ema_decay_at(decay: float, warmup: bool, step):
 
 
 def create_train_state(
-    model,
-    tx: optax.GradientTransformation,
-    image_shape,
-    seed: int,
-    *,
-    conditional: bool,
-    out_sharding=None,
+    model, tx: optax.GradientTransformation, image_shape, seed: int, *, out_sharding=None
 ) -> TrainState:
     """Initialize the state directly onto ``out_sharding`` (e.g. replicated over a mesh),
-    so no device ever holds an unsharded copy it doesn't need."""
+    so no device ever holds an unsharded copy it doesn't need. The model is initialised on
+    zeros of its own inputs (``models.abstract_inputs``: (x, t, y) for a denoiser, (x,)
+    for an autoencoder)."""
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        x = jnp.zeros((1, *image_shape), jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        y = jnp.zeros((1,), jnp.int32) if conditional else None
-        params = model.init({"params": init_rng}, x, t, y, train=False)["params"]
+        args = [
+            None if a is None else jnp.zeros(a.shape, a.dtype)
+            for a in abstract_inputs(model, 1, image_shape)
+        ]
+        params = model.init({"params": init_rng}, *args, train=False)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -91,8 +90,6 @@ def create_train_state(
     return jax.jit(init, out_shardings=out_sharding)(jax.random.PRNGKey(seed))
 
 
-def abstract_train_state(model, tx, image_shape, seed: int, *, conditional: bool):
+def abstract_train_state(model, tx, image_shape, seed: int):
     """Shapes/dtypes of the state without allocating it (for restores and param counts)."""
-    return jax.eval_shape(
-        lambda: create_train_state(model, tx, image_shape, seed, conditional=conditional)
-    )
+    return jax.eval_shape(lambda: create_train_state(model, tx, image_shape, seed))

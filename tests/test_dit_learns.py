@@ -52,7 +52,7 @@ def _train(config, batch, num_steps, params_history=None):
     appends the parameters at init and after every step to ``params_history`` if given."""
     model = build_model(config.model)
     tx = make_optimizer(config.optim, num_steps)
-    state = create_train_state(model, tx, batch["image"].shape[1:], 0, conditional=True)
+    state = create_train_state(model, tx, batch["image"].shape[1:], 0)
     step = jax.jit(steps.make_train_step(model, tx, schedules.build(config.schedule), config))
     losses = []
     for _ in range(num_steps):

@@ -22,14 +22,7 @@ def compiled_step_and_state(config, devices):
     schedule = schedules.make_schedule(config.schedule.name, config.schedule.num_timesteps)
     tx = make_optimizer(config.optim, config.train.num_steps)
     dp = parallel.DataParallel(config.train.parallel, parallel.make_mesh(devices))
-    state = create_train_state(
-        model,
-        tx,
-        (8, 8, 1),
-        config.seed,
-        conditional=config.model.num_classes > 0,
-        out_sharding=dp.state_sharding,
-    )
+    state = create_train_state(model, tx, (8, 8, 1), config.seed, out_sharding=dp.state_sharding)
     if config.train.parallel == "pmap":
         # pmap runs on all local devices; restrict by building the pmap over `devices`
         assert len(devices) == jax.local_device_count()
@@ -228,9 +221,7 @@ def test_scanned_steps_equal_single_steps():
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
     dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:1]))
     state = dp.put_state(
-        create_train_state(
-            model, tx, (8, 8, 1), cfg.seed, conditional=False, out_sharding=dp.state_sharding
-        )
+        create_train_state(model, tx, (8, 8, 1), cfg.seed, out_sharding=dp.state_sharding)
     )
     step = dp.compile(lambda a: steps.make_train_step(model, tx, schedule, cfg, axis_name=a), 2)
     for i in (0, 2):
@@ -286,7 +277,7 @@ def test_sharded_sampling_equals_single_device():
     model = build_model(cfg.model)
     schedule = schedules.make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
     tx = make_optimizer(cfg.optim, cfg.train.num_steps)
-    fresh = create_train_state(model, tx, spec.image_shape, 0, conditional=False).params
+    fresh = create_train_state(model, tx, spec.image_shape, 0).params
     # a fresh model outputs exactly zero, which would hide a shard that got the wrong
     # params or inputs: perturbed, every layer shapes the samples
     perturbed = perturb_params(fresh, scale=0.05)

@@ -1,27 +1,33 @@
 """Model registry: ``build_model(config.model)`` and helpers around it.
 
 ``config.model`` is a mapping (ConfigDict or dict) with keys
-  name           "unet" | "dit"
+  name           "unet" | "dit" | "autoencoder"
   num_classes    0 = unconditional; else a label table with one extra "null" row
+                 (diffusion models only: must be 0 for the autoencoder)
   compute_dtype  "float32" | "bfloat16" (parameters stay float32)
-  unet, dit      one sub-mapping per architecture with that constructor's kwargs only
-                 (see UNET_PRESETS / DIT_PRESETS for values).
+  unet, dit, autoencoder
+                 one sub-mapping per architecture with that constructor's kwargs only
+                 (see UNET_PRESETS / DIT_PRESETS / AUTOENCODER_PRESETS for values).
 The model receives only its own block: it never sees the schedule or the objective.
+``abstract_inputs`` gives the positional arguments of a model's ``__call__``: (x, t, y)
+for the diffusion models, (x,) for the autoencoder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from diffusion_jax.models.dit import DIT_PRESETS, DiT
 from diffusion_jax.models.unet import UNET_PRESETS, UNet
 
-MODELS = {"unet": UNet, "dit": DiT}
+MODELS = {"unet": UNet, "dit": DiT, "autoencoder": Autoencoder}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype") + tuple(MODELS)
 # Set at the top level of config.model (or fixed), never in the architecture block.
@@ -42,11 +48,18 @@ def constructor_kwargs(cls: type) -> Tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in _RESERVED)
 
 
+def has_num_classes(cls: type) -> bool:
+    """Whether an architecture takes ``num_classes`` (the diffusion models do)."""
+    return any(f.name == "num_classes" for f in dataclasses.fields(cls))
+
+
 def build_model(model_cfg: Mapping[str, Any]):
-    """``MODELS[name](num_classes=..., dtype=..., **model_cfg[name])`` with every key checked.
+    """``MODELS[name](num_classes=..., dtype=..., **model_cfg[name])`` with every key checked
+    (``num_classes`` only for architectures that have it).
 
     Raises ValueError (never a raw TypeError) for an unknown name, top-level key,
-    compute dtype or architecture kwarg, naming the valid choices.
+    compute dtype or architecture kwarg, or class labels for a model without any, naming
+    the valid choices.
     """
     cfg = _to_dict(model_cfg)
     unknown_top = sorted(set(cfg) - set(TOP_LEVEL_KEYS))
@@ -64,6 +77,11 @@ def build_model(model_cfg: Mapping[str, Any]):
     num_classes = int(cfg.get("num_classes", 0))
     if num_classes < 0:
         raise ValueError(f"model.num_classes must be >= 0, got {num_classes}")
+    if num_classes and not has_num_classes(cls):
+        raise ValueError(
+            f"model.num_classes={num_classes} but {cls.__name__} ({name!r}) takes no class "
+            f"labels; set model.num_classes=0."
+        )
 
     kwargs = _to_dict(cfg.get(name))
     valid = constructor_kwargs(cls)
@@ -71,7 +89,7 @@ def build_model(model_cfg: Mapping[str, Any]):
         if key not in valid:
             hint = (
                 " (set it at the top level of config.model)"
-                if key == "num_classes"
+                if key == "num_classes" and has_num_classes(cls)
                 else " (use model.compute_dtype)"
                 if key in ("dtype", "param_dtype")
                 else ""
@@ -82,7 +100,9 @@ def build_model(model_cfg: Mapping[str, Any]):
             )
     # ConfigDicts may hold lists; module attributes should be hashable tuples.
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return cls(num_classes=num_classes, dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
+    if has_num_classes(cls):
+        kwargs["num_classes"] = num_classes
+    return cls(dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
 
 
 def check_input_shape(
@@ -91,7 +111,8 @@ def check_input_shape(
     """Validate an image size / channel count for a model config before anything compiles.
 
     ``image_size`` is an int (square) or (height, width). Raises ValueError naming the fix
-    (UNet: size divisible by 2**(levels-1); DiT: divisible by the patch size).
+    (UNet: size divisible by 2**(levels-1); DiT: divisible by the patch size;
+    Autoencoder: divisible by its downsampling factor, channels = its image_channels).
     """
     if isinstance(image_size, int):
         height = width = image_size
@@ -105,18 +126,22 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
-def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]):
-    """ShapeDtypeStructs (x, t, y) for a model: y only for class-conditional models."""
+def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]) -> Tuple[Any, ...]:
+    """The positional arguments of ``model.__call__`` as ShapeDtypeStructs: (x,) for the
+    autoencoder; (x, t, y) for the diffusion models, y None unless class-conditional."""
     x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    if isinstance(model, Autoencoder):
+        return (x,)
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if model.num_classes > 0 else None
+    conditional = getattr(model, "num_classes", 0) > 0
+    y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if conditional else None
     return x, t, y
 
 
 def abstract_params(model, image_shape: Sequence[int]):
     """Parameter shapes via ``jax.eval_shape`` — no memory, no compile."""
-    x, t, y = abstract_inputs(model, 1, image_shape)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+    args = abstract_inputs(model, 1, image_shape)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), *args)
 
 
 def xla_forward_flops(
@@ -131,8 +156,8 @@ def xla_forward_flops(
     """
     if params is None:
         params = abstract_params(model, image_shape)
-    x, t, y = abstract_inputs(model, batch_size, image_shape)
-    cost = jax.jit(model.apply).lower(params, x, t, y).cost_analysis()
+    args = abstract_inputs(model, batch_size, image_shape)
+    cost = jax.jit(model.apply).lower(params, *args).cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
         cost = cost[0]
     return float(cost["flops"])
@@ -142,9 +167,12 @@ __all__ = (
     "MODELS",
     "UNet",
     "DiT",
+    "Autoencoder",
     "UNET_PRESETS",
     "DIT_PRESETS",
+    "AUTOENCODER_PRESETS",
     "build_model",
+    "has_num_classes",
     "check_input_shape",
     "constructor_kwargs",
     "count_params",
