@@ -5,6 +5,9 @@
 the samplers never need to know about guidance. It returns a ``jax.tree_util.Partial``
 whose bound arguments (params, conditions, scale, interval, rescale) are traced pytree
 leaves, so a new guidance scale or label batch never recompiles the sampler's scan.
+A learned-variance network's 2C-channel output (variance.py) is guided in its prediction
+channels only and keeps the conditional model's variance channels, as DiT samples
+(Peebles & Xie 2023, their ``forward_with_cfg``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.objectives import PREDICTIONS, check_choice, target, x0_eps_from_prediction
 from diffusion_jax.schedules import NoiseSchedule
+from diffusion_jax.variance import join_output, split_output
 
 
 def _per_example(v, ndim):
@@ -40,6 +44,8 @@ class _Guided:
             jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond),
         )
         out_cond, out_uncond = jnp.split(both.astype(x_t.dtype), 2)
+        out_cond, values = split_output(x_t, out_cond)  # values: the conditional model's
+        out_uncond, _ = split_output(x_t, out_uncond)
         w = _per_example(scale, x_t.ndim)
         if interval is not None:
             inside = (t >= interval[0]) & (t <= interval[1])
@@ -47,7 +53,7 @@ class _Guided:
         # w c + (1 - w) u, not u + w (c - u): exact at w = 0 (u) and w = 1 (c).
         out = w * out_cond + (1.0 - w) * out_uncond
         if rescale is None:
-            return out
+            return join_output(out, values)
         # Lin et al. 2024, sec. 3.4: rescale the guided x0 to the conditional one's std
         # (per example), then mix with the plain guided x0 by the factor ``rescale``.
         x0_cond, _ = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out_cond)
@@ -59,7 +65,7 @@ class _Guided:
         phi = _per_example(rescale, x_t.ndim)
         x0 = x0 * (phi * ratio + 1.0 - phi)
         _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
-        return target(schedule, self.prediction, x0, eps, t)
+        return join_output(target(schedule, self.prediction, x0, eps, t), values)
 
 
 def guided_model_fn(
@@ -81,7 +87,8 @@ def guided_model_fn(
     and the null label), and the output is w * cond_out + (1 - w) * uncond_out: w = 0 is
     exactly the unconditional model, w = 1 exactly the conditional one, w > 1 guides.
     Combining outputs is the same as combining eps (or x0) for any ``prediction``: the
-    conversions are affine in the output at fixed (x_t, t).
+    conversions are affine in the output at fixed (x_t, t). A 2C-channel output (learned
+    variance) is combined in its first C channels; its last C are the conditional one's.
 
     guidance_scale: scalar or per-example [B]; like params and cond it is a traced leaf,
     so changing it never recompiles. interval = (t_lo, t_hi): guide only at schedule

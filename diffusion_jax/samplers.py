@@ -9,7 +9,8 @@ guidance.py (classifier-free guidance).
 The model is any callable ``model_fn(x_t, t) -> output`` with ``t`` int32 [B] schedule
 indices and ``output`` of kind ``prediction`` (eps, x0 or v; see objectives.py), so a
 network, a guided wrapper or an analytic oracle plug in the same way. Shapes are [B, ...]
-(NHWC images in practice).
+(NHWC images in practice). A learned-variance model's output has 2C channels (variance.py):
+every sampler uses the first C, and DDPM with variance "learned" also the last C.
 
 Compiling once. The visited timesteps are arrays passed to one jitted scan as traced
 arguments, like the schedule, x_T, the RNG keys and eta. A new ``num_steps`` changes only
@@ -53,9 +54,11 @@ from diffusion_jax.objectives import PREDICTIONS, check_choice
 from diffusion_jax.schedules import NoiseSchedule
 from diffusion_jax.step_rules import RULES, normal, ratio_var, sqrt_alpha_bar
 from diffusion_jax.timesteps import ddim_timesteps
+from diffusion_jax.variance import FIXED, LEARNED
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-VARIANCES = ("fixedlarge", "fixedsmall")
+VARIANCES = FIXED  # DDPM's fixed variances; all of DDPM's, with the model's own:
+DDPM_VARIANCES = VARIANCES + (LEARNED,)
 # What the sample CLI / steps.make_sample_fn can do with a trained model (editing.py).
 MODES = ("sample", "img2img", "inpaint", "invert")
 
@@ -193,7 +196,7 @@ def plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, varianc
     checked."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
-        check_choice("variance", variance, VARIANCES)
+        check_choice("variance", variance, DDPM_VARIANCES)
     if sampler == "ddim" and isinstance(eta, numbers.Real) and not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     ts = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr)
@@ -309,10 +312,12 @@ def ddpm_sample(
 ):
     """Ancestral sampling over all T steps (Ho et al. 2020, Alg. 2) -> x0 [*shape].
 
-    variance: "fixedlarge" (sigma^2 = beta_t, Ho et al.'s CIFAR-10 choice) or "fixedsmall"
-    (sigma^2 = beta_tilde_t, the true posterior variance). The mean is q_posterior's with
-    the x0 implied by the model (clipped to [-1, 1] if clip_x0). With return_every = k > 0
-    returns (x0, traj), traj[i] = x after (i + 1) * k steps.
+    variance: "fixedlarge" (sigma^2 = beta_t, Ho et al.'s CIFAR-10 choice), "fixedsmall"
+    (sigma^2 = beta_tilde_t, the true posterior variance) or "learned" (the model's own,
+    from its variance channels; Nichol & Dhariwal 2021), always over all T steps (no
+    respacing). The mean is q_posterior's with the x0 implied by the model (clipped to
+    [-1, 1] if clip_x0). With return_every = k > 0 returns (x0, traj), traj[i] = x after
+    (i + 1) * k steps.
     """
     return sample(
         model_fn,

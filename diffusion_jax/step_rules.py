@@ -2,11 +2,13 @@
 to t_prev, and the registry ``RULES`` that samplers.py's one ``lax.scan`` looks them up in.
 
 A rule is ``rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x, aux)``: ``predict``
-gives (x0, eps) of the model at (x, t), ``aux`` carries a multistep solver's history
-(DPM-Solver++ keeps its previous x0 prediction) and is () for one-step rules. DDPM
-(Ho et al. 2020), DDIM (Song et al. 2021), Euler/Heun on the probability-flow ODE in EDM's
-parameterisation (Karras et al. 2022) and DPM-Solver++(2M) with its SDE variant (Lu et al.
-2022). Index -1 is the clean end of the chain (alpha_bar = 1), as in schedules.py.
+gives (x0, eps) of the model at (x, t) (``predict(x, t, with_variance=True)`` adds the
+model's variance values, for DDPM's learned variance), ``aux`` carries a multistep
+solver's history (DPM-Solver++ keeps its previous x0 prediction) and is () for one-step
+rules. DDPM (Ho et al. 2020; learned variance: Nichol & Dhariwal 2021), DDIM (Song et al.
+2021), Euler/Heun on the probability-flow ODE in EDM's parameterisation (Karras et al.
+2022) and DPM-Solver++(2M) with its SDE variant (Lu et al. 2022). Index -1 is the clean
+end of the chain (alpha_bar = 1), as in schedules.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.objectives import q_posterior, x0_eps_from_prediction
 from diffusion_jax.schedules import NoiseSchedule, at
+from diffusion_jax.variance import learned_log_variance, require_values, split_output
 
 
 def normal(key, shape, dtype=jnp.float32) -> jnp.ndarray:
@@ -54,15 +57,16 @@ def ratio_var(a, s, a_to, s_to):
     return jnp.where(a > s, s_to**2 - s**2, a**2 - a_to**2) / a**2
 
 
-def predict_x0_eps(model_fn, schedule, prediction, clip_x0, x_t, t):
+def predict_x0_eps(model_fn, schedule, prediction, clip_x0, x_t, t, with_variance=False):
     """(x0, eps) implied by the model at (x_t, t). With clip_x0, x0 is clipped to [-1, 1]
-    and eps recomputed from it, so every rule sees the same consistent pair."""
-    out = model_fn(x_t, t).astype(x_t.dtype)
+    and eps recomputed from it, so every rule sees the same consistent pair. with_variance:
+    (x0, eps, the output's variance values or None), see variance.split_output."""
+    out, values = split_output(x_t, model_fn(x_t, t).astype(x_t.dtype))
     x0, eps = x0_eps_from_prediction(schedule, prediction, x_t, t, out)
     if clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
         _, eps = x0_eps_from_prediction(schedule, "x0", x_t, t, x0)
-    return x0, eps
+    return (x0, eps, values) if with_variance else (x0, eps)
 
 
 # --------------------------------------------------------------------------- step rules
@@ -75,15 +79,21 @@ def _ddpm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, variance):
     """x_{t-1} ~ N(posterior mean(x0, x_t), sigma_t^2) (Ho et al. 2020, Alg. 2), no noise
     at index 0. fixedsmall: sigma^2 = beta_tilde_t; fixedlarge: sigma^2 = beta_t, with
     beta_tilde at index 1 in the log for index 0 (as Ho et al.'s code; unused there since
-    index 0 adds no noise). t_prev and eta are unused: DDPM always steps t -> t-1."""
+    index 0 adds no noise); learned: the model's log-variance (variance.py; improved DDPM
+    eq. 15) from the betas of the steps it walks, i.e. the schedule's own: this rule
+    always steps t -> t-1 (t_prev and eta unused), so there is no respacing (Nichol &
+    Dhariwal sec. 4) to recompute them for."""
     del t_prev, eta
-    x0, _ = predict(x_t, t)
+    x0, _, values = predict(x_t, t, with_variance=True)
     noise = normal(key, x_t.shape, x_t.dtype)
     mean, _, log_var = q_posterior(schedule, x0, x_t, t)
     if variance == "fixedlarge":
         large = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
         log_var = at(large, t, x_t.ndim)
-    noisy = (t > 0).reshape(log_var.shape)
+    elif variance == "learned":
+        values = require_values(values, "DDPM with variance 'learned'")
+        log_var = learned_log_variance(schedule, t, values.astype(x_t.dtype))
+    noisy = (t > 0).reshape(t.shape + (1,) * (x_t.ndim - 1))
     return mean + jnp.where(noisy, jnp.exp(0.5 * log_var), 0.0) * noise, aux
 
 
@@ -181,10 +191,11 @@ def _no_history(x):
     return ()
 
 
-# Keys: the sampler names, plus DDPM's two variances (``update`` in _scan_sample).
+# Keys: the sampler names, plus DDPM's three variances (``update`` in _scan_sample).
 RULES = {
     "fixedlarge": Rule(functools.partial(_ddpm_step, variance="fixedlarge"), _no_history),
     "fixedsmall": Rule(functools.partial(_ddpm_step, variance="fixedsmall"), _no_history),
+    "learned": Rule(functools.partial(_ddpm_step, variance="learned"), _no_history),
     "ddim": Rule(_ddim_step, _no_history),
     "euler": Rule(functools.partial(_edm_step, heun=False), _no_history),
     "heun": Rule(functools.partial(_edm_step, heun=True), _no_history),

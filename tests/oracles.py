@@ -14,9 +14,15 @@ The probability-flow ODE of Gaussian data is known in closed form: its flow is a
 increasing and maps the marginal at one level onto the marginal at another, so it keeps
 the standardized value z = (x_t - sqrt(ab) mu) / sqrt(V) fixed (``exact_ode``), whatever
 continuous path interpolates the discrete schedule.
+
+Its reverse conditional q(x_{t-1} | x_t) is Gaussian too, with a variance fixed by t alone
+(``reverse_variance``): the optimal learned variance (Nichol & Dhariwal 2021; Bao et al.
+2022), which ``gaussian_eps_sigma`` outputs in the 2C-channel layout of variance.py;
+``ref_vlb`` is the VLB term (KL, decoder NLL) written out in float64 from the papers.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +105,8 @@ def propagate(steps, mu, s, rule, eta=0.0):
             sig2 = eta**2 * (1 - abp) / (1 - ab) * (1 - ab / abp)
             k = np.sqrt(1 - abp - sig2)
             G, off = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
-        else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta or beta_tilde, none at t=0
+        else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta, beta_tilde or the exact
+            # reverse variance (the oracle's learned one, reverse_variance), none at t=0
             assert tp == t - 1
             c1, c2 = (
                 BETAS[t] * np.sqrt(abp) / (1 - ab),
@@ -107,7 +114,9 @@ def propagate(steps, mu, s, rule, eta=0.0):
             )
             G, off = c1 * g0 + c2, c1 * o0
             beta_tilde = BETAS[t] * (1 - abp) / (1 - ab)
-            sig2 = 0.0 if t == 0 else (BETAS[t] if rule == "fixedlarge" else beta_tilde)
+            reverse = BETAS[t] * (abp * s * s + 1 - abp) / (ab * s * s + 1 - ab)
+            sig2 = {"fixedlarge": BETAS[t], "fixedsmall": beta_tilde, "learned": reverse}[rule]
+            sig2 = 0.0 if t == 0 else sig2
         m, v = G * m + off, G * G * v + sig2
         gain, offset = G * gain, G * offset + off
     return m, v, gain, offset
@@ -212,3 +221,91 @@ def check_moments(x, m, v, label):
     )
     assert abs(x.mean() - m) < 5 * se_m, label
     assert abs(x.var(ddof=1) - v) < 5 * se_v, label
+
+
+# --------------------------------------------------------------------------- learned variance
+
+
+def reverse_variance(betas, s):
+    """Var(x_{t-1} | x_t) [T] at every index t for x0 ~ N(mu, s^2) (any mu), float64.
+
+    With V_t = ab_t s^2 + 1 - ab_t the variance of x_t (V = s^2 at the clean end) and
+    x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) z, (x_{t-1}, x_t) is jointly Gaussian with
+    covariance sqrt(alpha_t) V_{t-1}, so Var(x_{t-1} | x_t) = V_{t-1} - alpha_t V_{t-1}^2 /
+    V_t = beta_t V_{t-1} / V_t, whatever x_t. Given the optimal mean E[x_{t-1} | x_t] it is
+    the sigma_t^2 minimising E KL(q(x_{t-1} | x_t, x0) || N(mean, sigma^2)), i.e. beta_tilde
+    plus the posterior mean's expected squared error (Bao et al. 2022, Analytic-DPM,
+    Thm. 1; the tests check the two forms agree). It lies in [beta_tilde_t, beta_t] for
+    s <= 1: V_{t-1} <= V_t iff s <= 1, and V_{t-1} (1 - ab_t) - V_t (1 - ab_{t-1}) =
+    (ab_{t-1} - ab_t) s^2 >= 0."""
+    ab = np.cumprod(1.0 - betas)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    return betas * (ab_prev * s * s + 1 - ab_prev) / (ab * s * s + 1 - ab)
+
+
+def learned_values(betas, s):
+    """(v [T], inside [T]): the variance values v = 2 frac - 1 whose log-variance frac log
+    beta_t + (1 - frac) log beta_tilde_t (improved DDPM eq. 15; beta_tilde at index 0 is
+    index 1's, as schedules.py's clipped table) is log reverse_variance, frac clipped to
+    [0, 1]; ``inside`` where it needed no clipping (every t >= 1 for s <= 1; index 0, whose
+    beta_tilde is replaced, may fall outside: DDPM adds no noise there). float64."""
+    ab = np.cumprod(1.0 - betas)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    small = betas * (1 - ab_prev) / (1 - ab)
+    log_small = np.log(np.concatenate([small[1:2], small[1:]]))
+    log_large = np.log(betas)
+    frac = (np.log(reverse_variance(betas, s)) - log_small) / (log_large - log_small)
+    inside = (frac >= 0) & (frac <= 1)
+    return 2.0 * np.clip(frac, 0.0, 1.0) - 1.0, inside
+
+
+@functools.lru_cache(maxsize=None)  # one function object per (mu, s): jit caches hit
+def gaussian_eps_sigma(mu, s):
+    """A learned-variance model for x0 ~ N(mu, s^2) (T = 1000 linear): model_fn(x_t, t) ->
+    2C channels, the exact eps then the values that give the exact reverse variance."""
+    v = jnp.asarray(learned_values(BETAS, s)[0], jnp.float32)
+
+    def model_fn(x, t):
+        vt = jnp.take(v, t).reshape(t.shape + (1,) * (x.ndim - 1))
+        eps = gaussian_eps_at(x, t, mu, s)
+        return jnp.concatenate([eps, jnp.broadcast_to(vt, x.shape)], axis=-1)
+
+    return model_fn
+
+
+# --------------------------------------------------------------------------- VLB references
+
+
+def ref_tables(T_):
+    """float64 (betas, alpha_bar, alpha_bar_prev, beta_tilde clipped at index 0) of the
+    linear schedule with T_ steps, from Ho et al.'s endpoints scaled by 1000 / T_."""
+    betas = (1000.0 / T_) * np.linspace(1e-4, 0.02, T_)
+    ab = np.cumprod(1.0 - betas)
+    abp = np.concatenate([[1.0], ab[:-1]])
+    bt = betas * (1.0 - abp) / (1.0 - ab)
+    bt[0] = bt[1]  # beta_tilde_1 = 0: index 1's value, as in the log-variance table
+    return betas, ab, abp, bt
+
+
+def phi(z):
+    """Standard normal CDF in float64, through erfc (accurate in the lower tail)."""
+    return 0.5 * np.vectorize(math.erfc)(-np.asarray(z, np.float64) / math.sqrt(2.0))
+
+
+def ref_vlb(T_, t, x0, x_t, x0_pred, v):
+    """Per-element VLB term in nats, float64 (Ho et al. eq. 5-7, 13; improved DDPM eq. 15):
+    KL(N(mu_tilde, bt) || N(mu_pred, sigma^2)) for t > 0, the 256-bin decoder NLL at 0."""
+    betas, ab, abp, bt = (a[t] for a in ref_tables(T_))
+    c1, c2 = betas * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - betas) / (1 - ab)
+    mean_true, mean = c1 * x0 + c2 * x_t, c1 * x0_pred + c2 * x_t
+    frac = (v + 1) / 2
+    var = np.exp(frac * np.log(betas) + (1 - frac) * np.log(bt))
+    kl = 0.5 * (np.log(var / bt) + bt / var + (mean_true - mean) ** 2 / var - 1)
+    sd, h = np.sqrt(var), 1.0 / 255
+    hi = np.where(x0 > 0.999, 1.0, phi((x0 + h - mean) / sd))
+    lo = np.where(x0 < -0.999, 0.0, phi((x0 - h - mean) / sd))
+    # above the mean use upper tails: 1 - Phi(z) = Phi(-z) keeps precision there
+    hi_up = np.where(x0 < -0.999, 1.0, phi(-(x0 - h - mean) / sd))
+    lo_up = np.where(x0 > 0.999, 0.0, phi(-(x0 + h - mean) / sd))
+    prob = np.where(x0 > mean, hi_up - lo_up, hi - lo)
+    return np.where(t == 0, -np.log(prob), kl)

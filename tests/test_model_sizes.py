@@ -209,6 +209,23 @@ def test_dit_param_count_and_gflops_match_paper(preset):
     assert macs <= flops <= 1.01 * macs
 
 
+def test_imagenet256_config_is_the_paper_dit_xl2():
+    """configs/imagenet256_dit_xl2.py builds the paper's DiT-XL/2: 8 output channels (eps
+    and the learned variance of the 4 latent channels), 674,834,720 trainable parameters
+    and 675,129,632 with the fixed position embedding, as the official code counts. With
+    4 output channels (no learned sigma) the final linear would have 16 (d + 1) = 18,448
+    fewer: 674,816,272."""
+    from configs import imagenet256_dit_xl2
+
+    config = imagenet256_dit_xl2.get_config()
+    assert config.model.dit.out_channels == 8 and config.objective.learn_sigma
+    n = count_params(abstract_params(build_model(config.model), (32, 32, 4)))
+    d, depth, p, tokens = _dit_dims("DiT-XL/2")
+    assert n == DIT_EXACT["DiT-XL/2"] == _dit_param_count(d, depth, p, c_out=8)
+    assert n + tokens * d == 675_129_632
+    assert _dit_param_count(d, depth, p, c_out=4) == n - 16 * (d + 1) == 674_816_272
+
+
 def test_dit_patch_size_changes_only_embed_and_final_layer():
     """Patch p: the patch embedding has p*p*C*h weights, the final linear h*p*p*out + p*p*out."""
     for size in ("S", "XL"):
