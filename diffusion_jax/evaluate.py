@@ -1,5 +1,7 @@
 r"""Score a trained workdir's latest EMA checkpoint: FID, KID, precision/recall and (class-
-conditional models) class accuracy, with any sampler settings.
+conditional models) class accuracy, with any sampler settings. For an autoencoder workdir:
+PSNR, SSIM and reconstruction FID of the first --num_samples images of its
+eval.heldout_split (the sampler settings and --seed play no part).
 
   python -m diffusion_jax.evaluate --workdir=runs/digits --num_samples=1498 [--seed=0] \
       [--config.sampler.name=ddim --config.sampler.num_steps=50 --config.sampler.eta=0 \
@@ -82,7 +84,14 @@ def run(
     e.g. {"sampler.num_steps": 20}."""
     import jax
 
-    from diffusion_jax import data, evaluation, schedules, steps, workdir as workdir_lib
+    from diffusion_jax import (
+        data,
+        evaluation,
+        latent_space,
+        schedules,
+        tasks,
+        workdir as workdir_lib,
+    )
 
     if num_samples < 2:
         raise workdir_lib.ConfigError(f"num_samples must be >= 2, got {num_samples}")
@@ -94,42 +103,59 @@ def run(
     workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
+    autoencoder = tasks.is_autoencoder(config)
+    if autoencoder:  # the first num_samples held-out images, reconstructed
+        images, labels = tasks.heldout_images(config, num_samples)
+        num_samples = len(images)
     bs = min(batch_size, num_samples)
-    sample_fn = steps.make_sample_fn(
-        model, schedules.build(config.schedule), config, (bs, *spec.image_shape)
-    )
 
+    pixels = latent_space.pixel_data_config(config)  # a latent run's source images
     extractor = evaluation.make_extractor(
-        config.data, cache_dir=cache_dir, inception_weights=inception_weights
+        pixels, cache_dir=cache_dir, inception_weights=inception_weights
     )
-    ref = evaluation.reference_stats(extractor, config.data, ref_split, cache_dir)
+    ref = evaluation.reference_stats(extractor, pixels, ref_split, cache_dir)
     matched = 0
     if floor:
         matched = floor_num_samples or min(num_samples, ref.n // 2)
     info = {
-        **evaluation.sampler_info(config),
         "workdir": os.path.abspath(workdir),
         "checkpoint_step": step,
         "dataset": config.data.name,
         "ref_split": ref_split,
         "image_size": int(config.data.image_size),
     }
-    result = evaluation.evaluate_sampler(
-        sample_fn,
-        params,
-        extractor,
-        ref,
-        num_samples=num_samples,
-        batch_size=bs,
-        seed=seed,
-        num_classes=config.model.num_classes,
-        guidance_scale=config.sampler.guidance_scale,
-        matched_num_samples=matched or None,
-        info=info,
-    )
+    if autoencoder:
+        result = evaluation.evaluate_reconstructions(
+            tasks.reconstruct_fn(model),
+            params,
+            images,
+            labels if spec.num_classes else None,
+            extractor,
+            ref,
+            batch_size=bs,
+            matched_num_samples=matched or None,
+            info={**info, "heldout_split": config.eval.heldout_split},
+        )
+    else:
+        sample_fn, params_of = tasks.image_sample_fn(
+            config, model, schedules.build(config.schedule), (bs, *spec.image_shape)
+        )
+        result = evaluation.evaluate_sampler(
+            sample_fn,
+            params_of(params),
+            extractor,
+            ref,
+            num_samples=num_samples,
+            batch_size=bs,
+            seed=seed,
+            num_classes=config.model.num_classes,
+            guidance_scale=config.sampler.guidance_scale,
+            matched_num_samples=matched or None,
+            info={**evaluation.sampler_info(config), **info},
+        )
     if matched:
         floor = evaluation.real_floor(
-            extractor, config.data, num_samples=matched, split=ref_split, cache_dir=cache_dir
+            extractor, pixels, num_samples=matched, split=ref_split, cache_dir=cache_dir
         )
         evaluation.with_floor(result, floor)
     result["jax_devices"] = f"{jax.device_count()}x{jax.devices()[0].platform}"

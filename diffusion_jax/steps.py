@@ -20,6 +20,14 @@ NUM_LOSS_BUCKETS = 10
 SAMPLERS = samplers.SAMPLERS  # valid config.sampler.name values
 
 
+def global_example_ids(local_batch: int, axis_name: Optional[str] = None):
+    """Ids [b] of this device's examples in the global batch: 0..B-1 under jit (one
+    program sees the whole batch), offset by the device index under pmap. Every random
+    draw of an example is keyed by its id, so it is the same on any layout."""
+    device = jax.lax.axis_index(axis_name) if axis_name else 0
+    return device * local_batch + jnp.arange(local_batch)
+
+
 def drop_labels(rng, labels, example_ids, p: float, null_label: int):
     """Classifier-free guidance training: replace each label by the null class with
     probability ``p``, drawn per example id (layout-independent like the noise)."""
@@ -81,6 +89,32 @@ def skip_if_not_finite(finite, update: Callable, state: TrainState) -> TrainStat
     return jax.lax.cond(finite, update, lambda s: s, state)
 
 
+def finish_update(
+    state: TrainState,
+    loss,
+    grads,
+    metrics: dict,
+    tx: optax.GradientTransformation,
+    optim_cfg,
+    axis_name: Optional[str] = None,
+    sums: Optional[dict] = None,
+):
+    """The end of every train step (diffusion, autoencoder): under pmap average loss,
+    gradients and ``metrics`` and sum ``sums`` over ``axis_name``; then the gradient norm,
+    the update unless the loss or gradient is not finite, and step + 1. Returns
+    ``(state, metrics + sums + loss, grad_norm, finite)``."""
+    sums = sums or {}
+    if axis_name:
+        grads, loss, metrics = jax.lax.pmean((grads, loss, metrics), axis_name)
+        sums = jax.lax.psum(sums, axis_name)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update = lambda s: apply_gradients(s, grads, tx, optim_cfg)
+    new_state = skip_if_not_finite(finite, update, state).replace(step=state.step + 1)
+    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    return new_state, {**metrics, **sums, **out}
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -101,13 +135,15 @@ def make_train_step(
     # Only a model with dropout draws randomness; without it the per-example vmap would
     # cost time for nothing (digits UNet step at dropout 0: 0.498 vs 0.443 s, ~12%).
     random_model = model_cfg.get(model_cfg.name, {}).get("dropout", 0.0) > 0
+    # Learned variance and the hybrid loss (objectives.diffusion_loss); a config from
+    # before these keys trains as it did.
+    learn_sigma = bool(obj.get("learn_sigma", False))
+    vlb_weight = float(obj.get("vlb_weight", 0.001))
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_loss, rng_labels = jax.random.split(rng)
-        local_b = batch["image"].shape[0]
-        device = jax.lax.axis_index(axis_name) if axis_name else 0
-        ids = device * local_b + jnp.arange(local_b)
+        ids = global_example_ids(batch["image"].shape[0], axis_name)
         batch = dict(batch)
         if conditional:
             batch["label"] = drop_labels(
@@ -132,28 +168,19 @@ def make_train_step(
                 weighting=obj.weighting,
                 min_snr_gamma=obj.min_snr_gamma,
                 example_ids=ids,
+                learn_sigma=learn_sigma,
+                vlb_weight=vlb_weight,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         bucket_sum, bucket_count = loss_buckets(
             aux["t"], aux["loss_per_example"], schedule.num_timesteps
         )
-        if axis_name:
-            grads, loss = jax.lax.pmean((grads, loss), axis_name)
-            bucket_sum, bucket_count = jax.lax.psum((bucket_sum, bucket_count), axis_name)
-
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        update = lambda s: apply_gradients(s, grads, tx, config.optim)
-        new_state = skip_if_not_finite(finite, update, state).replace(step=state.step + 1)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "finite": finite.astype(jnp.float32),
-            "loss_bucket_sum": bucket_sum,
-            "loss_bucket_count": bucket_count,
-        }
-        return new_state, metrics
+        sums = {"loss_bucket_sum": bucket_sum, "loss_bucket_count": bucket_count}
+        means = {}
+        if "vlb_per_example" in aux:  # learned sigma: the VLB term (bits/dim) on its own
+            means["vlb"] = jnp.mean(aux["vlb_per_example"])
+        return finish_update(state, loss, grads, means, tx, config.optim, axis_name, sums)
 
     return train_step
 

@@ -1,6 +1,8 @@
 """The training loop: builds the pieces from the config, then steps, logs, samples and
-checkpoints. All math lives in steps.py / objectives.py, all parallelism in parallel.py,
-the workdir's config and checkpoints in workdir.py, sampling in generate.py.
+checkpoints. What is trained (a denoiser or an autoencoder: its train step, sample grid and
+in-loop metrics) comes from tasks.py; all math lives in steps.py / objectives.py /
+autoencoding.py, all parallelism in parallel.py, the workdir's config and checkpoints in
+workdir.py, sampling in generate.py.
 """
 
 from __future__ import annotations
@@ -12,17 +14,7 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import (
-    data,
-    evaluation,
-    generate,
-    metrics,
-    parallel,
-    runtime,
-    schedules,
-    steps,
-    workdir,
-)
+from diffusion_jax import data, evaluation, metrics, parallel, runtime, schedules, tasks, workdir
 from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.models import build_model
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
@@ -31,50 +23,12 @@ from diffusion_jax.state import create_train_state, make_lr_schedule, make_optim
 log = logging.getLogger(__name__)
 
 
+# Metrics every train step returns that flush_metrics logs its own way.
+_LOOP_METRICS = {"loss", "grad_norm", "finite", "loss_bucket_sum", "loss_bucket_count"}
+
+
 class NonFiniteError(FloatingPointError):
     pass
-
-
-def make_quality_eval(config, model, schedule, dp: parallel.DataParallel):
-    """``quality(ema_params, step) -> record`` of FID/KID/precision/recall (and class
-    accuracy) for ``eval.metrics_num_samples`` samples from a fixed seed, sampled
-    data-parallel over the mesh; the record carries N, seed, sampler, steps, eta and
-    guidance scale (a FID means nothing without them) and the real-vs-real floor at its
-    matched N with ``fid_matched_ratio`` (the floor is measured once per run)."""
-    spec = data.dataset_spec(config.data)
-    extractor = evaluation.make_extractor(
-        config.data,
-        cache_dir=config.eval.cache_dir,
-        inception_weights=config.eval.inception_weights,
-    )
-    ref = evaluation.reference_stats(extractor, config.data, "train", config.eval.cache_dir)
-    n = config.eval.metrics_num_samples
-    matched = min(n, ref.n // 2)
-    floor = evaluation.real_floor(
-        extractor, config.data, num_samples=matched, cache_dir=config.eval.cache_dir
-    )
-    batch = generate.padded_batch_size(min(n, 500), dp.mesh)
-    sample_fn = steps.make_sample_fn(model, schedule, config, (batch, *spec.image_shape))
-
-    def quality(params, step: int, interrupt=None) -> dict:
-        record = evaluation.evaluate_sampler(
-            sample_fn,
-            params,
-            extractor,
-            ref,
-            num_samples=n,
-            batch_size=batch,
-            seed=config.eval.metrics_seed,
-            num_classes=config.model.num_classes,
-            guidance_scale=config.sampler.guidance_scale,
-            mesh=dp.mesh,
-            matched_num_samples=matched,
-            info={**evaluation.sampler_info(config), "step": step},
-            interrupt=interrupt,
-        )
-        return evaluation.with_floor(record, floor)
-
-    return quality
 
 
 def train_and_evaluate(config, workdir_path: str):
@@ -83,7 +37,10 @@ def train_and_evaluate(config, workdir_path: str):
     preempted. Everything that can be refused is checked before anything is written or
     compiled: the config (keys, values, shapes), the workdir (writable, not in use by
     another run, and on a resume: the same config in every key that may not change)."""
-    spec = data.dataset_spec(config.data)
+    try:
+        spec = data.dataset_spec(config.data)
+    except ValueError as e:  # a bad data config: one line, like every other config error
+        raise workdir.ConfigError(str(e)) from None
     workdir.check_config(config, spec)
     workdir.ensure_writable_dir(workdir_path, "--workdir")
     with WorkdirLock(workdir_path):
@@ -100,7 +57,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     tx = make_optimizer(config.optim, num_steps)
     lr_at = make_lr_schedule(config.optim, num_steps)
     dp = parallel.DataParallel(config.train.parallel, parallel.make_mesh())
-    conditional = config.model.num_classes > 0
+    task = tasks.task_of(config)
 
     ckpt = workdir.checkpointer(workdir_path, config)
     restored = workdir.restore_state(ckpt, config, model, tx, spec, dp.state_sharding)
@@ -116,12 +73,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     )
     if restored is None:
         state = create_train_state(
-            model,
-            tx,
-            spec.image_shape,
-            config.seed,
-            conditional=conditional,
-            out_sharding=dp.state_sharding,
+            model, tx, spec.image_shape, config.seed, out_sharding=dp.state_sharding
         )
     else:
         state, extra = restored
@@ -131,11 +83,9 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
 
     k = config.train.steps_per_dispatch
     train_step = dp.compile(
-        lambda axis: steps.make_train_step(model, tx, schedule, config, axis_name=axis), k
+        lambda axis: task.train_step(model, tx, schedule, config, axis_name=axis), k
     )
-    n_samples = config.eval.num_samples
-    grid_batch = generate.padded_batch_size(n_samples, dp.mesh)
-    sample_fn = steps.make_sample_fn(model, schedule, config, (grid_batch, *spec.image_shape))
+    grid_images = task.grid(config, model, schedule, spec, dp.mesh)
     writer = metrics.MetricWriter(
         os.path.join(workdir_path, "tensorboard"), os.path.join(workdir_path, "metrics.jsonl")
     )
@@ -173,10 +123,13 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
             "train/steps_per_sec": n / elapsed,
             "train/images_per_sec": n * config.train.batch_size / elapsed,
         }
-        sums, counts = m["loss_bucket_sum"].sum(0), m["loss_bucket_count"].sum(0)
-        for b in range(steps.NUM_LOSS_BUCKETS):
-            if counts[b]:
-                scalars[f"loss_by_t/bucket_{b}"] = sums[b] / counts[b]
+        if "loss_bucket_sum" in m:  # diffusion: the loss per timestep bucket
+            sums, counts = m["loss_bucket_sum"].sum(0), m["loss_bucket_count"].sum(0)
+            for b in range(len(sums)):
+                if counts[b]:
+                    scalars[f"loss_by_t/bucket_{b}"] = sums[b] / counts[b]
+        for key in sorted(set(m) - _LOOP_METRICS):  # task-specific means (autoencoder)
+            scalars[f"train/{key}"] = m[key].mean()
         writer.scalars(step, scalars)
         progress.update(step, loss=float(m["loss"].mean()))
         pending, last_log = [], time.time()
@@ -185,7 +138,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     quality = None
     if config.eval.metrics_every_steps:
         with clock.paused():  # the feature net, reference stats and floor: measuring costs
-            quality = make_quality_eval(config, model, schedule, dp)
+            quality = task.quality(config, model, schedule, dp.mesh)
 
     def save(force: bool):
         flush_metrics()
@@ -195,19 +148,9 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         ckpt.save(step, dp.get_state(dstate), extra=extra, force=force)
 
     def write_samples(interrupt):
-        """The sample grid: what `diffusion_jax.sample --seed=<seed + 1>` draws too."""
-        images = generate.generate_samples(
-            sample_fn,
-            dp.get_state(dstate).ema_params,
-            n_samples,
-            grid_batch,
-            config.seed + 1,
-            generate.class_balanced_labels(config.model.num_classes, n_samples),
-            guidance_scale=config.sampler.guidance_scale,
-            mesh=dp.mesh,
-            interrupt=interrupt,
-        )
-        grid = metrics.make_grid(images, upscale=max(1, 32 // spec.image_shape[0]))
+        """The task's grid (samples; autoencoders: held-out images and reconstructions)."""
+        images = grid_images(dp.get_state(dstate).ema_params, interrupt)
+        grid = metrics.make_grid(images, upscale=max(1, 32 // images.shape[1]))
         path = os.path.join(workdir_path, "samples", f"step_{step:07d}.png")
         if jax.process_index() == 0:
             metrics.save_png(path, grid)

@@ -201,6 +201,8 @@ METRIC_SCALARS = (
     "fid_matched_std",
     "fid_floor",
     "fid_matched_ratio",
+    "psnr",
+    "ssim",
 )
 
 

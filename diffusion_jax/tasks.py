@@ -1,0 +1,212 @@
+"""What a run trains: the seam between the generic training loop (train.py) and the kind of
+model. A ``Task`` builds, from the config, the three things the loop needs besides the
+model and the optimizer:
+
+  train_step(model, tx, schedule, config, axis_name) -> step(state, batch) -> (state, metrics)
+  grid(config, model, schedule, spec, mesh) -> images(params, interrupt) -> [N, H, W, C]
+      the images of the sample grid written every ``eval.every_steps``;
+  quality(config, model, schedule, mesh) -> record(params, step, interrupt) -> dict
+      the in-loop metrics of ``eval.metrics_every_steps`` (eval.jsonl, TensorBoard).
+
+Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples) and
+``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
+reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``). A latent
+diffusion run is the diffusion task whose samples are decoded (``image_sample_fn``) and
+scored against the latent dataset's source images. Each
+piece lives in its own module (steps, autoencoding, generate, evaluation); this module only
+wires them to the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from diffusion_jax import autoencoding, data, evaluation, generate, latent_space, steps
+
+AUTOENCODER_MODELS = ("autoencoder",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    train_step: Callable
+    grid: Callable
+    quality: Callable
+
+
+def _eval_reference(config):
+    """(feature net, train-split reference stats, real-vs-real floor at matched N, N) of
+    the images samples are compared with (a latent run's source dataset)."""
+    pixels = latent_space.pixel_data_config(config)
+    extractor = evaluation.make_extractor(
+        pixels, cache_dir=config.eval.cache_dir, inception_weights=config.eval.inception_weights
+    )
+    ref = evaluation.reference_stats(extractor, pixels, "train", config.eval.cache_dir)
+    matched = min(config.eval.metrics_num_samples, ref.n // 2)
+    floor = evaluation.real_floor(
+        extractor, pixels, num_samples=matched, cache_dir=config.eval.cache_dir
+    )
+    return extractor, ref, floor, matched
+
+
+def image_sample_fn(config, model, schedule, shape):
+    """``(sample_fn, params_of)``: the sampler for ``shape`` (``steps.make_sample_fn``) and
+    how to turn the denoiser's params into its params argument. Latent runs decode: the
+    sample_fn is ``latent_space.wrap_sample_fn``'s and takes (denoiser, autoencoder)
+    params."""
+    sample_fn = steps.make_sample_fn(model, schedule, config, shape)
+    space = latent_space.load(config)
+    if space is None:
+        return sample_fn, lambda params: params
+    return latent_space.wrap_sample_fn(sample_fn, space), lambda params: (params, space.params)
+
+
+# ----------------------------------------------------------------------------------------
+# Diffusion.
+
+
+def _diffusion_grid(config, model, schedule, spec, mesh):
+    """The sample grid: what `diffusion_jax.sample --seed=<seed + 1>` draws too."""
+    n = config.eval.num_samples
+    batch = generate.padded_batch_size(n, mesh)
+    sample_fn, params_of = image_sample_fn(config, model, schedule, (batch, *spec.image_shape))
+    labels = generate.class_balanced_labels(config.model.num_classes, n)
+
+    def images(params, interrupt=None):
+        return generate.generate_samples(
+            sample_fn,
+            params_of(params),
+            n,
+            batch,
+            config.seed + 1,
+            labels,
+            guidance_scale=config.sampler.guidance_scale,
+            mesh=mesh,
+            interrupt=interrupt,
+        )
+
+    return images
+
+
+def _diffusion_quality(config, model, schedule, mesh):
+    """FID/KID/precision/recall (and class accuracy) of ``eval.metrics_num_samples``
+    samples from a fixed seed, sampled data-parallel over the mesh; the record carries N,
+    seed, sampler, steps, eta and guidance scale (a FID means nothing without them) and the
+    real-vs-real floor at its matched N with ``fid_matched_ratio`` (the floor is measured
+    once per run)."""
+    spec = data.dataset_spec(config.data)
+    extractor, ref, floor, matched = _eval_reference(config)
+    n = config.eval.metrics_num_samples
+    batch = generate.padded_batch_size(min(n, 500), mesh)
+    sample_fn, params_of = image_sample_fn(config, model, schedule, (batch, *spec.image_shape))
+
+    def quality(params, step: int, interrupt=None) -> dict:
+        record = evaluation.evaluate_sampler(
+            sample_fn,
+            params_of(params),
+            extractor,
+            ref,
+            num_samples=n,
+            batch_size=batch,
+            seed=config.eval.metrics_seed,
+            num_classes=config.model.num_classes,
+            guidance_scale=config.sampler.guidance_scale,
+            mesh=mesh,
+            matched_num_samples=matched,
+            info={**evaluation.sampler_info(config), "step": step},
+            interrupt=interrupt,
+        )
+        return evaluation.with_floor(record, floor)
+
+    return quality
+
+
+# ----------------------------------------------------------------------------------------
+# Autoencoder.
+
+
+def heldout_images(config, num: int):
+    """The first ``num`` images and labels of ``eval.heldout_split`` (stored order)."""
+    images, labels = data.load_split_arrays(config.data, config.eval.heldout_split)
+    return images[:num], labels[:num]
+
+
+def reconstruct_fn(model):
+    """A ``generate.generate_samples`` sample_fn that reconstructs its input images."""
+    return evaluation.make_reconstruct_fn(
+        lambda params, x: autoencoding.reconstruct(model, params, x)
+    )
+
+
+def _autoencoder_grid(config, model, schedule, spec, mesh):
+    """Rows of eight held-out images, each row followed by its reconstructions."""
+    del schedule, spec
+    n = 8 * max(1, config.eval.num_samples // 16)
+    originals, _ = heldout_images(config, n)
+    n = len(originals)
+    batch = generate.padded_batch_size(n, mesh)
+    fn = reconstruct_fn(model)
+
+    def images(params, interrupt=None):
+        recon = generate.generate_samples(
+            fn, params, n, batch, 0, mesh=mesh, images=originals, interrupt=interrupt
+        )
+        rows = [x for i in range(0, n, 8) for x in (originals[i : i + 8], recon[i : i + 8])]
+        return np.concatenate(rows)
+
+    return images
+
+
+def _autoencoder_quality(config, model, schedule, mesh):
+    """PSNR, SSIM and rFID of the reconstructions of ``eval.metrics_num_samples`` held-out
+    images, with the real-vs-real floor at the matched N."""
+    del schedule
+    extractor, ref, floor, matched = _eval_reference(config)
+    images, labels = heldout_images(config, config.eval.metrics_num_samples)
+    matched = min(matched, len(images))
+    batch = generate.padded_batch_size(min(len(images), 500), mesh)
+    fn = reconstruct_fn(model)
+    conditional_net = data.dataset_spec(config.data).num_classes > 0
+
+    def quality(params, step: int, interrupt=None) -> dict:
+        record = evaluation.evaluate_reconstructions(
+            fn,
+            params,
+            images,
+            labels if conditional_net else None,
+            extractor,
+            ref,
+            batch_size=batch,
+            mesh=mesh,
+            matched_num_samples=matched,
+            info={"step": step, "heldout_split": config.eval.heldout_split},
+            interrupt=interrupt,
+        )
+        return evaluation.with_floor(record, floor)
+
+    return quality
+
+
+def _autoencoder_train_step(model, tx, schedule, config, axis_name=None):
+    del schedule
+    return autoencoding.make_train_step(model, tx, config, axis_name=axis_name)
+
+
+TASKS = {
+    "diffusion": Task("diffusion", steps.make_train_step, _diffusion_grid, _diffusion_quality),
+    "autoencoder": Task(
+        "autoencoder", _autoencoder_train_step, _autoencoder_grid, _autoencoder_quality
+    ),
+}
+
+
+def task_of(config) -> Task:
+    """The task a config trains: ``autoencoder`` for autoencoder models, else diffusion."""
+    return TASKS["autoencoder" if config.model.name in AUTOENCODER_MODELS else "diffusion"]
+
+
+def is_autoencoder(config) -> bool:
+    return task_of(config).name == "autoencoder"
