@@ -7,6 +7,7 @@ Run:  python -m diffusion_jax.main --config=configs/base.py --workdir=runs/base
 
 import ml_collections
 
+from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS
 from diffusion_jax.models.dit import DIT_PRESETS
 from diffusion_jax.models.unet import UNET_PRESETS
 
@@ -18,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     # model: `name` picks the architecture; only model[name] goes to its constructor,
     # plus num_classes and compute dtype (see diffusion_jax/models/__init__.py).
     c.model = ml_collections.ConfigDict()
-    c.model.name = "unet"  # unet | dit
+    c.model.name = "unet"  # unet | dit | autoencoder
     c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
@@ -34,6 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
             out_channels=None,
         )
     )
+    c.model.autoencoder = ml_collections.ConfigDict(
+        dict(AUTOENCODER_PRESETS["fashion-f4"], conv_impl="xla")
+    )
+
+    # Latent diffusion: the autoencoder workdir whose latents data.name=latents holds
+    # ("" = pixel space). Samples, grids, editing and metrics decode with it.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.autoencoder = ""
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES
@@ -45,13 +54,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.weighting = "uniform"  # uniform | min_snr
     c.objective.min_snr_gamma = 5.0
     c.objective.label_dropout = 0.1  # classifier-free guidance (class-conditional models)
+    # Learned variance (Nichol & Dhariwal 2021): the model outputs 2C channels (the
+    # prediction and the interpolation v of log beta_tilde..log beta); the loss becomes
+    # L_simple + vlb_weight * L_vlb (the hybrid loss). Sample with sampler.variance=learned.
+    c.objective.learn_sigma = False
+    c.objective.vlb_weight = 0.001
+    # Autoencoders (model.name=autoencoder): recon_l1_weight * |x - x'| +
+    # recon_l2_weight * (x - x')^2 (per-pixel means) + kl_weight * KL(q(z|x) || N(0, I))
+    # (summed over latent elements, averaged over the batch; LDM uses ~1e-6).
+    c.objective.recon_l1_weight = 1.0
+    c.objective.recon_l2_weight = 0.0
+    c.objective.kl_weight = 1e-6
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"  # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde
     c.sampler.num_steps = 50  # ddim only; ddpm always uses all T steps
     c.sampler.eta = 0.0
     c.sampler.spacing = "leading"  # leading | trailing | linspace | logsnr
-    c.sampler.variance = "fixedlarge"  # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde)
+    # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde) | learned (objective.learn_sigma)
+    c.sampler.variance = "fixedlarge"
     c.sampler.clip_x0 = True
     c.sampler.guidance_scale = 1.0  # 1 = plain conditional; 0 = unconditional
 
@@ -60,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # "" = ~/.cache/diffusion_jax/tensorflow_datasets
     c.data.split = "train"
     c.data.image_size = 8
+    # How images of another size become image_size x image_size: "bilinear" (center crop
+    # to a square, then PIL resize) or "pad" (center-pad with the background, value 0;
+    # never scales, so image_size must be >= the stored size; Fashion-MNIST 28 -> 32).
+    c.data.resize_method = "bilinear"
     c.data.random_flip = False
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
 
@@ -94,6 +119,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.metrics_every_steps = 0
     c.eval.metrics_num_samples = 500
     c.eval.metrics_seed = 1234
+    # Autoencoders: the split whose reconstructions give PSNR, SSIM and reconstruction FID.
+    c.eval.heldout_split = "test"
     c.eval.cache_dir = ""  # "" = ~/.cache/diffusion_jax/eval
     c.eval.inception_weights = ""  # .npz/.pkl path (see diffusion_jax/evaluation/inception.py)
 

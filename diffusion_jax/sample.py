@@ -33,7 +33,17 @@ import os
 import numpy as np
 from absl import flags
 
-from diffusion_jax import cli, data, generate, metrics, runtime, samplers, schedules, steps
+from diffusion_jax import (
+    cli,
+    data,
+    generate,
+    latent_space,
+    metrics,
+    runtime,
+    samplers,
+    schedules,
+    steps,
+)
 from diffusion_jax.edit_inputs import MASKS, load_images, load_mask, parse_interval, parse_labels
 from diffusion_jax.workdir import (
     ConfigError,
@@ -118,6 +128,11 @@ def setup(overrides: dict):
     config = load_config(FLAGS.workdir)
     require_checkpoint(FLAGS.workdir)
     cli.apply_overrides(config, overrides)
+    if config.model.name == "autoencoder":
+        raise ConfigError(
+            f"{FLAGS.workdir} holds an autoencoder, which does not sample; score its "
+            f"reconstructions with `python -m diffusion_jax.evaluate --workdir={FLAGS.workdir}`"
+        )
     spec = data.dataset_spec(config.data)
     check_config(config, spec, training=False)
     mode = FLAGS.mode
@@ -133,12 +148,14 @@ def setup(overrides: dict):
         raise ConfigError("--mode=inpaint needs --mask")
     if not 0.0 <= FLAGS.strength <= 1.0:
         raise ConfigError(f"--strength must be in [0, 1], got {FLAGS.strength}")
+    # the images a latent run's inputs and outputs are (its source dataset's)
+    pixel_shape = data.dataset_spec(latent_space.pixel_data_config(config)).image_shape
     interval = parse_interval(FLAGS.guidance_interval)
     num_classes = config.model.num_classes
     inputs = {"interval": interval}
     n = FLAGS.num_samples
     if mode != "sample":
-        images, input_labels = load_images(FLAGS.input, spec.image_shape)
+        images, input_labels = load_images(FLAGS.input, pixel_shape)
         n = n if FLAGS["num_samples"].present else len(images)
         inputs["images"] = np.resize(images, (n, *images.shape[1:]))
         if input_labels is not None and num_classes:
@@ -148,7 +165,7 @@ def setup(overrides: dict):
         else:
             input_labels = None
         if mode == "inpaint":
-            mask = load_mask(FLAGS.mask, spec.image_shape)
+            mask = load_mask(FLAGS.mask, pixel_shape)
             inputs["mask"] = mask if mask.ndim == 3 else np.resize(mask, (n, *mask.shape[1:]))
         if mode == "invert":
             inputs["source_labels"] = (
@@ -198,6 +215,10 @@ def main(overrides: dict):
         guidance_interval=inputs["interval"],
         guidance_rescale=FLAGS.guidance_rescale,
     )
+    space = latent_space.load(config)
+    if space is not None:  # sample latents, decode; inputs are encoded, masks pooled
+        sample_fn = latent_space.wrap_sample_fn(sample_fn, space)
+        params = (params, space.params)
     images_in = inputs.get("images")
     x_in = None if images_in is None else images_in.astype(np.float32) / 127.5 - 1.0
     mask = inputs.get("mask")
@@ -224,7 +245,7 @@ def main(overrides: dict):
     num_steps = config.schedule.num_timesteps if sampler == "ddpm" else s_cfg.num_steps
     name = sampler + (f"{num_steps}" if sampler != "ddpm" else "")
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{mode}_{name}.png")
-    upscale = max(1, 32 // spec.image_shape[0])
+    upscale = max(1, 32 // images.shape[1])
     if mode == "sample":
         grid = metrics.make_grid(images, upscale=upscale)
     else:

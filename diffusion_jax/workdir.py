@@ -19,7 +19,16 @@ from typing import Optional
 import jax
 import ml_collections
 
-from diffusion_jax import data, objectives, parallel, samplers, schedules, timesteps
+from diffusion_jax import (
+    data,
+    latent_space,
+    objectives,
+    parallel,
+    samplers,
+    schedules,
+    timesteps,
+    variance,
+)
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.models import build_model, check_input_shape
 from diffusion_jax.state import abstract_train_state, make_optimizer
@@ -156,6 +165,8 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             f"1..schedule.num_timesteps={c.schedule.num_timesteps}"
         )
     check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
+    variance.check_learned_sigma(c, spec.image_shape[2])  # the channels the model sees
+    latent_space.metadata_of(c)  # latent runs: the dataset was encoded by latent.autoencoder
     if (
         training
         and c.train.steps_per_dispatch > 1
@@ -341,9 +352,7 @@ def restore_state(
     on ``sharding``; None when there is no checkpoint yet."""
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        abstract_train_state(
-            model, tx, spec.image_shape, config.seed, conditional=config.model.num_classes > 0
-        ),
+        abstract_train_state(model, tx, spec.image_shape, config.seed),
     )
     try:
         return ckpt.restore(abstract, step=step)
