@@ -122,11 +122,12 @@ def run(
 
     from diffusion_jax import data, metrics, parallel, workdir
     from diffusion_jax.datasets import latents
+    from diffusion_jax.models import is_autoencoder
 
     if batch_size < 1 or chunk_size < 1:
         raise workdir.ConfigError("--batch_size and --chunk_size must be >= 1")
     config = workdir.load_config(autoencoder)
-    if config.model.name != "autoencoder":
+    if not is_autoencoder(config.model):
         raise workdir.ConfigError(
             f"--autoencoder={autoencoder} holds a {config.model.name!r} model, not an "
             "autoencoder; train one with a configs/*_autoencoder.py config"

@@ -92,6 +92,7 @@ def run(
         tasks,
         workdir as workdir_lib,
     )
+    from diffusion_jax.models import is_autoencoder
 
     if num_samples < 2:
         raise workdir_lib.ConfigError(f"num_samples must be >= 2, got {num_samples}")
@@ -103,7 +104,7 @@ def run(
     workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
-    autoencoder = tasks.is_autoencoder(config)
+    autoencoder = is_autoencoder(config.model)
     if autoencoder:  # the first num_samples held-out images, reconstructed
         images, labels = tasks.heldout_images(config, num_samples)
         num_samples = len(images)

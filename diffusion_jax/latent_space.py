@@ -19,6 +19,7 @@ they are, except for passing the parameter pair.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import autoencoding
 from diffusion_jax.datasets import latents
+from diffusion_jax.models import is_autoencoder
 
 
 class LatentConfigError(ValueError):
@@ -97,18 +99,27 @@ def load(config) -> Optional[LatentSpace]:
     metadata = metadata_of(config)
     if metadata is None:
         return None
+
+    model, params = _autoencoder(
+        os.path.abspath(config.latent.autoencoder), metadata["autoencoder_step"]
+    )
+    return LatentSpace(model, params, float(metadata["scale_factor"]), metadata)
+
+
+@functools.lru_cache(maxsize=2)
+def _autoencoder(path: str, step: int):
+    """(model, EMA params) of an autoencoder workdir's checkpoint ``step``, read once per
+    process (a run's sample grid and its metrics both decode with it)."""
     from diffusion_jax import workdir
 
-    ae_config = workdir.load_config(config.latent.autoencoder)
-    if ae_config.model.name != "autoencoder":
+    ae_config = workdir.load_config(path)
+    if not is_autoencoder(ae_config.model):
         raise LatentConfigError(
-            f"latent.autoencoder={config.latent.autoencoder!r} holds a "
-            f"{ae_config.model.name!r} model, not an autoencoder"
+            f"latent.autoencoder={path!r} holds a {ae_config.model.name!r} model, not an "
+            "autoencoder"
         )
-    model, _, state = workdir.load_state(
-        config.latent.autoencoder, ae_config, step=metadata["autoencoder_step"]
-    )
-    return LatentSpace(model, state.ema_params, float(metadata["scale_factor"]), metadata)
+    model, _, state = workdir.load_state(path, ae_config, step=step)
+    return model, state.ema_params
 
 
 def pixel_data_config(config) -> dict:

@@ -45,6 +45,7 @@ from diffusion_jax import (
     steps,
 )
 from diffusion_jax.edit_inputs import MASKS, load_images, load_mask, parse_interval, parse_labels
+from diffusion_jax.models import is_autoencoder
 from diffusion_jax.workdir import (
     ConfigError,
     check_config,
@@ -128,7 +129,7 @@ def setup(overrides: dict):
     config = load_config(FLAGS.workdir)
     require_checkpoint(FLAGS.workdir)
     cli.apply_overrides(config, overrides)
-    if config.model.name == "autoencoder":
+    if is_autoencoder(config.model):
         raise ConfigError(
             f"{FLAGS.workdir} holds an autoencoder, which does not sample; score its "
             f"reconstructions with `python -m diffusion_jax.evaluate --workdir={FLAGS.workdir}`"

@@ -25,8 +25,7 @@ from typing import Callable
 import numpy as np
 
 from diffusion_jax import autoencoding, data, evaluation, generate, latent_space, steps
-
-AUTOENCODER_MODELS = ("autoencoder",)
+from diffusion_jax.models import is_autoencoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +204,4 @@ TASKS = {
 
 def task_of(config) -> Task:
     """The task a config trains: ``autoencoder`` for autoencoder models, else diffusion."""
-    return TASKS["autoencoder" if config.model.name in AUTOENCODER_MODELS else "diffusion"]
-
-
-def is_autoencoder(config) -> bool:
-    return task_of(config).name == "autoencoder"
+    return TASKS["autoencoder" if is_autoencoder(config.model) else "diffusion"]

@@ -48,6 +48,11 @@ def constructor_kwargs(cls: type) -> Tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in _RESERVED)
 
 
+def is_autoencoder(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether ``config.model`` names the autoencoder (trained as one, never sampled)."""
+    return MODELS.get(_to_dict(model_cfg).get("name")) is Autoencoder
+
+
 def has_num_classes(cls: type) -> bool:
     """Whether an architecture takes ``num_classes`` (the diffusion models do)."""
     return any(f.name == "num_classes" for f in dataclasses.fields(cls))
@@ -172,6 +177,7 @@ __all__ = (
     "DIT_PRESETS",
     "AUTOENCODER_PRESETS",
     "build_model",
+    "is_autoencoder",
     "has_num_classes",
     "check_input_shape",
     "constructor_kwargs",
