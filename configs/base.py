@@ -24,7 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
     c.model.unet = ml_collections.ConfigDict(
-        dict(UNET_PRESETS["digits"], conv_impl="xla", out_channels=None)
+        dict(
+            UNET_PRESETS["digits"],
+            conv_impl="xla",
+            out_channels=None,
+            time_cos_first=True,  # timestep sinusoid layout (imported DDPM weights: False, 1.0)
+            time_freq_shift=0.0,
+        )
     )
     c.model.dit = ml_collections.ConfigDict(
         dict(

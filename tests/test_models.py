@@ -290,6 +290,12 @@ def test_sincos_and_timestep_embeddings():
     assert te.shape == (2, 7)
     np.testing.assert_allclose(te[0], [1, 1, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(te[1, 0], np.cos(10.0), rtol=1e-6)  # frequency 1 first
+    # The DDPM code's layout: sines first, frequencies 10000^(-i / (half - 1)), so the last
+    # sine has frequency 1/10000 exactly.
+    ddpm = layers.timestep_embedding(jnp.array([10.0]), 8, cos_first=False, freq_shift=1.0)
+    np.testing.assert_allclose(ddpm[0, 0], np.sin(10.0), rtol=1e-6)
+    np.testing.assert_allclose(ddpm[0, 3], np.sin(10.0 / 10000.0), rtol=1e-5)
+    np.testing.assert_allclose(ddpm[0, 4], np.cos(10.0), rtol=1e-6)
 
 
 def _documented_attributes(cls):

@@ -34,18 +34,28 @@ zeros = nn.initializers.zeros
 # --------------------------------------------------------------------------- embeddings
 
 
-def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+def timestep_embedding(
+    t: jnp.ndarray,
+    dim: int,
+    max_period: float = 10000.0,
+    cos_first: bool = True,
+    freq_shift: float = 0.0,
+) -> jnp.ndarray:
     """Sinusoidal embedding [B, dim] of (integer or real) timesteps ``t`` [B].
 
-    Frequencies ``max_period ** (-i / (dim // 2))``, cosines then sines (the ADM / DiT
-    layout; Vaswani et al. 2017 for the idea). Always computed in float32: timesteps up
-    to 1000 times high frequencies need the mantissa.
+    Frequencies ``max_period ** (-i / (dim // 2 - freq_shift))``, cosines then sines when
+    ``cos_first`` (the ADM / DiT layout, the default; Vaswani et al. 2017 for the idea).
+    The DDPM code (and diffusers' ``flip_sin_to_cos=False, freq_shift=1``) puts sines
+    first and divides by ``dim // 2 - 1``; ported weights need the layout they were
+    trained with. Always computed in float32: timesteps up to 1000 times high
+    frequencies need the mantissa.
     """
     t = jnp.asarray(t, jnp.float32)
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t[:, None] * freqs[None, :]  # [B, half]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    exponent = jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t[:, None] * jnp.exp(-math.log(max_period) * exponent)[None, :]  # [B, half]
+    parts = [jnp.cos(args), jnp.sin(args)]
+    emb = jnp.concatenate(parts if cos_first else parts[::-1], axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -55,18 +65,23 @@ class TimestepEmbedding(nn.Module):
     """Sinusoidal embedding of t followed by Dense -> SiLU -> Dense (DDPM, ADM, DiT).
 
     ``freq_dim`` is the sinusoid width (DDPM: base channels; DiT: 256), ``features`` the
-    output width (DDPM: 4 x base channels; DiT: hidden size).
+    output width (DDPM: 4 x base channels; DiT: hidden size); ``cos_first`` and
+    ``freq_shift`` choose the sinusoid's layout (``timestep_embedding``).
     """
 
     freq_dim: int
     features: int
     kernel_init: Initializer = xavier_uniform()
+    cos_first: bool = True
+    freq_shift: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
-        emb = timestep_embedding(t, self.freq_dim)
+        emb = timestep_embedding(
+            t, self.freq_dim, cos_first=self.cos_first, freq_shift=self.freq_shift
+        )
 
         def dense(name):
             return nn.Dense(

@@ -54,6 +54,10 @@ class UNet(nn.Module):
       conv_impl: how convolutions compute their gradients: "xla" (JAX autodiff) or
         "explicit_grad" (models/conv.py; same parameters and numbers, and XLA:CPU keeps them
         fast inside lax.scan, i.e. with train.steps_per_dispatch > 1).
+      time_cos_first, time_freq_shift: layout of the timestep sinusoid
+        (``layers.timestep_embedding``): cosines first and frequencies over dim/2 (ADM,
+        the default), or sines first over dim/2 - 1 (the DDPM code: False and 1.0; the
+        weight importer sets them from a diffusers config).
       num_classes: 0 = unconditional; else a label table of num_classes + 1 rows, the
         last being the null label for classifier-free guidance.
       out_channels: output channels; None = input channels.
@@ -72,6 +76,8 @@ class UNet(nn.Module):
     conv_resample: bool = True
     norm_groups: int = 32
     conv_impl: str = "xla"
+    time_cos_first: bool = True
+    time_freq_shift: float = 0.0
     num_classes: int = 0
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
@@ -147,7 +153,14 @@ class UNet(nn.Module):
 
         # Conditioning vector emb [B, 4ch]: timestep MLP (+ class embedding).
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-        emb = TimestepEmbedding(ch, 4 * ch, name="time_embed", **kw)(t)
+        emb = TimestepEmbedding(
+            ch,
+            4 * ch,
+            cos_first=self.time_cos_first,
+            freq_shift=self.time_freq_shift,
+            name="time_embed",
+            **kw,
+        )(t)
         if self.num_classes > 0:
             # ADM's label table uses PyTorch's nn.Embedding default init, N(0, 1).
             emb = emb + LabelEmbedding(
