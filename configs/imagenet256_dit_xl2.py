@@ -6,9 +6,10 @@ pipeline of docs/latent.md:
 
   # 1. ImageNet as a prepared TFDS dataset (manual download; see tfds's imagenet2012)
   tfds build imagenet2012 --data_dir=DATA --file_format=array_record
-  # 2. an autoencoder workdir whose data config is imagenet2012 at 256 (center crop +
-  #    resize): the SD VAE (sd-vae-ft-ema) imported from diffusers' weights (the weight
-  #    import is its own issue; until it lands, train one with the "sd-vae" preset)
+  # 2. the SD VAE (stabilityai/sd-vae-ft-ema) imported from diffusers' weights
+  #    (docs/weights.md), its data config imagenet2012 at 256 (center crop + resize)
+  python -m diffusion_jax.convert --from=diffusers --weights=weights/sd-vae-ft-ema \
+      --workdir=runs/sd_vae --dataset=imagenet2012
   # 3. encode once (sharded over every device and process, resumable)
   python -m diffusion_jax.encode --autoencoder=runs/sd_vae --out=runs/imagenet256_latents
   # 4. train, then sample / evaluate (decoded by the autoencoder)

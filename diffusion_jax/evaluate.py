@@ -84,14 +84,7 @@ def run(
     e.g. {"sampler.num_steps": 20}."""
     import jax
 
-    from diffusion_jax import (
-        data,
-        evaluation,
-        latent_space,
-        schedules,
-        tasks,
-        workdir as workdir_lib,
-    )
+    from diffusion_jax import evaluation, latent_space, schedules, tasks, workdir as workdir_lib
     from diffusion_jax.models import is_autoencoder
 
     if num_samples < 2:
@@ -101,7 +94,7 @@ def run(
     config = workdir_lib.load_config(workdir)
     workdir_lib.require_checkpoint(workdir)
     cli.apply_overrides(config, overrides or {})
-    workdir_lib.check_config(config, data.dataset_spec(config.data), training=False)
+    workdir_lib.check_config(config, workdir_lib.run_spec(workdir, config), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
     params, step = state.ema_params, int(state.step)
     autoencoder = is_autoencoder(config.model)

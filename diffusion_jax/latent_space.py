@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import autoencoding
 from diffusion_jax.datasets import latents
-from diffusion_jax.models import is_autoencoder
+from diffusion_jax.models import build_model, is_autoencoder
 
 
 class LatentConfigError(ValueError):
@@ -129,6 +129,20 @@ def pixel_data_config(config) -> dict:
     if metadata is None:
         return config.data.to_dict()
     return {**config.data.to_dict(), "data_dir": "", **metadata["source"], "split": "train"}
+
+
+def pixel_shape(config, spec) -> tuple:
+    """The shape (H, W, C) of the images a run shows: ``spec``'s in pixel space; for a
+    latent run, the latent grid times the autoencoder's factor with its image channels
+    (from the autoencoder's config: the source dataset need not be on this machine)."""
+    if metadata_of(config) is None:
+        return tuple(spec.image_shape)
+    from diffusion_jax import workdir
+
+    autoencoder = build_model(workdir.load_config(config.latent.autoencoder).model)
+    height, width, _ = spec.image_shape
+    f = autoencoder.downsample_factor
+    return height * f, width * f, autoencoder.image_channels
 
 
 def downsample_mask(mask, factor: int):

@@ -33,17 +33,7 @@ import os
 import numpy as np
 from absl import flags
 
-from diffusion_jax import (
-    cli,
-    data,
-    generate,
-    latent_space,
-    metrics,
-    runtime,
-    samplers,
-    schedules,
-    steps,
-)
+from diffusion_jax import cli, generate, latent_space, metrics, runtime, samplers, schedules, steps
 from diffusion_jax.edit_inputs import MASKS, load_images, load_mask, parse_interval, parse_labels
 from diffusion_jax.models import is_autoencoder
 from diffusion_jax.workdir import (
@@ -54,6 +44,7 @@ from diffusion_jax.workdir import (
     load_config,
     load_state,
     require_checkpoint,
+    run_spec,
 )
 
 # Own FlagValues: importable next to the other CLIs, whose flags share names.
@@ -134,7 +125,7 @@ def setup(overrides: dict):
             f"{FLAGS.workdir} holds an autoencoder, which does not sample; score its "
             f"reconstructions with `python -m diffusion_jax.evaluate --workdir={FLAGS.workdir}`"
         )
-    spec = data.dataset_spec(config.data)
+    spec = run_spec(FLAGS.workdir, config)
     check_config(config, spec, training=False)
     mode = FLAGS.mode
     if mode == "invert" and config.sampler.name != "ddim" and "sampler.name" in overrides:
@@ -150,7 +141,7 @@ def setup(overrides: dict):
     if not 0.0 <= FLAGS.strength <= 1.0:
         raise ConfigError(f"--strength must be in [0, 1], got {FLAGS.strength}")
     # the images a latent run's inputs and outputs are (its source dataset's)
-    pixel_shape = data.dataset_spec(latent_space.pixel_data_config(config)).image_shape
+    pixel_shape = latent_space.pixel_shape(config, spec)
     interval = parse_interval(FLAGS.guidance_interval)
     num_classes = config.model.num_classes
     inputs = {"interval": interval}

@@ -77,7 +77,8 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         )
     else:
         state, extra = restored
-        it.set_state(extra["data"])
+        if "data" in extra:  # not in an imported checkpoint: its data stream starts afresh
+            it.set_state(extra["data"])
         clock.resume(extra.get("train_seconds", 0.0))
         log.info("resumed from step %d", int(state.step))
 

@@ -8,6 +8,7 @@ checked the same way everywhere and a state is restored one way.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import errno
 import json
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# The dataset spec a workdir's model was built for, recorded where the dataset itself may
+# be absent (imported weights: ``diffusion_jax.convert``); read instead of the dataset.
+SPEC_FILE = "dataset_spec.json"
 
 
 class ConfigError(ValueError):
@@ -314,6 +318,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(tuples(raw))
 
 
+def save_spec(spec: data.DatasetSpec, workdir: str) -> None:
+    """Record the dataset spec the workdir's model was built for (see ``run_spec``)."""
+    with open(os.path.join(workdir, SPEC_FILE), "w") as f:
+        json.dump(dataclasses.asdict(spec), f, indent=2)
+
+
+def run_spec(workdir: str, config) -> data.DatasetSpec:
+    """The workdir's recorded dataset spec if it has one (imported weights), else the spec
+    of ``config.data`` (which opens the dataset)."""
+    path = os.path.join(workdir, SPEC_FILE)
+    if not os.path.exists(path):
+        return data.dataset_spec(config.data)
+    with open(path) as f:
+        recorded = json.load(f)
+    recorded["image_shape"] = tuple(recorded["image_shape"])
+    return data.DatasetSpec(**recorded)
+
+
 def has_checkpoints(workdir: str) -> bool:
     """Whether the workdir holds any finalized checkpoint step (cheap: no orbax)."""
     path = os.path.join(workdir, CHECKPOINT_DIR)
@@ -364,7 +386,7 @@ def load_state(workdir: str, config=None, step: Optional[int] = None):
     """A workdir's checkpointed TrainState (latest, or ``step``) on the default device,
     with the model and dataset spec it was trained with: (model, spec, state)."""
     config = config or load_config(workdir)
-    spec = data.dataset_spec(config.data)
+    spec = run_spec(workdir, config)
     model = build_model(config.model)
     tx = make_optimizer(config.optim, config.train.num_steps)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
