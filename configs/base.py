@@ -74,7 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "ddim"  # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde
-    c.sampler.num_steps = 50  # ddim only; ddpm always uses all T steps
+    c.sampler.num_steps = 50  # every sampler but ddpm (see respacing)
+    # ddpm: 0 = all T steps (Ho et al.); N = N steps of the respaced chain on the
+    # sampler.spacing grid (Nichol & Dhariwal 2021 sec. 4; DiT's 250 is spacing=linspace)
+    c.sampler.respacing = 0
     c.sampler.eta = 0.0
     c.sampler.spacing = "leading"  # leading | trailing | linspace | logsnr
     # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde) | learned (objective.learn_sigma)

@@ -127,6 +127,7 @@ def img2img(
     eta=0.0,
     spacing: str = "leading",
     variance: str = "fixedlarge",
+    respacing: int = 0,
     prediction: str = "eps",
     clip_x0: bool = False,
 ):
@@ -141,7 +142,7 @@ def img2img(
     """
     if not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta)
+    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
     x0 = jnp.asarray(x0)
     n = len(ts)
     k = int(round(strength * n))
@@ -177,6 +178,7 @@ def inpaint(
     eta=0.0,
     spacing: str = "leading",
     variance: str = "fixedlarge",
+    respacing: int = 0,
     prediction: str = "eps",
     clip_x0: bool = False,
     jump_length: int = 10,
@@ -202,7 +204,7 @@ def inpaint(
             f"mask of shape {jnp.shape(mask)} does not broadcast to the "
             f"images' shape {x_known.shape}"
         ) from None
-    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta)
+    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
     ts_prev, renoise = None, jump_n_sample != 1
     if renoise:
         ts, ts_prev = repaint_timesteps(ts, jump_length, jump_n_sample)

@@ -234,8 +234,12 @@ def main(overrides: dict):
     except ValueError as e:  # e.g. a mask that does not broadcast to the batch
         cli.fail(str(e))
     sampler = "ddim" if mode == "invert" else s_cfg.name  # invert: always DDIM
-    num_steps = config.schedule.num_timesteps if sampler == "ddpm" else s_cfg.num_steps
-    name = sampler + (f"{num_steps}" if sampler != "ddpm" else "")
+    if sampler == "ddpm":  # all T steps: "ddpm"; respaced to N: "ddpmN"
+        num_steps = samplers.ddpm_num_steps(config.schedule.num_timesteps, s_cfg.respacing)
+        name = sampler + (f"{num_steps}" if s_cfg.respacing else "")
+    else:
+        num_steps = s_cfg.num_steps
+        name = f"{sampler}{num_steps}"
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{mode}_{name}.png")
     upscale = max(1, 32 // images.shape[1])
     if mode == "sample":

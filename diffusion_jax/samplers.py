@@ -69,22 +69,41 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # The grids themselves (spacings, RePaint's walk) are in timesteps.py.
 
 
+def ddpm_num_steps(num_timesteps: int, respacing: int = 0) -> int:
+    """Steps of the ddpm sampler: all T, or ``respacing`` in 1..T (improved DDPM sec. 4)."""
+    if isinstance(respacing, bool) or not 0 <= int(respacing) <= num_timesteps:
+        raise ValueError(
+            f"respacing={respacing!r} must be 0 (all {num_timesteps} steps) or a step "
+            f"count in 1..{num_timesteps}"
+        )
+    return int(respacing) or num_timesteps
+
+
 def sampler_timesteps(
-    sampler: str, num_timesteps: int, num_steps: int, spacing: str = "leading", log_snr=None
+    sampler: str,
+    num_timesteps: int,
+    num_steps: int,
+    spacing: str = "leading",
+    log_snr=None,
+    respacing: int = 0,
 ) -> np.ndarray:
-    """The descending indices ``sampler`` visits: all T for ddpm, else ddim_timesteps."""
+    """The descending indices ``sampler`` visits: for ddpm all T, or with ``respacing``
+    the ``ddim_timesteps`` grid of that many steps; for the others ddim_timesteps."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
-        return np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
+        n = ddpm_num_steps(num_timesteps, respacing)
+        if n == num_timesteps:
+            return np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
+        return ddim_timesteps(num_timesteps, n, spacing, log_snr)
     return ddim_timesteps(num_timesteps, num_steps, spacing, log_snr)
 
 
-def num_function_evals(sampler: str, num_steps: int, num_timesteps: int) -> int:
+def num_function_evals(sampler: str, num_steps: int, num_timesteps: int, respacing: int = 0) -> int:
     """Network evaluations (NFE) of one sample: Heun evaluates twice per step except the
     last (which ends at alpha_bar = 1 and is an Euler step); the others once per step.
     Guidance doubles the batch of each evaluation, not the count."""
     check_choice("sampler", sampler, SAMPLERS)
-    n = num_timesteps if sampler == "ddpm" else num_steps
+    n = ddpm_num_steps(num_timesteps, respacing) if sampler == "ddpm" else num_steps
     return 2 * n - 1 if sampler == "heun" else n
 
 
@@ -191,15 +210,25 @@ def as_pytree_fn(model_fn) -> jax.tree_util.Partial:
     )
 
 
-def plan(sampler: str, schedule: NoiseSchedule, num_steps, spacing: str, variance: str, eta):
+def plan(
+    sampler: str,
+    schedule: NoiseSchedule,
+    num_steps,
+    spacing: str,
+    variance: str,
+    eta,
+    respacing: int = 0,
+):
     """(descending timesteps, rule name for ``run``'s update) of a sampler, with its options
-    checked."""
+    checked (``respacing``: ddpm only, see ``sampler_timesteps``)."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
         check_choice("variance", variance, DDPM_VARIANCES)
     if sampler == "ddim" and isinstance(eta, numbers.Real) and not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    ts = sampler_timesteps(sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr)
+    ts = sampler_timesteps(
+        sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr, respacing
+    )
     return ts, (variance if sampler == "ddpm" else sampler)
 
 
@@ -268,6 +297,7 @@ def sample(
     eta=0.0,
     spacing: str = "leading",
     variance: str = "fixedlarge",
+    respacing: int = 0,
     prediction: str = "eps",
     clip_x0: bool = False,
     x_T: Optional[jnp.ndarray] = None,
@@ -275,13 +305,14 @@ def sample(
 ):
     """Sample [*shape] with the named sampler (one of ``SAMPLERS``) -> x0.
 
-    ddpm runs all T steps with ``variance``; the others visit
+    ddpm runs all T steps with ``variance`` (with ``respacing`` = N: N steps of the
+    respaced chain on the ``spacing`` grid, Nichol & Dhariwal 2021 sec. 4); the others visit
     ``ddim_timesteps(T, num_steps, spacing)``. eta is DDIM's (0 = deterministic; may be
     traced); euler, heun and dpmpp_2m are deterministic ODE solvers, dpmpp_2m_sde is
     stochastic with the reverse SDE's own noise (eta unused). With return_every = k > 0
     returns (x0, traj), traj[i] = x after (i + 1) * k steps.
     """
-    ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta)
+    ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
     x_T, keys = start(rng, shape, x_T, len(ts))
     return run(
         model_fn,
@@ -306,17 +337,21 @@ def ddpm_sample(
     *,
     prediction: str = "eps",
     variance: str = "fixedlarge",
+    respacing: int = 0,
+    spacing: str = "leading",
     clip_x0: bool = False,
     x_T: Optional[jnp.ndarray] = None,
     return_every: int = 0,
 ):
-    """Ancestral sampling over all T steps (Ho et al. 2020, Alg. 2) -> x0 [*shape].
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) -> x0 [*shape], over all T steps or,
+    with ``respacing`` = N, over N steps of the respaced chain (Nichol & Dhariwal 2021,
+    sec. 4) on ``ddim_timesteps(T, N, spacing)`` (their "250" is spacing "linspace").
 
     variance: "fixedlarge" (sigma^2 = beta_t, Ho et al.'s CIFAR-10 choice), "fixedsmall"
     (sigma^2 = beta_tilde_t, the true posterior variance) or "learned" (the model's own,
-    from its variance channels; Nichol & Dhariwal 2021), always over all T steps (no
-    respacing). The mean is q_posterior's with the x0 implied by the model (clipped to
-    [-1, 1] if clip_x0). With return_every = k > 0 returns (x0, traj), traj[i] = x after
+    from its variance channels; Nichol & Dhariwal 2021), each of the respaced chain's betas
+    when respaced. The mean is the posterior's with the x0 implied by the model (clipped
+    to [-1, 1] if clip_x0). With return_every = k > 0 returns (x0, traj), traj[i] = x after
     (i + 1) * k steps.
     """
     return sample(
@@ -326,6 +361,8 @@ def ddpm_sample(
         shape,
         sampler="ddpm",
         variance=variance,
+        respacing=respacing,
+        spacing=spacing,
         prediction=prediction,
         clip_x0=clip_x0,
         x_T=x_T,

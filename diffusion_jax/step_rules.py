@@ -5,7 +5,7 @@ A rule is ``rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x, aux)``: 
 gives (x0, eps) of the model at (x, t) (``predict(x, t, with_variance=True)`` adds the
 model's variance values, for DDPM's learned variance), ``aux`` carries a multistep
 solver's history (DPM-Solver++ keeps its previous x0 prediction) and is () for one-step
-rules. DDPM (Ho et al. 2020; learned variance: Nichol & Dhariwal 2021), DDIM (Song et al.
+rules. DDPM (Ho et al. 2020; learned variance and respacing: Nichol & Dhariwal 2021), DDIM (Song et al.
 2021), Euler/Heun on the probability-flow ODE in EDM's parameterisation (Karras et al.
 2022) and DPM-Solver++(2M) with its SDE variant (Lu et al. 2022). Index -1 is the clean
 end of the chain (alpha_bar = 1), as in schedules.py.
@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.objectives import q_posterior, x0_eps_from_prediction
+from diffusion_jax.objectives import x0_eps_from_prediction
 from diffusion_jax.schedules import NoiseSchedule, at
-from diffusion_jax.variance import learned_log_variance, require_values, split_output
+from diffusion_jax.variance import interpolate_log_variance, require_values, split_output
 
 
 def normal(key, shape, dtype=jnp.float32) -> jnp.ndarray:
@@ -76,24 +76,33 @@ def predict_x0_eps(model_fn, schedule, prediction, clip_x0, x_t, t, with_varianc
 
 
 def _ddpm_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, variance):
-    """x_{t-1} ~ N(posterior mean(x0, x_t), sigma_t^2) (Ho et al. 2020, Alg. 2), no noise
-    at index 0. fixedsmall: sigma^2 = beta_tilde_t; fixedlarge: sigma^2 = beta_t, with
-    beta_tilde at index 1 in the log for index 0 (as Ho et al.'s code; unused there since
-    index 0 adds no noise); learned: the model's log-variance (variance.py; improved DDPM
-    eq. 15) from the betas of the steps it walks, i.e. the schedule's own: this rule
-    always steps t -> t-1 (t_prev and eta unused), so there is no respacing (Nichol &
-    Dhariwal sec. 4) to recompute them for."""
-    del t_prev, eta
+    """x_prev ~ N(posterior mean(x0, x_t), sigma^2) (Ho et al. 2020, Alg. 2) from index t
+    to t_prev < t, no noise on the step to the clean end (t_prev = -1). Between any two
+    indices this is the DDPM of the respaced chain (Nichol & Dhariwal 2021, sec. 4), with
+    beta' = 1 - ab_t / ab_prev and beta_tilde' = (1 - ab_prev) / (1 - ab_t) beta';
+    adjacent indices give the schedule's own beta_t and beta_tilde_t. fixedsmall:
+    sigma^2 = beta_tilde'; fixedlarge: sigma^2 = beta'; learned: the model's values
+    interpolate between log beta' and log beta_tilde' (variance.py; improved DDPM's
+    respacing does the same). eta unused."""
+    del eta
     x0, _, values = predict(x_t, t, with_variance=True)
     noise = normal(key, x_t.shape, x_t.dtype)
-    mean, _, log_var = q_posterior(schedule, x0, x_t, t)
+    a, s = sqrt_alpha_bar(schedule, t, x_t.ndim)
+    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    beta = ratio_var(a_prev, s_prev, a, s)  # 1 - ab / ab_prev, seen from t_prev
+    shrink = (s_prev / s) ** 2  # (1 - ab_prev) / (1 - ab)
+    mean = (a_prev * beta / s**2) * x0 + (a / a_prev) * shrink * x_t
+    noisy = (t_prev >= 0).reshape(t.shape + (1,) * (x_t.ndim - 1))
+    log_large = jnp.log(beta)
+    # beta_tilde' = 0 on the last step, which adds no noise: keep the log finite there.
+    log_small = jnp.log(jnp.where(noisy, shrink * beta, beta))
     if variance == "fixedlarge":
-        large = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
-        log_var = at(large, t, x_t.ndim)
-    elif variance == "learned":
+        log_var = log_large
+    elif variance == "fixedsmall":
+        log_var = log_small
+    else:
         values = require_values(values, "DDPM with variance 'learned'")
-        log_var = learned_log_variance(schedule, t, values.astype(x_t.dtype))
-    noisy = (t > 0).reshape(t.shape + (1,) * (x_t.ndim - 1))
+        log_var = interpolate_log_variance(values.astype(x_t.dtype), log_large, log_small)
     return mean + jnp.where(noisy, jnp.exp(0.5 * log_var), 0.0) * noise, aux
 
 

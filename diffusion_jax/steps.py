@@ -229,6 +229,7 @@ def make_sample_fn(
         eta=s_cfg.eta,
         spacing=s_cfg.spacing,
         variance=s_cfg.variance,
+        respacing=s_cfg.respacing,
         prediction=prediction,
         clip_x0=s_cfg.clip_x0,
     )

@@ -68,13 +68,18 @@ def require_values(values, what: str):
     return values
 
 
-def learned_log_variance(schedule: NoiseSchedule, t, values):
-    """log sigma_t^2 = frac log beta_t + (1 - frac) log beta_tilde_t, frac = (v + 1) / 2, for
-    the variance values v [B, ...] at indices t [B] (improved DDPM eq. 15)."""
+def interpolate_log_variance(values, log_large, log_small):
+    """frac log_large + (1 - frac) log_small with frac = (v + 1) / 2 (improved DDPM eq. 15)."""
     frac = (values + 1.0) / 2.0
+    return frac * log_large + (1.0 - frac) * log_small
+
+
+def learned_log_variance(schedule: NoiseSchedule, t, values):
+    """log sigma_t^2 between log beta_t and log beta_tilde_t for the variance values v
+    [B, ...] at indices t [B] (``interpolate_log_variance``)."""
     log_large = jnp.log(at(schedule.betas, t, values.ndim))
     log_small = at(schedule.posterior_log_variance_clipped, t, values.ndim)
-    return frac * log_large + (1.0 - frac) * log_small
+    return interpolate_log_variance(values, log_large, log_small)
 
 
 # --------------------------------------------------------------------------- VLB terms

@@ -163,6 +163,10 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             f"{spec.name!r} has {spec.num_classes} classes; set it to 0 "
             f"(unconditional) or {spec.num_classes}"
         )
+    try:
+        samplers.ddpm_num_steps(c.schedule.num_timesteps, c.sampler.respacing)
+    except ValueError as e:
+        raise ValueError(f"sampler.{e}") from None
     if not 1 <= c.sampler.num_steps <= c.schedule.num_timesteps:
         raise ValueError(
             f"sampler.num_steps={c.sampler.num_steps} must be in "

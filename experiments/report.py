@@ -39,8 +39,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def spec_label(spec: dict) -> str:
-    if spec["sampler"] == "ddpm":
-        return "DDPM-1000"
+    if spec["sampler"] == "ddpm":  # all T = 1000 steps unless respaced
+        return f"DDPM-{spec.get('respacing') or 1000}"
     label = f"{spec['sampler'].upper()}-{spec['num_steps']}"
     if "eta" in spec:
         label += f" eta={spec['eta']:g}"

@@ -105,18 +105,17 @@ def propagate(steps, mu, s, rule, eta=0.0):
             sig2 = eta**2 * (1 - abp) / (1 - ab) * (1 - ab / abp)
             k = np.sqrt(1 - abp - sig2)
             G, off = np.sqrt(abp) * g0 + k * ge, np.sqrt(abp) * o0 + k * oe
-        else:  # Ho et al. eq. 7 posterior mean; sigma^2 = beta, beta_tilde or the exact
-            # reverse variance (the oracle's learned one, reverse_variance), none at t=0
-            assert tp == t - 1
-            c1, c2 = (
-                BETAS[t] * np.sqrt(abp) / (1 - ab),
-                (1 - abp) * np.sqrt(1 - BETAS[t]) / (1 - ab),
-            )
+        else:  # Ho et al. eq. 7 posterior mean of the (respaced: Nichol & Dhariwal 2021
+            # sec. 4) chain, beta = 1 - ab / abp (= BETAS[t] for tp = t - 1); sigma^2 =
+            # beta, beta_tilde or the exact reverse variance (the oracle's learned one,
+            # reverse_variance), none on the step to the clean end
+            beta = BETAS[t] if tp == t - 1 else 1.0 - ab / abp
+            c1, c2 = (beta * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - beta) / (1 - ab))
             G, off = c1 * g0 + c2, c1 * o0
-            beta_tilde = BETAS[t] * (1 - abp) / (1 - ab)
-            reverse = BETAS[t] * (abp * s * s + 1 - abp) / (ab * s * s + 1 - ab)
-            sig2 = {"fixedlarge": BETAS[t], "fixedsmall": beta_tilde, "learned": reverse}[rule]
-            sig2 = 0.0 if t == 0 else sig2
+            beta_tilde = beta * (1 - abp) / (1 - ab)
+            reverse = beta * (abp * s * s + 1 - abp) / (ab * s * s + 1 - ab)
+            sig2 = {"fixedlarge": beta, "fixedsmall": beta_tilde, "learned": reverse}[rule]
+            sig2 = 0.0 if tp < 0 else sig2
         m, v = G * m + off, G * G * v + sig2
         gain, offset = G * gain, G * offset + off
     return m, v, gain, offset

@@ -184,3 +184,19 @@ def test_learned_ddpm_needs_variance_channels():
         samplers.ddpm_sample(fn, SCHED, key, ESHAPE, variance="learned")
     with pytest.raises(ValueError, match="variance"):  # not one of DDPM_VARIANCES
         samplers.ddpm_sample(fn, SCHED, key, ESHAPE, variance="large")
+
+
+@pytest.mark.parametrize("value, fixed", [(-1.0, "fixedsmall"), (1.0, "fixedlarge")])
+def test_respaced_learned_variance_spans_the_respaced_betas(value, fixed):
+    """With respacing the variance values interpolate between the respaced chain's
+    log beta' and log beta_tilde' (improved DDPM sec. 4): v = -1 is DDPM with fixedsmall
+    and v = +1 with fixedlarge over the same 40 steps, sample by sample (same keys)."""
+    eps = gaussian_eps(MU, S)
+
+    def with_values(x, t):
+        return jnp.concatenate([eps(x, t), jnp.full_like(x, value)], axis=-1)
+
+    shape, rng = (128, 2, 2, 1), jax.random.key(7)
+    learned = samplers.ddpm_sample(with_values, SCHED, rng, shape, variance="learned", respacing=40)
+    plain = samplers.ddpm_sample(eps, SCHED, rng, shape, variance=fixed, respacing=40)
+    np.testing.assert_allclose(learned, plain, atol=1e-6)

@@ -104,6 +104,25 @@ def test_img2img_strength_0_returns_the_inputs(workdir, inputs, tmp_path):
     np.testing.assert_array_equal(np.load(out)["images"], images)
 
 
+def test_respaced_ddpm_img2img_runs_its_steps(workdir, inputs, tmp_path):
+    """--config.sampler.respacing=N: DDPM over N respaced steps, reported and named so;
+    strength 0.5 runs half of them, so the outputs move off the inputs."""
+    images, _, pngs = inputs
+    out = str(tmp_path / "o.npz")
+    stdout = sample(
+        workdir,
+        "--mode=img2img",
+        f"--input={','.join(pngs)}",
+        "--strength=0.5",
+        "--config.sampler.name=ddpm",
+        "--config.sampler.respacing=6",
+        f"--npz={out}",
+    )
+    assert "sampler ddpm, 6 steps" in stdout, stdout
+    assert os.path.exists(os.path.join(workdir, "samples", "img2img_ddpm6.png"))
+    assert _rms(np.load(out)["images"], images) > 0.01
+
+
 def test_inpaint_npz_with_named_mask_and_repaint(workdir, inputs, tmp_path):
     images, npz, _ = inputs
     out = str(tmp_path / "o.npz")

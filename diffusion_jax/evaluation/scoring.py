@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from diffusion_jax import generate
+from diffusion_jax import generate, samplers
 from diffusion_jax.evaluation.distances import feature_stats, fid_from_stats, kid, precision_recall
 from diffusion_jax.evaluation.extractor import FeatureExtractor
 from diffusion_jax.evaluation.stats import FeatureStats, matched_fid
@@ -96,14 +96,17 @@ def evaluate_samples(
 
 def sampler_info(config) -> dict:
     """What produced the samples, to log with every metric: sampler, steps, eta, spacing,
-    DDPM variance, x0 clipping, guidance scale (DDPM always runs all T steps)."""
+    DDPM variance, x0 clipping, guidance scale (DDPM runs all T steps unless respaced)."""
     s = config.sampler
     ddpm = s.name == "ddpm"
+    respaced = ddpm and s.respacing not in (0, config.schedule.num_timesteps)
     return {
         "sampler": s.name,
-        "num_steps": int(config.schedule.num_timesteps if ddpm else s.num_steps),
+        "num_steps": samplers.ddpm_num_steps(config.schedule.num_timesteps, s.respacing)
+        if ddpm
+        else int(s.num_steps),
         "eta": None if ddpm else float(s.eta),
-        "spacing": None if ddpm else s.spacing,
+        "spacing": s.spacing if respaced or not ddpm else None,
         "variance": s.variance if ddpm else None,
         "clip_x0": bool(s.clip_x0),
         "guidance_scale": float(s.guidance_scale),
