@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import (
+    consistency,
     data,
     latent_space,
     objectives,
@@ -175,6 +176,8 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
     check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
     variance.check_learned_sigma(c, spec.image_shape[2])  # the channels the model sees
     latent_space.metadata_of(c)  # latent runs: the dataset was encoded by latent.autoencoder
+    if training and "consistency" in c:
+        consistency.check_config(c)
     if (
         training
         and c.train.steps_per_dispatch > 1
@@ -307,19 +310,31 @@ def save_config(config, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (lists restored to tuples for module attrs)."""
+    """The config a workdir was trained with (lists restored to tuples for module attrs).
+    Keys added to configs/base.py after it was written take their defaults, which keep
+    what the run did (a new key's default is always the old behaviour)."""
+    from configs import base
+
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise ConfigError(f"{path} not found: is {workdir!r} a diffusion_jax workdir?")
     with open(path) as f:
         raw = json.load(f)
 
+    def merged(defaults, saved):
+        if not isinstance(defaults, dict) or not isinstance(saved, dict):
+            return saved
+        out = dict(defaults)
+        for key, value in saved.items():
+            out[key] = merged(defaults.get(key), value)
+        return out
+
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-    return ml_collections.ConfigDict(tuples(raw))
+    return ml_collections.ConfigDict(tuples(merged(base.get_config().to_dict(), raw)))
 
 
 def save_spec(spec: data.DatasetSpec, workdir: str) -> None:

@@ -5,6 +5,7 @@ process (a few seconds plus compilation), so there are few of them. The samplers
 tested against oracles elsewhere; here: flags, file formats, shapes, exact known pixels.
 """
 
+import json
 import os
 import re
 import shutil
@@ -335,3 +336,19 @@ def test_bad_inputs_give_one_line_errors(workdir, tmp_path, case):
         assert word in lines[0], (word, lines[0])
     assert r.stdout == ""
     assert _files(tmp_path, workdir) == before
+
+
+def test_a_workdir_from_before_newer_config_keys_still_samples(workdir, tmp_path):
+    """A config.json written before keys were added to configs/base.py (here: no
+    sampler.respacing, model.unet.time_cos_first, consistency block) loads with their
+    defaults, which keep what the run did."""
+    old = str(tmp_path / "old")
+    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("samples", "lock"))
+    path = os.path.join(old, "config.json")
+    config = json.load(open(path))
+    del config["sampler"]["respacing"], config["model"]["unet"]["time_cos_first"]
+    del config["consistency"]
+    json.dump(config, open(path, "w"))
+    stdout = sample(old, "--num_samples=2", f"--npz={tmp_path / 'o.npz'}")
+    assert "sampler ddim, 4 steps" in stdout
+    assert np.load(tmp_path / "o.npz")["images"].shape == (2, 8, 8, 1)
