@@ -50,6 +50,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.latent = ml_collections.ConfigDict()
     c.latent.autoencoder = ""
 
+    # Consistency models (diffusion_jax/consistency.py). mode "" = an ordinary run;
+    # "distill": from the teacher workdir, whose model and schedule the student has and
+    # whose EMA weights it starts from (optim.ema_decay is the target network's: LCM 0.95);
+    # "train": iCT without a teacher (curriculum over train.num_steps).
+    c.consistency = ml_collections.ConfigDict()
+    c.consistency.mode = ""  # "" | distill | train
+    c.consistency.teacher = ""
+    c.consistency.num_grid_steps = 40  # distill: N, teacher DDIM steps of T/N indices
+    c.consistency.teacher_guidance = 1.0  # CFG scale of a conditional teacher
+    c.consistency.distance = "pseudo_huber"  # pseudo_huber | l2
+    c.consistency.huber_c = 0.0  # 0 = 0.00054 sqrt(dim) (iCT)
+
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES
     c.schedule.num_timesteps = 1000
@@ -73,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.kl_weight = 1e-6
 
     c.sampler = ml_collections.ConfigDict()
-    c.sampler.name = "ddim"  # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde
+    # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde | consistency
+    c.sampler.name = "ddim"
     c.sampler.num_steps = 50  # every sampler but ddpm (see respacing)
     # ddpm: 0 = all T steps (Ho et al.); N = N steps of the respaced chain on the
     # sampler.spacing grid (Nichol & Dhariwal 2021 sec. 4; DiT's 250 is spacing=linspace)

@@ -56,7 +56,7 @@ from diffusion_jax.step_rules import RULES, normal, ratio_var, sqrt_alpha_bar
 from diffusion_jax.timesteps import ddim_timesteps
 from diffusion_jax.variance import FIXED, LEARNED
 
-SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "consistency")
 VARIANCES = FIXED  # DDPM's fixed variances; all of DDPM's, with the model's own:
 DDPM_VARIANCES = VARIANCES + (LEARNED,)
 # What the sample CLI / steps.make_sample_fn can do with a trained model (editing.py).

@@ -90,6 +90,22 @@ def create_train_state(
     return jax.jit(init, out_shardings=out_sharding)(jax.random.PRNGKey(seed))
 
 
+def state_from_params(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A step-0 state whose parameters and EMA are ``params`` (imported or teacher
+    weights), with a fresh optimizer state and the rng ``create_train_state`` would draw.
+    The EMA is a copy: a train step donates the state, and a buffer donated twice (as
+    params and as EMA) crashes XLA."""
+    params = jax.tree.map(jnp.asarray, params)
+    _, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
 def abstract_train_state(model, tx, image_shape, seed: int):
     """Shapes/dtypes of the state without allocating it (for restores and param counts)."""
     return jax.eval_shape(lambda: create_train_state(model, tx, image_shape, seed))

@@ -7,7 +7,8 @@ model's variance values, for DDPM's learned variance), ``aux`` carries a multist
 solver's history (DPM-Solver++ keeps its previous x0 prediction) and is () for one-step
 rules. DDPM (Ho et al. 2020; learned variance and respacing: Nichol & Dhariwal 2021), DDIM (Song et al.
 2021), Euler/Heun on the probability-flow ODE in EDM's parameterisation (Karras et al.
-2022) and DPM-Solver++(2M) with its SDE variant (Lu et al. 2022). Index -1 is the clean
+2022), DPM-Solver++(2M) with its SDE variant (Lu et al. 2022) and multistep consistency
+sampling (Song et al. 2023). Index -1 is the clean
 end of the chain (alpha_bar = 1), as in schedules.py.
 """
 
@@ -190,6 +191,40 @@ def _dpmpp_2m_step(predict, schedule, x_t, t, t_prev, key, aux, eta, *, sde):
     return x, (x0, h, jnp.ones((), bool))
 
 
+# Consistency models (Song et al. 2023) on the discrete schedule, LCM's parameterisation
+# (Luo et al. 2023): f(x, t) = c_skip(t) x + c_out(t) x0(x, t); consistency.py trains it.
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def boundary_scalings(t, ndim: int):
+    """(c_skip, c_out) = (s_d^2 / ((k t)^2 + s_d^2), k t / sqrt((k t)^2 + s_d^2)) at indices
+    t [B] (s_d = 0.5, k = 10), broadcast to rank ndim: exactly (1, 0) at t = 0, so f(x, 0)
+    = x for any network (the boundary condition)."""
+    st = TIMESTEP_SCALING * jnp.asarray(t, jnp.float32)
+    c_skip = SIGMA_DATA**2 / (st**2 + SIGMA_DATA**2)
+    c_out = st / jnp.sqrt(st**2 + SIGMA_DATA**2)
+    shape = jnp.shape(t) + (1,) * (ndim - jnp.ndim(t))
+    return c_skip.reshape(shape), c_out.reshape(shape)
+
+
+def consistency_output(x_t, t, x0):
+    """The consistency function f(x_t, t) from the network's x0 at (x_t, t)."""
+    c_skip, c_out = boundary_scalings(t, x_t.ndim)
+    return c_skip * x_t + c_out * x0
+
+
+def _consistency_step(predict, schedule, x_t, t, t_prev, key, aux, eta):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x_t, t), then x0
+    noised afresh to t_prev, x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) z; the step to
+    the clean end returns x0. One step from T-1 is one network evaluation. eta unused."""
+    del eta
+    x0, _ = predict(x_t, t)
+    x0 = consistency_output(x_t, t, x0)
+    a_prev, s_prev = sqrt_alpha_bar(schedule, t_prev, x_t.ndim)
+    return a_prev * x0 + s_prev * normal(key, x_t.shape, x_t.dtype), aux
+
+
 class Rule(NamedTuple):
     step: Callable  # rule(predict, schedule, x, t, t_prev, key, aux, eta) -> (x, aux)
     init: Callable  # x_T -> aux (multistep history; () for one-step rules)
@@ -206,6 +241,7 @@ RULES = {
     "fixedsmall": Rule(functools.partial(_ddpm_step, variance="fixedsmall"), _no_history),
     "learned": Rule(functools.partial(_ddpm_step, variance="learned"), _no_history),
     "ddim": Rule(_ddim_step, _no_history),
+    "consistency": Rule(_consistency_step, _no_history),
     "euler": Rule(functools.partial(_edm_step, heun=False), _no_history),
     "heun": Rule(functools.partial(_edm_step, heun=True), _no_history),
     "dpmpp_2m": Rule(functools.partial(_dpmpp_2m_step, sde=False), _dpmpp_init),

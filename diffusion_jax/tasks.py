@@ -8,8 +8,9 @@ model and the optimizer:
   quality(config, model, schedule, mesh) -> record(params, step, interrupt) -> dict
       the in-loop metrics of ``eval.metrics_every_steps`` (eval.jsonl, TensorBoard).
 
-Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples) and
-``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
+Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples),
+``consistency`` (a consistency model distilled from a teacher workdir, starting from its
+weights, or trained without one; consistency.py; sampled and scored like a denoiser) and ``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
 reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``). A latent
 diffusion run is the diffusion task whose samples are decoded (``image_sample_fn``) and
 scored against the latent dataset's source images. Each
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from diffusion_jax import autoencoding, data, evaluation, generate, latent_space, steps
+from diffusion_jax import autoencoding, consistency, data, evaluation, generate, latent_space, steps
 from diffusion_jax.models import is_autoencoder
 
 
@@ -34,6 +35,8 @@ class Task:
     train_step: Callable
     grid: Callable
     quality: Callable
+    # config -> the parameters a fresh run starts from (None: the model's random init)
+    initial_params: Callable = lambda config: None
 
 
 def _eval_reference(config):
@@ -194,8 +197,33 @@ def _autoencoder_train_step(model, tx, schedule, config, axis_name=None):
     return autoencoding.make_train_step(model, tx, config, axis_name=axis_name)
 
 
+# ----------------------------------------------------------------------------------------
+# Consistency distillation: a denoiser trained from a teacher, sampled and scored like one.
+
+
+def _consistency_train_step(model, tx, schedule, config, axis_name=None):
+    if config.consistency.mode == "train":
+        return consistency.make_ct_step(model, tx, schedule, config, axis_name=axis_name)
+    teacher = consistency.load_teacher(config)
+    return consistency.make_distill_step(model, tx, schedule, config, teacher, axis_name=axis_name)
+
+
+def _consistency_initial_params(config):
+    """Distillation starts from the teacher's EMA weights; training from scratch."""
+    if config.consistency.mode == "distill":
+        return consistency.load_teacher(config)[1]
+    return None
+
+
 TASKS = {
     "diffusion": Task("diffusion", steps.make_train_step, _diffusion_grid, _diffusion_quality),
+    "consistency": Task(
+        "consistency",
+        _consistency_train_step,
+        _diffusion_grid,
+        _diffusion_quality,
+        initial_params=_consistency_initial_params,
+    ),
     "autoencoder": Task(
         "autoencoder", _autoencoder_train_step, _autoencoder_grid, _autoencoder_quality
     ),
@@ -203,5 +231,10 @@ TASKS = {
 
 
 def task_of(config) -> Task:
-    """The task a config trains: ``autoencoder`` for autoencoder models, else diffusion."""
-    return TASKS["autoencoder" if is_autoencoder(config.model) else "diffusion"]
+    """The task a config trains: ``autoencoder`` for autoencoder models, ``consistency``
+    with a consistency.mode, else diffusion."""
+    if is_autoencoder(config.model):
+        return TASKS["autoencoder"]
+    if config.get("consistency", {}).get("mode"):
+        return TASKS["consistency"]
+    return TASKS["diffusion"]

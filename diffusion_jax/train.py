@@ -18,7 +18,12 @@ from diffusion_jax import data, evaluation, metrics, parallel, runtime, schedule
 from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.models import build_model
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
-from diffusion_jax.state import create_train_state, make_lr_schedule, make_optimizer
+from diffusion_jax.state import (
+    create_train_state,
+    make_lr_schedule,
+    make_optimizer,
+    state_from_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,9 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    if restored is None:
+    if restored is None and (start := task.initial_params(config)) is not None:
+        state = jax.device_put(state_from_params(start, tx, config.seed), dp.state_sharding)
+    elif restored is None:
         state = create_train_state(
             model, tx, spec.image_shape, config.seed, out_sharding=dp.state_sharding
         )

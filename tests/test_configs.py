@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from diffusion_jax import data, latent_space, workdir
+from diffusion_jax import consistency, data, latent_space, workdir
 from diffusion_jax.models import abstract_params, build_model
 
 from helpers import REPO
@@ -30,6 +30,9 @@ def test_config_is_valid_and_its_model_builds(name, monkeypatch):
     # A latent config names an encoded dataset that only exists after its autoencoder was
     # trained; the pairing is checked in test_latent_diffusion.py, everything else here.
     monkeypatch.setattr(latent_space, "metadata_of", lambda c: None)
+    # Likewise a distillation config names a teacher workdir trained first
+    # (test_consistency.py checks the pairing).
+    monkeypatch.setattr(consistency, "check_teacher", lambda c: None)
     size = config.data.image_size
     classes = max(config.model.num_classes, 10)
     shape = (size, size, CHANNELS[config.data.name])

@@ -142,13 +142,10 @@ def run(
     num_heads: int = 0,
 ) -> dict:
     """Write the workdir; returns what convert.json records."""
-    import jax
-    import jax.numpy as jnp
-
     from diffusion_jax import data, workdir
     from diffusion_jax.convert import convert_diffusers, convert_dit
     from diffusion_jax.models import count_params
-    from diffusion_jax.state import TrainState, make_optimizer
+    from diffusion_jax.state import make_optimizer, state_from_params
 
     if workdir.has_checkpoints(out):
         raise workdir.ConfigError(f"--workdir={out} already holds checkpoints; choose a new one")
@@ -169,21 +166,14 @@ def run(
     )
     workdir.check_config(config, spec, training=False)
 
-    tx = make_optimizer(config.optim, config.train.num_steps)
-    params = jax.tree.map(jnp.asarray, params)
-    _, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as create_train_state
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=tx.init(params),
-        rng=state_rng,
+    state = state_from_params(
+        params, make_optimizer(config.optim, config.train.num_steps), config.seed
     )
     info = {
         "from": source,
         "weights": os.path.abspath(weights),
         "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "num_params": count_params(params),
+        "num_params": count_params(state.params),
         **facts,
     }
     workdir.save_config(config, out)
