@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -282,10 +283,15 @@ def check_teacher(config) -> None:
 
 
 def load_teacher(config):
-    """(apply(params, x, t, y), EMA params) of the teacher workdir."""
+    """(apply(params, x, t, y), EMA params) of the teacher workdir, read once per process
+    (the run's initial parameters and its train step both need them)."""
+    return _teacher(os.path.abspath(config.consistency.teacher))
+
+
+@functools.lru_cache(maxsize=1)
+def _teacher(path: str):
     from diffusion_jax import workdir
 
-    path = config.consistency.teacher
     model, _, state = workdir.load_state(path, workdir.load_config(path))
 
     def apply(params, x, t, y):

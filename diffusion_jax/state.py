@@ -93,9 +93,10 @@ def create_train_state(
 def state_from_params(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A step-0 state whose parameters and EMA are ``params`` (imported or teacher
     weights), with a fresh optimizer state and the rng ``create_train_state`` would draw.
-    The EMA is a copy: a train step donates the state, and a buffer donated twice (as
-    params and as EMA) crashes XLA."""
-    params = jax.tree.map(jnp.asarray, params)
+    Parameters and EMA are fresh copies: a train step donates the state, and a buffer
+    donated twice (as params and as EMA), or still held by the caller (a cached teacher),
+    must not be."""
+    params = jax.tree.map(jnp.array, params)
     _, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     return TrainState(
         step=jnp.zeros((), jnp.int32),

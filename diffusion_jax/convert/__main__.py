@@ -77,7 +77,7 @@ def _latent_space(config, out: str, autoencoder: str, scale_factor: float, facts
     """Point a DiT's config at ``autoencoder`` through a metadata-only latent space."""
     from diffusion_jax import workdir
     from diffusion_jax.datasets import latents
-    from diffusion_jax.models import build_model
+    from diffusion_jax.models import build_model, is_autoencoder
 
     if not autoencoder:
         raise workdir.ConfigError(
@@ -86,9 +86,9 @@ def _latent_space(config, out: str, autoencoder: str, scale_factor: float, facts
         )
     ae_config = workdir.load_config(autoencoder)
     workdir.require_checkpoint(autoencoder)
-    ae = build_model(ae_config.model)
-    if not hasattr(ae, "downsample_factor"):
+    if not is_autoencoder(ae_config.model):
         raise workdir.ConfigError(f"--autoencoder={autoencoder} holds no autoencoder")
+    ae = build_model(ae_config.model)
     if ae.latent_channels != facts["image_channels"]:
         raise workdir.ConfigError(
             f"--autoencoder={autoencoder} has {ae.latent_channels} latent channels but the "
