@@ -41,6 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
             out_channels=None,
         )
     )
+    # Text-to-image (models/text.py): vocab_size 0 = no captions; else the size of the
+    # dataset's tokenizer (its words + padding + unknown; a run checks it and names the
+    # value), and the denoiser reads captions of up to max_length words through a
+    # transformer encoder trained with it. conditioning: "cross" (cross-attention at the
+    # UNet's attention resolutions / in every DiT block) | "pooled" (the mean caption
+    # embedding added where a class embedding goes).
+    c.model.text = ml_collections.ConfigDict(
+        dict(vocab_size=0, max_length=16, width=128, depth=2, num_heads=4, conditioning="cross")
+    )
     c.model.autoencoder = ml_collections.ConfigDict(
         dict(AUTOENCODER_PRESETS["fashion-f4"], conv_impl="xla")
     )
@@ -71,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.objective.prediction = "eps"  # eps | x0 | v
     c.objective.weighting = "uniform"  # uniform | min_snr
     c.objective.min_snr_gamma = 5.0
-    c.objective.label_dropout = 0.1  # classifier-free guidance (class-conditional models)
+    c.objective.label_dropout = 0.1  # classifier-free guidance: label or caption dropout
     # Learned variance (Nichol & Dhariwal 2021): the model outputs 2C channels (the
     # prediction and the interpolation v of log beta_tilde..log beta); the loss becomes
     # L_simple + vlb_weight * L_vlb (the hybrid loss). Sample with sampler.variance=learned.

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import guidance, objectives, steps
+from diffusion_jax import conditioning, guidance, objectives, steps
 from diffusion_jax.schedules import NoiseSchedule
 from diffusion_jax.step_rules import consistency_output, predict_x0_eps, sqrt_alpha_bar
 from diffusion_jax.timesteps import ddim_timesteps
@@ -107,7 +107,7 @@ def make_distill_step(
     every draw of an example is keyed by its global id.
     """
     cons, obj, model_cfg = config.consistency, config.objective, config.model
-    conditional = model_cfg.num_classes > 0
+    conditional = conditioning.kind(model_cfg) != "none"
     grid_ts = grid(schedule.num_timesteps, cons.num_grid_steps)
     ts = jnp.asarray(grid_ts)
     ts_next = jnp.asarray(np.append(grid_ts[1:], 0).astype(np.int32))  # the boundary last
@@ -118,7 +118,7 @@ def make_distill_step(
     def teacher_fn(y):
         if not conditional:
             return functools.partial(teacher_apply, teacher_params, y=None)
-        null = jnp.full_like(y, model_cfg.num_classes)
+        null = conditioning.null_like(model_cfg, y)
         return guidance.guided_model_fn(
             teacher_apply,
             teacher_params,
@@ -134,7 +134,7 @@ def make_distill_step(
         keys, noise = _example_draws(state, x0, axis_name)
         n = jax.vmap(lambda k: jax.random.randint(k, (), 0, ts.shape[0]))(keys)
         t, s = ts[n], ts_next[n]
-        y = batch["label"] if conditional else None
+        y = conditioning.from_batch(model_cfg, batch)
         x_t = objectives.q_sample(schedule, x0, t, noise)
         x_s = jax.lax.stop_gradient(
             teacher_step(teacher_fn(y), schedule, obj.prediction, x_t, t, s)
@@ -196,7 +196,6 @@ def make_ct_step(model, tx, schedule: NoiseSchedule, config, *, axis_name: Optio
     cons, obj = config.consistency, config.objective
     per_stage, sizes = ct_curriculum(schedule.num_timesteps, config.train.num_steps)
     hi, lo, weight, logp = (jnp.asarray(a) for a in ct_tables(schedule, sizes))
-    conditional = config.model.num_classes > 0
     f = consistency_fn(model, schedule, obj.prediction)
 
     def train_step(state, batch):
@@ -205,7 +204,7 @@ def make_ct_step(model, tx, schedule: NoiseSchedule, config, *, axis_name: Optio
         stage = jnp.minimum(state.step // per_stage, len(sizes) - 1)
         i = jax.vmap(lambda k: jax.random.categorical(k, logp[stage]))(keys)
         t_hi, t_lo = hi[stage, i], lo[stage, i]
-        y = batch["label"] if conditional else None
+        y = conditioning.from_batch(config.model, batch)
         x_hi = objectives.q_sample(schedule, x0, t_hi, noise)
         x_lo = objectives.q_sample(schedule, x0, t_lo, noise)
         target = jax.lax.stop_gradient(f(state.params, x_lo, t_lo, y))
@@ -261,7 +260,7 @@ def check_teacher(config) -> None:
     if teacher.model.name == "autoencoder":
         raise ValueError(f"consistency.teacher={cons.teacher!r} holds an autoencoder")
     name = config.model.name
-    sections = {"model": ("name", "num_classes", name), "schedule": tuple(config.schedule)}
+    sections = {"model": ("name", "num_classes", "text", name), "schedule": tuple(config.schedule)}
     for section, keys in sections.items():
         ours = workdir.flatten({k: config[section][k] for k in keys if k in config[section]})
         theirs = workdir.flatten({k: teacher[section][k] for k in keys if k in teacher[section]})

@@ -42,6 +42,7 @@ from absl import flags
 
 from diffusion_jax import data_order, data_transforms as transforms, datasets
 from diffusion_jax.datasets import digits, latents
+from diffusion_jax.tokenizer import Tokenizer
 
 DIGITS = digits.NAME
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "diffusion_jax", "tensorflow_datasets")
@@ -126,12 +127,26 @@ def _parse_config(data_cfg: Any) -> _Config:
     )
 
 
-def _open(cfg: _Config, split: str):
-    """Returns (random-access source, DatasetSpec, transforms.PrepareExample) for `split`."""
+def _tokenizer(cfg: _Config, features, caption_length: int) -> Tokenizer | None:
+    """The tokenizer that adds "tokens" [caption_length] to examples (None for 0)."""
+    if not caption_length:
+        return None
+    if "caption" not in features:
+        raise ValueError(
+            f"a text model reads captions but {cfg.name!r} has none (features: "
+            f"{list(features)}); use a captioned dataset such as data.name=glyphs"
+        )
+    return Tokenizer(datasets.vocabulary(cfg.name, cfg.data_dir), caption_length)
+
+
+def _open(cfg: _Config, split: str, caption_length: int = 0):
+    """Returns (random-access source, DatasetSpec, transforms.PrepareExample) for `split`;
+    with ``caption_length`` the examples carry their caption's "tokens"."""
     builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
     features = builder.info.features
+    tokenizer = _tokenizer(cfg, features, caption_length)
     if "latent" in features:
-        return _open_latents(cfg, source, features)
+        return _open_latents(cfg, source, features, tokenizer)
     if "image" not in features:
         raise ValueError(f"{cfg.name!r} has no 'image' feature (features: {list(features)})")
     native_shape = tuple(features["image"].shape)  # (H, W, C); H, W may be None
@@ -158,12 +173,16 @@ def _open(cfg: _Config, split: str):
         num_examples=len(source),
     )
     prepare = transforms.PrepareExample(
-        cfg.image_size, crop=cfg.name != DIGITS, has_label=has_label, pad=cfg.resize_method == "pad"
+        cfg.image_size,
+        crop=cfg.name != DIGITS,
+        has_label=has_label,
+        pad=cfg.resize_method == "pad",
+        tokenizer=tokenizer,
     )
     return source, spec, prepare
 
 
-def _open_latents(cfg: _Config, source, features):
+def _open_latents(cfg: _Config, source, features, tokenizer=None):
     """(source, spec, transforms.PrepareLatent) of a latent dataset (datasets/latents.py): latents
     are never resized, and come out multiplied by the dataset's measured scale_factor."""
     shape = tuple(int(d) for d in features["latent"].shape)
@@ -186,7 +205,8 @@ def _open_latents(cfg: _Config, source, features):
         num_classes=int(features["label"].num_classes) if has_label else 0,
         num_examples=len(source),
     )
-    return source, spec, transforms.PrepareLatent(float(metadata["scale_factor"]), has_label)
+    prepare = transforms.PrepareLatent(float(metadata["scale_factor"]), has_label, tokenizer)
+    return source, spec, prepare
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,9 +340,17 @@ def dataset_spec(data_cfg) -> DatasetSpec:
 
 
 def create_train_iterator(
-    data_cfg, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_cfg,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    caption_length: int = 0,
 ) -> TrainIterator:
-    """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples.
+    """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples
+    (with ``caption_length`` > 0 each batch also has "tokens" [B, caption_length]: the
+    captions tokenized with the dataset's vocabulary, tokenizer.py).
 
     ``batch_size`` is per process; the global batch is ``batch_size * process_count``. See
     the module docstring for the order; it depends only on (dataset, split, seed, global
@@ -337,7 +365,7 @@ def create_train_iterator(
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    source, spec, prepare = _open(cfg, cfg.split)
+    source, spec, prepare = _open(cfg, cfg.split, caption_length)
     n = spec.num_examples
     global_batch = batch_size * process_count
     if global_batch > n:
@@ -400,3 +428,18 @@ def load_split_rows(
         images[j], labels[j] = example["image"], example["label"]
     batch = transforms.to_float({"image": images, "label": labels})
     return batch["image"], batch["label"]
+
+
+def load_split_captions(
+    data_cfg, split: str, stop: int, start: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """The captions and labels of rows ``[start, stop)`` of `split` in stored order (rows
+    past the end wrap around): what text models are sampled under for grids and metrics,
+    and what ``diffusion_jax.encode`` carries into a latent dataset."""
+    cfg = _parse_config(data_cfg)
+    builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
+    if "caption" not in builder.info.features:
+        raise ValueError(f"{cfg.name!r} has no captions (features: {list(builder.info.features)})")
+    records = [source[i % len(source)] for i in range(start, stop)]
+    labels = np.asarray([r.get("label", 0) for r in records], np.int32)
+    return [transforms.caption_text(r) for r in records], labels

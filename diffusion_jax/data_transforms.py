@@ -1,15 +1,18 @@
 """Per-example and per-batch transforms of the input pipeline (data.py): fitting images to
 ``image_size`` (bilinear resize after a center crop, or center padding), scaling latents,
-random flips and uint8 -> float. Module-level functions and frozen dataclasses, so grain
+tokenizing captions, random flips and uint8 -> float. Module-level functions and frozen dataclasses, so grain
 can pickle them for its worker processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax.tokenizer import Tokenizer
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -46,9 +49,25 @@ def center_crop_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
+def caption_text(record) -> str:
+    """A record's "caption" as text (TFDS Text features read back as UTF-8 bytes)."""
+    value = record["caption"]
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _with_tokens(example: dict, record, tokenizer: Optional[Tokenizer]) -> dict:
+    """``example`` plus "tokens" int32 [L], the record's caption tokenized (if asked)."""
+    if tokenizer is not None:
+        example["tokens"] = tokenizer.encode(caption_text(record))
+    return example
+
+
 @dataclasses.dataclass(frozen=True)
 class PrepareExample:
-    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar}.
+    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar} (+ "tokens"
+    int32 [L], the caption through ``tokenizer``, when one is given).
 
     A different-size image is center-padded with 0 (``pad``), or else center-cropped to a
     square (``crop``) and resized with PIL bilinear.
@@ -58,6 +77,7 @@ class PrepareExample:
     crop: bool
     has_label: bool
     pad: bool = False
+    tokenizer: Optional[Tokenizer] = None
 
     def __call__(self, record):
         image = np.asarray(record["image"])
@@ -71,20 +91,22 @@ class PrepareExample:
         elif image.shape[:2] != (size, size):
             image = resize(center_crop_square(image) if self.crop else image, size)
         label = np.int32(record["label"]) if self.has_label else np.int32(0)
-        return {"image": image, "label": label}
+        return _with_tokens({"image": image, "label": label}, record, self.tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareLatent:
-    """Latent record -> {"image": float32 latent * scale_factor, "label": int32 scalar}."""
+    """Latent record -> {"image": float32 latent * scale_factor, "label": int32 scalar}
+    (+ "tokens" like ``PrepareExample``)."""
 
     scale_factor: float
     has_label: bool
+    tokenizer: Optional[Tokenizer] = None
 
     def __call__(self, record):
         latent = np.asarray(record["latent"], np.float32) * np.float32(self.scale_factor)
         label = np.int32(record["label"]) if self.has_label else np.int32(0)
-        return {"image": latent, "label": label}
+        return _with_tokens({"image": latent, "label": label}, record, self.tokenizer)
 
 
 def random_flip(example, rng: np.random.Generator):
@@ -96,8 +118,11 @@ def random_flip(example, rng: np.random.Generator):
 
 def to_float(batch):
     """uint8 [B, H, W, C] -> float32 in [-1, 1] (float latents pass unchanged); labels
-    int32 [B]."""
+    int32 [B]; caption tokens, if any, unchanged."""
     image = batch["image"]
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {"image": image, "label": batch["label"].astype(np.int32)}
+    out = {"image": image, "label": batch["label"].astype(np.int32)}
+    if "tokens" in batch:
+        out["tokens"] = batch["tokens"]
+    return out

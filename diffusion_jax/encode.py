@@ -6,7 +6,7 @@ r"""Encode a dataset with a trained autoencoder into a latent dataset.
 Reads every image of each split (the autoencoder's data config: its dataset, image size
 and resize method, unless --dataset/--data_dir say otherwise), encodes it with the
 autoencoder's EMA parameters, and writes a TFDS latent dataset to --out
-(``diffusion_jax/datasets/latents.py`` describes it), with the labels carried along and
+(``diffusion_jax/datasets/latents.py`` describes it), with the labels (and captions) carried along and
 the train split's per-channel statistics and measured ``scale_factor`` in latents.json.
 Train a diffusion model on it with ``--config.data.name=latents
 --config.data.data_dir=OUT --config.latent.autoencoder=AUTOENCODER_WORKDIR``.
@@ -120,7 +120,7 @@ def run(
     """Encode (resuming) and build the latent dataset; returns its metadata."""
     import jax
 
-    from diffusion_jax import data, metrics, parallel, workdir
+    from diffusion_jax import data, datasets, metrics, parallel, workdir
     from diffusion_jax.datasets import latents
     from diffusion_jax.models import is_autoencoder
 
@@ -151,6 +151,8 @@ def run(
         "num_classes": next(iter(specs.values())).num_classes,
         "splits": {s: spec.num_examples for s, spec in specs.items()},
     }
+    if source["name"] in datasets.VOCABULARIES:  # captions are carried for text models
+        identity["captions"] = True
     workdir.ensure_writable_dir(out, "--out")
     path = latents.metadata_path(out)
     if os.path.exists(path):
@@ -183,8 +185,12 @@ def run(
             images, labels = data.load_split_rows({**source, "split": s}, s, start, stop)
             index = np.arange(start, stop, dtype=np.int32)
             z = encode(images, split_id, index)
+            extra = {}
+            if identity.get("captions"):
+                captions, _ = data.load_split_captions({**source, "split": s}, s, stop, start)
+                extra["caption"] = np.asarray(captions)
             tmp = target + ".tmp.npz"
-            np.savez(tmp, latent=z, label=labels, index=index)
+            np.savez(tmp, latent=z, label=labels, index=index, **extra)
             os.replace(tmp, target)  # a chunk file is complete or absent
         progress.update(done)
     progress.close()

@@ -84,7 +84,14 @@ def run(
     e.g. {"sampler.num_steps": 20}."""
     import jax
 
-    from diffusion_jax import evaluation, latent_space, schedules, tasks, workdir as workdir_lib
+    from diffusion_jax import (
+        conditioning,
+        evaluation,
+        latent_space,
+        schedules,
+        tasks,
+        workdir as workdir_lib,
+    )
     from diffusion_jax.models import is_autoencoder
 
     if num_samples < 2:
@@ -134,6 +141,7 @@ def run(
         sample_fn, params_of = tasks.image_sample_fn(
             config, model, schedules.build(config.schedule), (bs, *spec.image_shape)
         )
+        conditions, labels = conditioning.evaluation_conditions(config, num_samples)
         result = evaluation.evaluate_sampler(
             sample_fn,
             params_of(params),
@@ -142,7 +150,8 @@ def run(
             num_samples=num_samples,
             batch_size=bs,
             seed=seed,
-            num_classes=config.model.num_classes,
+            conditions=conditions,
+            labels=labels,
             guidance_scale=config.sampler.guidance_scale,
             matched_num_samples=matched or None,
             info={**evaluation.sampler_info(config), **info},

@@ -66,15 +66,17 @@ def generate_samples(
     images=None,
     mask=None,
     source_labels=None,
+    negative=None,
     interrupt: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """``num_samples`` images [N, H, W, C] in [-1, 1] on the host, in batches.
 
-    ``sample_fn(params, rng, labels [B], guidance_scale, images, mask, source_labels)`` is
-    ``steps.make_sample_fn`` for shape ``(batch_size, H, W, C)``: one compile for all
-    batches. Batch ``i`` uses ``fold_in(PRNGKey(seed), i)``, so the samples depend only on
-    (params, seed, labels, batch_size, guidance, inputs). ``labels``, ``images`` [N, ...]
-    and ``source_labels`` [N] (default labels: zeros) are cut per batch, the last batch
+    ``sample_fn(params, rng, labels [B, ...], guidance_scale, images, mask, source_labels,
+    negative)`` is ``steps.make_sample_fn`` for shape ``(batch_size, H, W, C)``: one
+    compile for all batches. Batch ``i`` uses ``fold_in(PRNGKey(seed), i)``, so the samples
+    depend only on (params, seed, labels, batch_size, guidance, inputs). ``labels`` (class
+    labels [N] or caption tokens [N, L]; default zeros), ``negative`` (the labels' shape;
+    default the null condition), ``images`` [N, ...] and ``source_labels`` are cut per batch, the last batch
     padded by cycling its rows and the surplus outputs dropped. ``mask`` is either one
     mask broadcast to every batch (ndim < 4) or per image [N, H, W, C'].
 
@@ -92,8 +94,12 @@ def generate_samples(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples, batch_size >= 1, got {num_samples}, {batch_size}")
     labels = np.zeros((num_samples,), np.int32) if labels is None else np.asarray(labels, np.int32)
-    if labels.shape != (num_samples,):
-        raise ValueError(f"labels must be [{num_samples}], got {labels.shape}")
+    if labels.shape[:1] != (num_samples,):
+        raise ValueError(f"labels must be [{num_samples}, ...], got {labels.shape}")
+    if negative is not None:
+        negative = np.asarray(negative, np.int32)
+        if negative.shape != labels.shape:
+            raise ValueError(f"negative must have the labels' shape {labels.shape}")
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by the {mesh.size} mesh devices"
@@ -118,7 +124,16 @@ def generate_samples(
 
         rng = _place(jax.random.fold_in(jax.random.PRNGKey(seed), i), mesh, batched=False)
         batch_mask = cut(np.asarray(mask, np.float32)) if per_image_mask else shared_mask
-        out = fn(params, rng, cut(labels), scale, cut(images), batch_mask, cut(source_labels))
+        out = fn(
+            params,
+            rng,
+            cut(labels),
+            scale,
+            cut(images),
+            batch_mask,
+            cut(source_labels),
+            cut(negative),
+        )
         while interrupt is not None and not out.is_ready():
             if interrupt():
                 raise Interrupted(f"interrupted while sampling batch {i}", pending=out)

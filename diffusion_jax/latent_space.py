@@ -155,15 +155,15 @@ def downsample_mask(mask, factor: int):
 
 def wrap_sample_fn(sample_fn: Callable, space: LatentSpace) -> Callable:
     """``sample((denoiser_params, autoencoder_params), rng, labels, w, images, mask,
-    source_labels) -> decoded images`` around a latent ``sample_fn``."""
+    source_labels, negative) -> decoded images`` around a latent ``sample_fn``."""
 
-    def sample(params, rng, labels, guidance_scale, images=None, mask=None, source_labels=None):
-        denoiser, autoencoder = params
+    def sample(params, rng, labels, guidance_scale, images=None, mask=None, *conditions):
+        denoiser, autoencoder = params  # conditions: source labels, negative condition
         if images is not None:
             images = space.encode(autoencoder, images)
         if mask is not None:
             mask = downsample_mask(mask, space.downsample_factor)
-        z = sample_fn(denoiser, rng, labels, guidance_scale, images, mask, source_labels)
+        z = sample_fn(denoiser, rng, labels, guidance_scale, images, mask, *conditions)
         return space.decode(autoencoder, z)
 
     return sample

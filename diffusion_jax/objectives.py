@@ -165,8 +165,8 @@ def diffusion_loss(
     """Weighted MSE between the model output and its ``prediction`` target; with
     ``learn_sigma`` the hybrid loss L_simple + vlb_weight * L_vlb.
 
-    ``batch["image"]`` holds x0 [B, ...] in [-1, 1]; ``batch.get("label")`` is passed to
-    the model as its condition. t ~ U{0..T-1} per example. With eps prediction and
+    ``batch["image"]`` holds x0 [B, ...] in [-1, 1]; ``batch.get("condition")`` (labels,
+    caption tokens or None: conditioning.py) is passed to the model as its y. t ~ U{0..T-1} per example. With eps prediction and
     uniform weighting this is Ho et al.'s L_simple.
 
     t and eps of example i are drawn from ``fold_in(rng, example_ids[i])`` (default ids
@@ -198,7 +198,7 @@ def diffusion_loss(
         lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:], jnp.float32)
     )(keys).astype(x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
-    out = apply_fn(params, x_t, t, batch.get("label"), rng_model)
+    out = apply_fn(params, x_t, t, batch.get("condition"), rng_model)
     if learn_sigma:
         out, values = split_output(x_t, out)
         if values is None:

@@ -6,6 +6,9 @@ r"""Sample from, or edit images with, a trained workdir's latest EMA checkpoint.
   python -m diffusion_jax.sample --workdir=runs/digits --mode=img2img --input=in.npz --strength=0.6
   python -m diffusion_jax.sample --workdir=runs/digits --mode=inpaint --input=a.png,b.png --mask=top
   python -m diffusion_jax.sample --workdir=runs/digits --mode=invert --input=in.npz --labels=7
+  python -m diffusion_jax.sample --workdir=runs/glyphs --num_samples=16 \
+      --prompt="a large bold upright red serif letter A on a blue background" \
+      [--prompts_file=prompts.txt --negative_prompt="..."]
 
 Modes (see steps.make_sample_fn): sample (from noise), img2img (SDEdit: noise the inputs
 to --strength and denoise), inpaint (keep the inputs where --mask is 1, fill in the rest;
@@ -23,9 +26,14 @@ Sampler settings come from the workdir's config.json; ``--config.KEY=VALUE`` ove
 key of it (usually ``sampler.*``), checked like a training config. ``--seed=S`` with the
 default batch size redraws the training run's sample grids (they use seed config.seed + 1).
 
+Text models (model.text) take --prompt or --prompts_file instead of --labels, and
+--negative_prompt (guidance pushes away from it instead of from the empty caption); a word
+outside the training vocabulary is an error that names the closest known words.
+
 Writes a PNG grid (default <workdir>/samples/<mode>_<sampler>.png; edit modes show each
-input, masked for inpaint, next to its output) and optionally the raw outputs as uint8
-images with their class labels to an .npz (keys: images, labels).
+input, masked for inpaint, next to its output; text models get one row per prompt with the
+prompt above it) and optionally the raw outputs as uint8 images with their class labels
+(text models: tokens, and the prompts) to an .npz (keys: images, labels[, prompts]).
 """
 
 import os
@@ -33,7 +41,19 @@ import os
 import numpy as np
 from absl import flags
 
-from diffusion_jax import cli, generate, latent_space, metrics, runtime, samplers, schedules, steps
+from diffusion_jax import (
+    cli,
+    conditioning,
+    data,
+    generate,
+    latent_space,
+    metrics,
+    prompts,
+    runtime,
+    samplers,
+    schedules,
+    steps,
+)
 from diffusion_jax.edit_inputs import MASKS, load_images, load_mask, parse_interval, parse_labels
 from diffusion_jax.models import is_autoencoder
 from diffusion_jax.workdir import (
@@ -74,6 +94,20 @@ flags.DEFINE_string(
     "Comma-separated class labels cycled over samples "
     "(default: 0..num_classes-1 cycled, or the --input .npz's labels; "
     "invert: the labels to regenerate with). Class-conditional models only.",
+    **OWN,
+)
+flags.DEFINE_string("prompt", "", "Text models: the caption every sample is drawn under.", **OWN)
+flags.DEFINE_string(
+    "prompts_file",
+    "",
+    "Text models: a file of prompts, one per line; the samples are split into one row per "
+    "prompt (default: the first 8 training captions).",
+    **OWN,
+)
+flags.DEFINE_string(
+    "negative_prompt",
+    "",
+    "Text models: guide away from this caption instead of the empty one.",
     **OWN,
 )
 flags.DEFINE_string(
@@ -128,6 +162,8 @@ def setup(overrides: dict):
     spec = run_spec(FLAGS.workdir, config)
     check_config(config, spec, training=False)
     mode = FLAGS.mode
+    if conditioning.kind(config.model) == "caption" and (FLAGS.labels or FLAGS.source_labels):
+        raise ConfigError("a text model takes --prompt or --prompts_file, not --labels")
     if mode == "invert" and config.sampler.name != "ddim" and "sampler.name" in overrides:
         raise ConfigError(
             "--mode=invert always uses deterministic DDIM; drop --config.sampler.name"
@@ -175,6 +211,13 @@ def setup(overrides: dict):
         )
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
+    if conditioning.kind(config.model) == "caption":
+        labels = _caption_conditions(config, n, inputs)
+    elif FLAGS.prompt or FLAGS.prompts_file or FLAGS.negative_prompt:
+        raise ConfigError(
+            "--prompt/--prompts_file/--negative_prompt need a text model; this one is "
+            f"conditioned on {conditioning.kind(config.model)} (use --labels for classes)"
+        )
     # last of the checks: the probes create the output directories
     if FLAGS.out:
         ensure_writable_file(FLAGS.out, "--out", image=True)
@@ -185,6 +228,24 @@ def setup(overrides: dict):
     model, spec, state = load_state(FLAGS.workdir, config)
     params, step = state.ema_params, int(state.step)
     return config, model, spec, params, step, n, labels, inputs
+
+
+def _caption_conditions(config, n: int, inputs: dict) -> np.ndarray:
+    """Tokens [n, L] of the prompts (default: the first 8 training captions); records
+    the prompts, the negative prompt's tokens and (invert) the source captions in
+    ``inputs``."""
+    texts = prompts.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    if not texts:
+        texts, _ = data.load_split_captions(
+            latent_space.pixel_data_config(config), "train", min(n, 8)
+        )
+    tokenizer = conditioning.tokenizer(config)
+    tokens = prompts.encode(tokenizer, texts, n, "--prompt")
+    inputs["prompts"] = texts
+    inputs["negative"] = prompts.negative_tokens(tokenizer, FLAGS.negative_prompt, n)
+    if FLAGS.mode == "invert":
+        inputs["source_labels"] = tokens
+    return tokens
 
 
 def main(overrides: dict):
@@ -227,6 +288,7 @@ def main(overrides: dict):
             images=x_in,
             mask=mask,
             source_labels=inputs.get("source_labels"),
+            negative=inputs.get("negative"),
         )
 
     try:
@@ -242,7 +304,9 @@ def main(overrides: dict):
         name = f"{sampler}{num_steps}"
     out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{mode}_{name}.png")
     upscale = max(1, 32 // images.shape[1])
-    if mode == "sample":
+    if mode == "sample" and "prompts" in inputs:
+        grid = prompts.captioned_grid(images, inputs["prompts"], upscale=upscale)
+    elif mode == "sample":
         grid = metrics.make_grid(images, upscale=upscale)
     else:
         # each input (inpaint: its unknown region gray) next to its output
@@ -265,7 +329,8 @@ def main(overrides: dict):
         rms = float(np.sqrt(np.mean((recon - x_in) ** 2)))
         print(f"invert: round-trip (same labels) RMS {rms:.4f} in [-1, 1] units")
     if FLAGS.npz:
-        np.savez(FLAGS.npz, images=metrics.to_uint8(images), labels=labels)
+        extra_arrays = {"prompts": np.asarray(inputs["prompts"])} if "prompts" in inputs else {}
+        np.savez(FLAGS.npz, images=metrics.to_uint8(images), labels=labels, **extra_arrays)
         print(f"wrote {FLAGS.npz}")
 
 

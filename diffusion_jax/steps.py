@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import editing, guidance, objectives, samplers
+from diffusion_jax import conditioning, editing, guidance, objectives, samplers
 from diffusion_jax.schedules import NoiseSchedule
 from diffusion_jax.state import TrainState, ema_decay_at
 
@@ -26,14 +26,6 @@ def global_example_ids(local_batch: int, axis_name: Optional[str] = None):
     draw of an example is keyed by its id, so it is the same on any layout."""
     device = jax.lax.axis_index(axis_name) if axis_name else 0
     return device * local_batch + jnp.arange(local_batch)
-
-
-def drop_labels(rng, labels, example_ids, p: float, null_label: int):
-    """Classifier-free guidance training: replace each label by the null class with
-    probability ``p``, drawn per example id (layout-independent like the noise)."""
-    keys = objectives.per_example_keys(rng, example_ids)
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(keys)
-    return jnp.where(drop, null_label, labels)
 
 
 def loss_buckets(t, loss_per_example, num_timesteps: int):
@@ -131,7 +123,7 @@ def make_train_step(
     leaves params, EMA and optimizer state untouched (``metrics["finite"]`` is 0).
     """
     obj, model_cfg = config.objective, config.model
-    conditional = model_cfg.num_classes > 0
+    null = conditioning.null_id(model_cfg)
     # Only a model with dropout draws randomness; without it the per-example vmap would
     # cost time for nothing (digits UNet step at dropout 0: 0.498 vs 0.443 s, ~12%).
     random_model = model_cfg.get(model_cfg.name, {}).get("dropout", 0.0) > 0
@@ -144,13 +136,10 @@ def make_train_step(
         rng = jax.random.fold_in(state.rng, state.step)
         rng_loss, rng_labels = jax.random.split(rng)
         ids = global_example_ids(batch["image"].shape[0], axis_name)
-        batch = dict(batch)
-        if conditional:
-            batch["label"] = drop_labels(
-                rng_labels, batch["label"], ids, obj.label_dropout, model_cfg.num_classes
-            )
-        else:
-            batch.pop("label", None)
+        y = conditioning.from_batch(model_cfg, batch)
+        if y is not None:  # labels or captions, dropped for classifier-free guidance
+            y = conditioning.drop(rng_labels, y, ids, obj.label_dropout, null)
+        batch = {"image": batch["image"], "condition": y}
 
         def apply_fn(params, x_t, t, y, rng_model):
             if not random_model:
@@ -199,13 +188,15 @@ def make_sample_fn(
     guidance_rescale=None,
 ) -> Callable:
     """``sample(params, rng, labels, guidance_scale, images=None, mask=None,
-    source_labels=None) -> images [B, H, W, C]`` with the configured sampler.
+    source_labels=None, negative=None) -> images [B, H, W, C]`` with the configured sampler.
 
-    ``labels`` [B] (ignored by unconditional models); guidance_scale w gives the
-    prediction w * cond + (1 - w) * uncond from one batched forward pass (classifier-free
-    guidance, Ho & Salimans 2022; guidance.guided_model_fn): w = 1 is the plain
-    conditional model, w = 0 the unconditional one. params, rng, labels, w, images and
-    mask are traced: new values never recompile. guidance_interval = (t_lo, t_hi) and
+    ``labels``: the condition (conditioning.py): labels [B] or caption tokens [B, L];
+    ignored by unconditional models. guidance_scale w gives the prediction
+    w * cond + (1 - w) * uncond from one batched forward pass (classifier-free guidance,
+    Ho & Salimans 2022; guidance.guided_model_fn): w = 1 is the plain conditional model,
+    w = 0 the unconditional one. ``negative`` (same shape as labels; default the null
+    condition) replaces the unconditional branch: a negative prompt. params, rng, labels,
+    negative, w, images and mask are traced: new values never recompile. guidance_interval = (t_lo, t_hi) and
     guidance_rescale = phi are passed to guided_model_fn.
 
     mode (samplers.MODES) picks what ``images`` [B, H, W, C] in [-1, 1] are for:
@@ -219,7 +210,7 @@ def make_sample_fn(
                unused). source_labels == labels is the reconstruction round trip.
     """
     s_cfg, model_cfg = config.sampler, config.model
-    conditional = model_cfg.num_classes > 0
+    conditional = conditioning.kind(model_cfg) != "none"
     prediction = config.objective.prediction
     objectives.check_choice("sampler.name", s_cfg.name, SAMPLERS)
     objectives.check_choice("mode", mode, samplers.MODES)
@@ -241,15 +232,16 @@ def make_sample_fn(
     def apply_uncond(params, x_t, t):
         return apply_fn(params, x_t, t, None)
 
-    def model_fn(params, labels, guidance_scale):
+    def model_fn(params, labels, guidance_scale, negative=None):
         if not conditional:
             return jax.tree_util.Partial(apply_uncond, params)
-        null = jnp.full_like(labels, model_cfg.num_classes)
+        if negative is None:
+            negative = conditioning.null_like(model_cfg, labels)
         return guidance.guided_model_fn(
             apply_fn,
             params,
             labels,
-            null,
+            negative,
             guidance_scale,
             interval=guidance_interval,
             rescale=guidance_rescale,
@@ -257,8 +249,17 @@ def make_sample_fn(
             prediction=prediction,
         )
 
-    def sample(params, rng, labels, guidance_scale, images=None, mask=None, source_labels=None):
-        fn = model_fn(params, labels, guidance_scale)
+    def sample(
+        params,
+        rng,
+        labels,
+        guidance_scale,
+        images=None,
+        mask=None,
+        source_labels=None,
+        negative=None,
+    ):
+        fn = model_fn(params, labels, guidance_scale, negative)
         if mode == "sample":
             return samplers.sample(fn, schedule, rng, shape, **options)
         if images is None:

@@ -25,7 +25,16 @@ from typing import Callable
 
 import numpy as np
 
-from diffusion_jax import autoencoding, consistency, data, evaluation, generate, latent_space, steps
+from diffusion_jax import (
+    autoencoding,
+    conditioning,
+    consistency,
+    data,
+    evaluation,
+    generate,
+    latent_space,
+    steps,
+)
 from diffusion_jax.models import is_autoencoder
 
 
@@ -75,7 +84,7 @@ def _diffusion_grid(config, model, schedule, spec, mesh):
     n = config.eval.num_samples
     batch = generate.padded_batch_size(n, mesh)
     sample_fn, params_of = image_sample_fn(config, model, schedule, (batch, *spec.image_shape))
-    labels = generate.class_balanced_labels(config.model.num_classes, n)
+    conditions, _ = conditioning.evaluation_conditions(config, n)
 
     def images(params, interrupt=None):
         return generate.generate_samples(
@@ -84,7 +93,7 @@ def _diffusion_grid(config, model, schedule, spec, mesh):
             n,
             batch,
             config.seed + 1,
-            labels,
+            conditions,
             guidance_scale=config.sampler.guidance_scale,
             mesh=mesh,
             interrupt=interrupt,
@@ -104,6 +113,7 @@ def _diffusion_quality(config, model, schedule, mesh):
     n = config.eval.metrics_num_samples
     batch = generate.padded_batch_size(min(n, 500), mesh)
     sample_fn, params_of = image_sample_fn(config, model, schedule, (batch, *spec.image_shape))
+    conditions, labels = conditioning.evaluation_conditions(config, n)
 
     def quality(params, step: int, interrupt=None) -> dict:
         record = evaluation.evaluate_sampler(
@@ -114,7 +124,8 @@ def _diffusion_quality(config, model, schedule, mesh):
             num_samples=n,
             batch_size=batch,
             seed=config.eval.metrics_seed,
-            num_classes=config.model.num_classes,
+            conditions=conditions,
+            labels=labels,
             guidance_scale=config.sampler.guidance_scale,
             mesh=mesh,
             matched_num_samples=matched,

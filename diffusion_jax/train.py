@@ -14,7 +14,17 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import data, evaluation, metrics, parallel, runtime, schedules, tasks, workdir
+from diffusion_jax import (
+    conditioning,
+    data,
+    evaluation,
+    metrics,
+    parallel,
+    runtime,
+    schedules,
+    tasks,
+    workdir,
+)
 from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.models import build_model
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
@@ -75,6 +85,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        caption_length=conditioning.caption_length(config.model),
     )
     if restored is None and (start := task.initial_params(config)) is not None:
         state = jax.device_put(state_from_params(start, tx, config.seed), dp.state_sharding)

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import (
+    conditioning,
     consistency,
     data,
     latent_space,
@@ -164,6 +165,7 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             f"{spec.name!r} has {spec.num_classes} classes; set it to 0 "
             f"(unconditional) or {spec.num_classes}"
         )
+    conditioning.check_vocabulary(c)
     try:
         samplers.ddpm_num_steps(c.schedule.num_timesteps, c.sampler.respacing)
     except ValueError as e:

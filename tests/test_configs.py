@@ -9,7 +9,8 @@ import os
 import jax
 import pytest
 
-from diffusion_jax import consistency, data, latent_space, workdir
+from diffusion_jax import conditioning, consistency, data, latent_space, workdir
+from diffusion_jax.datasets import glyph_render
 from diffusion_jax.models import abstract_params, build_model
 
 from helpers import REPO
@@ -20,7 +21,7 @@ CONFIGS = sorted(
     if not p.endswith("__init__.py")
 )
 # Channels of each dataset the configs name (the specs of tfds datasets need their data).
-CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3}
+CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "glyphs": 3}
 CHANNELS["latents"] = 4  # fashion_ldm.py, imagenet256_dit_xl2.py: 4-channel latents
 
 
@@ -33,6 +34,9 @@ def test_config_is_valid_and_its_model_builds(name, monkeypatch):
     # Likewise a distillation config names a teacher workdir trained first
     # (test_consistency.py checks the pairing).
     monkeypatch.setattr(consistency, "check_teacher", lambda c: None)
+    # and a latent text config reads its vocabulary from the encoded dataset's source
+    if config.data.name == "latents" and config.model.text.vocab_size:
+        monkeypatch.setattr(conditioning, "vocabulary", lambda d: glyph_render.VOCABULARY)
     size = config.data.image_size
     classes = max(config.model.num_classes, 10)
     shape = (size, size, CHANNELS[config.data.name])

@@ -212,7 +212,7 @@ def test_label_and_t_reach_apply_fn():
         seen.update(y=y, t=t, x_t=x_t, rng=rng)
         return jnp.zeros_like(x_t) + y.astype(x_t.dtype)[:, None, None, None]
 
-    batch = {"image": jnp.zeros((8, 2, 2, 1)), "label": label}
+    batch = {"image": jnp.zeros((8, 2, 2, 1)), "condition": label}
     loss, aux = obj.diffusion_loss(spy, None, sched(), batch, jax.random.key(15), prediction="x0")
     assert seen["y"] is label
     np.testing.assert_array_equal(seen["t"], aux["t"])
@@ -221,7 +221,7 @@ def test_label_and_t_reach_apply_fn():
     # x0 = 0 and output = label: per-example loss is label^2, exactly (small integers).
     np.testing.assert_array_equal(aux["loss_per_example"], f64(label) ** 2)
 
-    # No label in the batch -> the model gets None (unconditional).
+    # No condition in the batch -> the model gets None (unconditional).
     seen.clear()
     obj.diffusion_loss(
         lambda p, x, t, y, r: seen.update(y=y) or jnp.zeros_like(x),

@@ -227,7 +227,7 @@ def test_inception_conv_bn_matches_pytorch_basic_conv2d():
 # --------------------------------------------------------------------------- sampling
 
 
-def toy_sample_fn(params, rng, labels, guidance_scale, images=None, mask=None, source_labels=None):
+def toy_sample_fn(params, rng, labels, guidance_scale, images=None, mask=None, *unused):
     """Stands in for steps.make_sample_fn's output: [B, 2, 2, 1] from noise + labels."""
     noise = jax.random.normal(rng, (labels.shape[0], 2, 2, 1))
     return params["w"] * noise + guidance_scale * labels[:, None, None, None]

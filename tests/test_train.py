@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import generate, parallel, schedules, steps, workdir
+from diffusion_jax import conditioning, generate, parallel, schedules, steps, workdir
 from diffusion_jax.models import build_model
 from diffusion_jax.state import create_train_state, make_optimizer
 
@@ -307,7 +307,7 @@ def test_label_dropout_rate_null_class_and_layout():
     n, p, null = 20000, 0.1, 10
     labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, n), jnp.int32)
     ids = jnp.arange(n)
-    out = np.asarray(steps.drop_labels(rng, labels, ids, p, null))
+    out = np.asarray(conditioning.drop(rng, labels, ids, p, null))
     dropped = out != np.asarray(labels)
     # kept labels are untouched, dropped ones are exactly the null class
     assert set(np.unique(out[dropped])) == {null}
@@ -315,14 +315,14 @@ def test_label_dropout_rate_null_class_and_layout():
     assert abs(dropped.sum() - n * p) < 5 * np.sqrt(n * p * (1 - p)), dropped.sum()
     # 8 shards with their global ids draw what the whole batch draws
     shards = [
-        steps.drop_labels(rng, labels[i : i + n // 8], ids[i : i + n // 8], p, null)
+        conditioning.drop(rng, labels[i : i + n // 8], ids[i : i + n // 8], p, null)
         for i in range(0, n, n // 8)
     ]
     np.testing.assert_array_equal(np.concatenate(shards), out)
     # another step's key draws other examples; p = 0 drops none
-    other = np.asarray(steps.drop_labels(jax.random.PRNGKey(4), labels, ids, p, null))
+    other = np.asarray(conditioning.drop(jax.random.PRNGKey(4), labels, ids, p, null))
     assert (other != out).sum() > n * p
-    np.testing.assert_array_equal(steps.drop_labels(rng, labels, ids, 0.0, null), labels)
+    np.testing.assert_array_equal(conditioning.drop(rng, labels, ids, 0.0, null), labels)
 
 
 def test_loss_buckets_partition_the_batch_by_t():

@@ -10,7 +10,8 @@ Bundled / locally built datasets (registered in ``BUILDERS``, written once on fi
   * ``latents`` (:mod:`diffusion_jax.datasets.latents`): a dataset encoded by an
     autoencoder (``python -m diffusion_jax.encode``) in ``data.data_dir``; never built
     here, only read.
-  (Glyphs will follow, in its own module.)
+  * ``glyphs`` / ``glyphs_tiny`` (:mod:`diffusion_jax.datasets.glyphs`): captioned 32x32
+    RGB characters drawn from matplotlib's fonts, 20,000 / 512 train; works offline.
 
 Any other name is a TFDS dataset that must already be prepared (array_record) in the data
 dir: ``tfds.builder(name, data_dir=...)``. Nothing is downloaded at run time.
@@ -31,14 +32,42 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from diffusion_jax.datasets import digits, fashion_mnist, latents
+from diffusion_jax.datasets import digits, fashion_mnist, glyph_render, glyphs, latents
 
 # dataset name -> (data_dir -> prepared TFDS builder), building it on first use.
 BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
     digits.NAME: digits.builder,
     fashion_mnist.NAME: fashion_mnist.builder,
     latents.NAME: latents.builder,
+    glyphs.NAME: glyphs.builder,
+    glyphs.TINY_NAME: glyphs.tiny_builder,
 }
+
+
+# dataset name -> the words its captions are made of (tokenizer.py builds on them).
+VOCABULARIES: dict[str, tuple[str, ...]] = {
+    glyphs.NAME: glyph_render.VOCABULARY,
+    glyphs.TINY_NAME: glyph_render.VOCABULARY,
+}
+
+
+def vocabulary(name: str, data_dir: str = "") -> tuple[str, ...]:
+    """The caption vocabulary of dataset ``name`` (a latent dataset in ``data_dir``: its
+    source's); ValueError for uncaptioned datasets."""
+    if name == latents.NAME:
+        source = latents.read_metadata(data_dir)["source"]["name"]
+        if not latents.read_metadata(data_dir).get("captions"):
+            raise ValueError(
+                f"the latent dataset in {data_dir!r} has no captions ({source!r} has none, "
+                "or it was encoded before captions were carried); a text model cannot train on it"
+            )
+        name = source
+    if name not in VOCABULARIES:
+        raise ValueError(
+            f"dataset {name!r} has no captions, so a text model cannot train on it; "
+            f"captioned datasets: {sorted(VOCABULARIES)}"
+        )
+    return VOCABULARIES[name]
 
 
 def _how_to_prepare(name: str) -> str:

@@ -79,7 +79,7 @@ class Latents(tfds.core.GeneratorBasedBuilder):
     """A dataset encoded to latents; features and splits come from DIR/latents.json."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Unscaled float32 latents, label, source index."}
+    RELEASE_NOTES = {"1.0.0": "Unscaled float32 latents, label, source index (+ caption)."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -99,6 +99,8 @@ class Latents(tfds.core.GeneratorBasedBuilder):
         }
         if m["num_classes"]:
             features["label"] = tfds.features.ClassLabel(num_classes=m["num_classes"])
+        if m.get("captions"):
+            features["caption"] = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"{m['source']['name']} encoded by the autoencoder in "
@@ -113,13 +115,17 @@ class Latents(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         has_label = bool(self._metadata["num_classes"])
+        has_caption = bool(self._metadata.get("captions"))
         for path in chunk_files(self._chunk_dir, split):
             with np.load(path) as chunk:
                 latents, labels, index = chunk["latent"], chunk["label"], chunk["index"]
-            for z, y, i in zip(latents, labels, index):
+                captions = chunk["caption"] if has_caption else [None] * len(index)
+            for z, y, i, text in zip(latents, labels, index, captions):
                 example = {"latent": z, "index": int(i)}
                 if has_label:
                     example["label"] = int(y)
+                if has_caption:
+                    example["caption"] = str(text)
                 yield int(i), example
 
 

@@ -77,8 +77,8 @@ def make_reconstruct_fn(reconstruct: Callable) -> Callable:
     reconstructions are batched, padded, sharded over a mesh and interruptible exactly like
     samples."""
 
-    def sample_fn(params, rng, labels, guidance_scale, images=None, mask=None, source=None):
-        del rng, labels, guidance_scale, mask, source
+    def sample_fn(params, rng, labels, guidance_scale, images=None, mask=None, *unused):
+        del rng, labels, guidance_scale, mask, unused  # source labels, negative condition
         return reconstruct(params, images)
 
     return sample_fn

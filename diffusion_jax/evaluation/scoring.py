@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from diffusion_jax import generate, samplers
+from diffusion_jax import conditioning, generate, samplers
 from diffusion_jax.evaluation.distances import feature_stats, fid_from_stats, kid, precision_recall
 from diffusion_jax.evaluation.extractor import FeatureExtractor
 from diffusion_jax.evaluation.stats import FeatureStats, matched_fid
@@ -110,7 +110,7 @@ def sampler_info(config) -> dict:
         "variance": s.variance if ddpm else None,
         "clip_x0": bool(s.clip_x0),
         "guidance_scale": float(s.guidance_scale),
-        "conditional": bool(config.model.num_classes > 0),
+        "conditional": conditioning.kind(config.model) != "none",
     }
 
 
@@ -123,27 +123,29 @@ def evaluate_sampler(
     num_samples: int,
     batch_size: int,
     seed: int,
-    num_classes: int,
+    conditions=None,
+    labels=None,
     guidance_scale: float,
     mesh=None,
     matched_num_samples: Optional[int] = None,
     info: Optional[Mapping[str, Any]] = None,
     interrupt: Optional[Callable[[], bool]] = None,
 ) -> dict:
-    """Generate ``num_samples`` images (class-balanced labels for conditional models) and
-    score them: ``evaluate_samples``' metrics plus seed, guidance_scale, the sampler
-    ``info`` (see ``sampler_info``) and wall time, in one record. Use one fixed ``seed``
-    for in-loop evaluation so successive numbers differ by the model only. ``interrupt``:
-    see ``generate.generate_samples``."""
+    """Generate ``num_samples`` images under ``conditions`` [N, ...] (labels or caption
+    tokens, conditioning.py; None for unconditional models) and score them:
+    ``evaluate_samples``' metrics (class accuracy against ``labels`` [N] when given) plus
+    seed, guidance_scale, the sampler ``info`` (see ``sampler_info``) and wall time, in one
+    record. ``conditioning.evaluation_conditions`` gives both. Use one fixed ``seed`` for
+    in-loop evaluation so successive numbers differ by the model only. ``interrupt``: see
+    ``generate.generate_samples``."""
     t0 = time.time()
-    labels = generate.class_balanced_labels(num_classes, num_samples)
     images = generate.generate_samples(
         sample_fn,
         params,
         num_samples,
         batch_size,
         seed,
-        labels,
+        conditions,
         guidance_scale=guidance_scale,
         mesh=mesh,
         interrupt=interrupt,
@@ -155,7 +157,7 @@ def evaluate_sampler(
             extractor,
             images,
             ref_stats,
-            labels=labels if num_classes else None,
+            labels=labels,
             matched_num_samples=matched_num_samples,
             seed=0,
         )

@@ -5,12 +5,18 @@
   num_classes    0 = unconditional; else a label table with one extra "null" row
                  (diffusion models only: must be 0 for the autoencoder)
   compute_dtype  "float32" | "bfloat16" (parameters stay float32)
+  text           vocab_size 0 = no text; else the denoiser is a ``TextConditional``
+                 (models/text.py): a TextEncoder(vocab_size, max_length, width, depth,
+                 num_heads) and the backbone, conditioned by "cross"-attention (the backbone
+                 is built with cross_attention=True) or a "pooled" caption vector
+                 (``conditioning``). Captions and class labels are exclusive.
   unet, dit, autoencoder
                  one sub-mapping per architecture with that constructor's kwargs only
                  (see UNET_PRESETS / DIT_PRESETS / AUTOENCODER_PRESETS for values).
 The model receives only its own block: it never sees the schedule or the objective.
 ``abstract_inputs`` gives the positional arguments of a model's ``__call__``: (x, t, y)
-for the diffusion models, (x,) for the autoencoder.
+for the diffusion models (y: labels [B], token ids [B, max_length] or None), (x,) for the
+autoencoder.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from diffusion_jax.models.dit import DIT_PRESETS, DiT
+from diffusion_jax.models.text import CONDITIONINGS, TextConditional, TextEncoder
 from diffusion_jax.models.unet import UNET_PRESETS, UNet
 
 MODELS = {"unet": UNet, "dit": DiT, "autoencoder": Autoencoder}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype") + tuple(MODELS)
+TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype", "text") + tuple(MODELS)
 # Set at the top level of config.model (or fixed), never in the architecture block.
-_RESERVED = ("num_classes", "dtype", "param_dtype", "parent", "name")
+_RESERVED = ("num_classes", "cross_attention", "dtype", "param_dtype", "parent", "name")
+TEXT_KEYS = ("vocab_size", "max_length", "width", "depth", "num_heads", "conditioning")
 
 
 def _to_dict(cfg: Any) -> Dict[str, Any]:
@@ -51,6 +59,36 @@ def constructor_kwargs(cls: type) -> Tuple[str, ...]:
 def is_autoencoder(model_cfg: Mapping[str, Any]) -> bool:
     """Whether ``config.model`` names the autoencoder (trained as one, never sampled)."""
     return MODELS.get(_to_dict(model_cfg).get("name")) is Autoencoder
+
+
+def text_config(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """``config.model.text`` as a dict ({} when absent); vocab_size 0 = no text."""
+    return _to_dict(_to_dict(model_cfg).get("text"))
+
+
+def is_text_conditional(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether ``config.model`` is conditioned on captions (token ids) rather than labels."""
+    return int(text_config(model_cfg).get("vocab_size", 0)) > 0
+
+
+def _text_encoder(text: Dict[str, Any], num_classes: int, name: str, dtype) -> TextEncoder:
+    unknown = sorted(set(text) - set(TEXT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config.model.text; valid: {TEXT_KEYS}")
+    if num_classes:
+        raise ValueError(
+            f"model.num_classes={num_classes} with model.text.vocab_size="
+            f"{text['vocab_size']}: a model is conditioned on labels or on captions, not "
+            "both; set one of them to 0"
+        )
+    if MODELS[name] not in (UNet, DiT):
+        raise ValueError(f"model {name!r} takes no captions; set model.text.vocab_size=0")
+    if text.get("conditioning", "cross") not in CONDITIONINGS:
+        raise ValueError(
+            f"model.text.conditioning={text['conditioning']!r}; valid: {list(CONDITIONINGS)}"
+        )
+    kwargs = {k: v for k, v in text.items() if k != "conditioning"}
+    return TextEncoder(dtype=dtype, **kwargs)
 
 
 def has_num_classes(cls: type) -> bool:
@@ -107,7 +145,14 @@ def build_model(model_cfg: Mapping[str, Any]):
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if has_num_classes(cls):
         kwargs["num_classes"] = num_classes
-    return cls(dtype=COMPUTE_DTYPES[dtype_name], **kwargs)
+    dtype = COMPUTE_DTYPES[dtype_name]
+    if not is_text_conditional(cfg):
+        return cls(dtype=dtype, **kwargs)
+    text = text_config(cfg)
+    encoder = _text_encoder(text, num_classes, name, dtype)
+    conditioning = text.get("conditioning", "cross")
+    backbone = cls(dtype=dtype, cross_attention=conditioning == "cross", **kwargs)
+    return TextConditional(backbone, encoder, conditioning)
 
 
 def check_input_shape(
@@ -138,6 +183,8 @@ def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]) -> Tuple
     if isinstance(model, Autoencoder):
         return (x,)
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if isinstance(model, TextConditional):
+        return x, t, jax.ShapeDtypeStruct((batch_size, model.max_length), jnp.int32)
     conditional = getattr(model, "num_classes", 0) > 0
     y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if conditional else None
     return x, t, y
@@ -178,6 +225,10 @@ __all__ = (
     "AUTOENCODER_PRESETS",
     "build_model",
     "is_autoencoder",
+    "is_text_conditional",
+    "text_config",
+    "TextConditional",
+    "TextEncoder",
     "has_num_classes",
     "check_input_shape",
     "constructor_kwargs",

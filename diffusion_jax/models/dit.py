@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models.cross_attention import CrossAttention, PooledEmbedding
 from diffusion_jax.models.layers import (
     AdaLNModulation,
     LabelEmbedding,
@@ -39,22 +40,32 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: shift/scale/gate for attention and MLP from c."""
+    """Transformer block with adaLN-Zero: shift/scale/gate for attention and MLP from c.
+
+    With ``cross_attention`` (PixArt-alpha, Chen et al. 2023, sec. 2.3) a cross-attention
+    layer on the context tokens sits between the two, residual, unmodulated, its output
+    projection zero-initialized; skipped when ``context`` is None (the unconditional path).
+    """
 
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
+    cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, c: jnp.ndarray, context=None, context_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
             6, self.hidden_size, name="adaLN", **kw
         )(c)
         h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
         x = x + gate_msa * MultiHeadSelfAttention(self.num_heads, name="attn", **kw)(h)
+        if self.cross_attention and context is not None:
+            x = x + CrossAttention(self.num_heads, name="cross_attn", **kw)(
+                x, context, context_mask
+            )
         h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         x = x + gate_mlp * MlpBlock(int(self.hidden_size * self.mlp_ratio), name="mlp", **kw)(h)
         return x
@@ -87,6 +98,9 @@ class DiT(nn.Module):
         and of the label table (0.02 in DiT, both). At 0.02 the conditioning c is ~0.03
         per channel and a short run barely learns the label; docs/dit.md measures it.
       num_classes: 0 = unconditional; else num_classes + 1 label rows, the last = null.
+      cross_attention: every block cross-attends to ``context`` [B, M, D] (with
+        ``context_mask``) when one is given (PixArt-alpha); set by the model registry for
+        text models. A ``pooled`` caption vector [B, D] is added to c like a label.
       out_channels: output channels; None = input channels (DiT's learned-sigma models use
         2x the input channels).
       dtype / param_dtype: compute / parameter dtypes. The output is float32.
@@ -101,6 +115,7 @@ class DiT(nn.Module):
     time_init_std: float = 0.02
     label_init_std: float = 0.02
     num_classes: int = 0
+    cross_attention: bool = False
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -131,7 +146,15 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None, train: bool = False
+        self,
+        x: jnp.ndarray,
+        t: jnp.ndarray,
+        y: Optional[jnp.ndarray] = None,
+        train: bool = False,
+        *,
+        context: Optional[jnp.ndarray] = None,
+        context_mask: Optional[jnp.ndarray] = None,
+        pooled: Optional[jnp.ndarray] = None,
     ) -> jnp.ndarray:
         del train  # DiT has no dropout; label dropout lives in the training step.
         batch, height, width, channels = x.shape
@@ -164,11 +187,16 @@ class DiT(nn.Module):
                 "this DiT is unconditional (num_classes=0) but labels y were "
                 "given; pass y=None or set model.num_classes."
             )
+        if pooled is not None:
+            c = c + PooledEmbedding(hidden, name="caption_embed", **kw)(pooled)
+        if context is not None and not self.cross_attention:
+            raise ValueError("a context was given to a DiT built without cross_attention")
 
         for i in range(self.depth):
-            tokens = DiTBlock(hidden, self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(
-                tokens, c
+            block = DiTBlock(
+                hidden, self.num_heads, self.mlp_ratio, self.cross_attention, name=f"block{i}", **kw
             )
+            tokens = block(tokens, c, context, context_mask)
         tokens = DiTFinalLayer(hidden, p * p * out_channels, name="final", **kw)(tokens, c)
         return unpatchify(tokens, p, height, width).astype(jnp.float32)
 

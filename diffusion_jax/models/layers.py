@@ -277,12 +277,26 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask=None) -> jnp.ndarray:
+    """Multi-head scaled dot-product attention: q [B, H, N, D], k and v [B, H, M, D] ->
+    [B, H, N, D], softmax in float32. ``key_mask`` [B, M] (True = attend) hides padding
+    keys; a query whose keys are all hidden gets uniform weights here, so callers that
+    allow an empty key set zero that output themselves (cross_attention.py does)."""
+    q = q * (q.shape[-1] ** -0.5)
+    logits = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, -1e9)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhnm,bhmd->bhnd", weights, v)
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Multi-head scaled dot-product self-attention over tokens [B, N, C].
 
     One fused qkv projection C -> 3C (same parameters as separate q, k, v), softmax in
     float32, output projection C -> C (zero-initialized when ``zero_init_out``, as in
-    DDPM's attention block so that it starts as the identity).
+    DDPM's attention block so that it starts as the identity). ``key_mask`` [B, N]
+    (True = a real token) keeps padding tokens from being attended to (the text encoder).
     """
 
     num_heads: int
@@ -292,7 +306,7 @@ class MultiHeadSelfAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, key_mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
         c = x.shape[-1]
         if c % self.num_heads:
             raise ValueError(f"attention width {c} is not divisible by num_heads={self.num_heads}")
@@ -301,11 +315,7 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = einops.rearrange(
             qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads
         )
-        q = q * (q.shape[-1] ** -0.5)
-        logits = jnp.einsum("bhnd,bhmd->bhnm", q, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhnm,bhmd->bhnd", weights, v)
-        out = einops.rearrange(out, "b h n d -> b n (h d)")
+        out = einops.rearrange(attend(q, k, v, key_mask), "b h n d -> b n (h d)")
         out_init = zeros if self.zero_init_out else self.kernel_init
         return nn.Dense(c, kernel_init=out_init, name="proj", **kw)(out)
 
@@ -396,6 +406,7 @@ __all__: Sequence[str] = (
     "Downsample",
     "Upsample",
     "ResBlock",
+    "attend",
     "MultiHeadSelfAttention",
     "AttentionBlock",
     "MlpBlock",

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models.cross_attention import PooledEmbedding, SpatialTransformer
 from diffusion_jax.models.layers import (
     AttentionBlock,
     Conv,
@@ -60,6 +61,12 @@ class UNet(nn.Module):
         weight importer sets them from a diffusers config).
       num_classes: 0 = unconditional; else a label table of num_classes + 1 rows, the
         last being the null label for classifier-free guidance.
+      cross_attention: every attention site (attn_resolutions and the middle) is a
+        Stable-Diffusion transformer block (models/cross_attention.py) that cross-attends
+        to ``context`` when one is given. Set by the model registry for text models.
+      Text conditioning (models/text.py) passes ``context`` [B, M, D] with
+      ``context_mask`` [B, M], or a ``pooled`` caption vector [B, D] that is added to the
+        timestep embedding like a class embedding.
       out_channels: output channels; None = input channels.
       dtype / param_dtype: compute / parameter dtypes. The output is float32.
     """
@@ -79,6 +86,7 @@ class UNet(nn.Module):
     time_cos_first: bool = True
     time_freq_shift: float = 0.0
     num_classes: int = 0
+    cross_attention: bool = False
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -125,7 +133,15 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, t: jnp.ndarray, y: Optional[jnp.ndarray] = None, train: bool = False
+        self,
+        x: jnp.ndarray,
+        t: jnp.ndarray,
+        y: Optional[jnp.ndarray] = None,
+        train: bool = False,
+        *,
+        context: Optional[jnp.ndarray] = None,
+        context_mask: Optional[jnp.ndarray] = None,
+        pooled: Optional[jnp.ndarray] = None,
     ) -> jnp.ndarray:
         batch, height, width, channels = x.shape
         self.check_input_shape(height, width, channels)
@@ -146,9 +162,16 @@ class UNet(nn.Module):
                 **ckw,
             )
 
+        def attention(name, h):
+            heads = self._heads(h.shape[-1])
+            if self.cross_attention:
+                block = SpatialTransformer(heads, self.norm_groups, name=name, **kw)
+                return block(h, context, context_mask)
+            return AttentionBlock(heads, self.norm_groups, name=name, **kw)(h)
+
         def maybe_attn(name, h):
             if h.shape[1] in tuple(self.attn_resolutions):
-                h = AttentionBlock(self._heads(h.shape[-1]), self.norm_groups, name=name, **kw)(h)
+                h = attention(name, h)
             return h
 
         # Conditioning vector emb [B, 4ch]: timestep MLP (+ class embedding).
@@ -175,6 +198,10 @@ class UNet(nn.Module):
                 "this UNet is unconditional (num_classes=0) but labels y were "
                 "given; pass y=None or set model.num_classes."
             )
+        if pooled is not None:
+            emb = emb + PooledEmbedding(4 * ch, name="caption_embed", **kw)(pooled)
+        if context is not None and not self.cross_attention:
+            raise ValueError("a context was given to a UNet built without cross_attention")
 
         # Down path: keep every activation for the skip connections.
         h = Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in", **ckw)(
@@ -195,7 +222,7 @@ class UNet(nn.Module):
 
         # Middle.
         h = res_block("mid_res0", h.shape[-1])(h, emb, train)
-        h = AttentionBlock(self._heads(h.shape[-1]), self.norm_groups, name="mid_attn", **kw)(h)
+        h = attention("mid_attn", h)
         h = res_block("mid_res1", h.shape[-1])(h, emb, train)
 
         # Up path: one more ResBlock per level, each eating one skip.
