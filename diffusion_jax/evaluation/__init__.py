@@ -31,6 +31,10 @@ Feature networks (``extractor.FEATURE_EXTRACTORS``, name -> factory; each gives 
   * ``fashion_classifier``: the same kind of net trained by ``fashion_net`` on the
     Fashion-MNIST train split at 28x28 (~2.5 min on 2 CPU cores, ~90% test accuracy),
     cached alike; images the data pipeline padded to 32x32 are center-cropped back to 28.
+  * ``glyph_classifier``: for glyphs, a conv net with one head per glyph attribute, trained
+    by ``glyph_net`` on fresh renders (~3.5 min on 2 CPU cores), cached alike; logits are
+    the char head, ``predict_attributes`` and ``caption_following`` judge whether samples
+    show what their captions ask for.
   * ``inception_v3``: the FID Inception network (pool3, 2048-d) in Flax, with weights loaded
     from a local file; nothing is downloaded. See ``inception_v3`` for where to get the
     standard weights and how to verify them.
@@ -56,6 +60,7 @@ Modules (one job each; the names below are re-exported here):
   * ``small_classifier``: the small conv classifier nets (net, deterministic training,
     cache, fitting inputs to the native size);
   * ``digits_net``, ``fashion_net``: the digits and Fashion-MNIST classifiers (recipes);
+  * ``glyph_net``: the glyphs attribute classifier and the caption-following judge;
   * ``inception``: InceptionV3 and its weight conversion/loading;
   * ``reconstruction``: an autoencoder's PSNR, SSIM and reconstruction FID;
   * ``scoring``: ``evaluate_samples``, ``evaluate_sampler`` (samples come from
@@ -73,6 +78,12 @@ from diffusion_jax.evaluation.distances import (
 )
 from diffusion_jax.evaluation.extractor import FEATURE_EXTRACTORS, FeatureExtractor, make_extractor
 from diffusion_jax.evaluation.fashion_net import fashion_classifier
+from diffusion_jax.evaluation.glyph_net import (
+    GlyphClassifier,
+    attribute_arrays,
+    caption_following,
+    glyph_classifier,
+)
 from diffusion_jax.evaluation.inception import (
     INCEPTION_FILE_NAME,
     INCEPTION_INPUT_SIZE,
@@ -131,6 +142,10 @@ __all__ = [
     "DigitsClassifierNet",
     "digits_classifier",
     "fashion_classifier",
+    "GlyphClassifier",
+    "attribute_arrays",
+    "caption_following",
+    "glyph_classifier",
     "INCEPTION_FILE_NAME",
     "INCEPTION_INPUT_SIZE",
     "InceptionV3",

@@ -104,6 +104,16 @@ def _fashion_classifier(
     return fashion_classifier(cache_dir, **_data_location(data_cfg))
 
 
+def _glyph_classifier(
+    data_cfg, *, cache_dir: str = "", inception_weights: str = ""
+) -> FeatureExtractor:
+    from diffusion_jax.evaluation.glyph_net import glyph_classifier
+
+    # Trained on renders, not on the dataset; its real test split is only evaluated.
+    name = cfg_get(data_cfg, "name")
+    return glyph_classifier(cache_dir, dataset=name, **_data_location(data_cfg))
+
+
 def _data_location(data_cfg) -> dict:
     """What a classifier net needs of the data config: where its dataset is, and how the
     diffusion model's images were fitted to image_size ("pad": the net center-crops)."""
@@ -124,6 +134,7 @@ def _inception_v3(
 FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {
     "digits_classifier": _digits_classifier,
     "fashion_classifier": _fashion_classifier,
+    "glyph_classifier": _glyph_classifier,
     "inception_v3": _inception_v3,
 }
 # The feature net of datasets without an entry in ``dataset_feature_nets``.
@@ -133,17 +144,22 @@ DEFAULT_FEATURE_NET = "inception_v3"
 def dataset_feature_nets() -> dict[str, str]:
     """Dataset name -> its default feature net (a ``FEATURE_EXTRACTORS`` key)."""
     from diffusion_jax import data  # deferred: the metric math needs no data pipeline
-    from diffusion_jax.datasets import fashion_mnist
+    from diffusion_jax.datasets import fashion_mnist, glyphs
 
-    return {data.DIGITS: "digits_classifier", fashion_mnist.NAME: "fashion_classifier"}
+    return {
+        data.DIGITS: "digits_classifier",
+        fashion_mnist.NAME: "fashion_classifier",
+        glyphs.NAME: "glyph_classifier",
+        glyphs.TINY_NAME: "glyph_classifier",
+    }
 
 
 def make_extractor(
     data_cfg, *, cache_dir: str = "", inception_weights: str = ""
 ) -> FeatureExtractor:
     """The default feature net for a dataset: a small classifier trained on the dataset for
-    digits and Fashion-MNIST (offline, "classifier-FID"), InceptionV3 (standard FID) for
-    anything else."""
+    digits and Fashion-MNIST, the glyph attribute classifier (trained on fresh renders) for
+    glyphs (offline, "classifier-FID"), InceptionV3 (standard FID) for anything else."""
     name = dataset_feature_nets().get(cfg_get(data_cfg, "name"), DEFAULT_FEATURE_NET)
     return FEATURE_EXTRACTORS[name](
         data_cfg, cache_dir=cache_dir, inception_weights=inception_weights
