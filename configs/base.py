@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     # model: `name` picks the architecture; only model[name] goes to its constructor,
     # plus num_classes and compute dtype (see diffusion_jax/models/__init__.py).
     c.model = ml_collections.ConfigDict()
-    c.model.name = "unet"  # unet | dit | autoencoder
+    c.model.name = "unet"  # unet | dit | autoencoder | classifier | clip
     c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
@@ -50,6 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(
         dict(vocab_size=0, max_length=16, width=128, depth=2, num_heads=4, conditioning="cross")
     )
+    # Noise-aware guides (models/guide.py, guides.py) for classifier and CLIP guidance:
+    # model.name=classifier (one head per attribute: head_sizes) or clip (its text tower
+    # is model.text's encoder).
+    guide = dict(channels=(64, 128), num_res_blocks=1, features=128, norm_groups=8)
+    c.model.classifier = ml_collections.ConfigDict(dict(guide, head_sizes=(10,)))
+    c.model.clip = ml_collections.ConfigDict(dict(guide, embed_dim=128))
     c.model.autoencoder = ml_collections.ConfigDict(
         dict(AUTOENCODER_PRESETS["fashion-f4"], conv_impl="xla")
     )

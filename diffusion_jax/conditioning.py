@@ -97,16 +97,18 @@ def vocabulary(data_cfg) -> tuple[str, ...]:
 
 
 def tokenizer(config) -> Tokenizer:
-    """The tokenizer of a text model's run: its dataset's vocabulary, its max_length."""
-    if kind(config.model) != "caption":
+    """The tokenizer of a run with a text encoder (a text model, a CLIP guide): its
+    dataset's vocabulary, its max_length."""
+    text = text_config(config.model)
+    if not int(text.get("vocab_size", 0)):
         raise ValueError("this model takes no captions (model.text.vocab_size is 0)")
-    return Tokenizer(vocabulary(config.data), caption_length(config.model))
+    return Tokenizer(vocabulary(config.data), int(text["max_length"]))
 
 
 def check_vocabulary(config) -> None:
     """ValueError naming the fix unless model.text.vocab_size matches the dataset's
     tokenizer (its words plus the padding and unknown ids)."""
-    if kind(config.model) != "caption":
+    if not int(text_config(config.model).get("vocab_size", 0)):
         return
     expected = tokenizer(config).vocab_size
     got = int(text_config(config.model)["vocab_size"])

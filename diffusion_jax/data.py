@@ -127,26 +127,34 @@ def _parse_config(data_cfg: Any) -> _Config:
     )
 
 
-def _tokenizer(cfg: _Config, features, caption_length: int) -> Tokenizer | None:
-    """The tokenizer that adds "tokens" [caption_length] to examples (None for 0)."""
-    if not caption_length:
-        return None
+def _caption_fields(
+    cfg: _Config, features, caption_length: int, attributes: bool
+) -> transforms.CaptionFields:
+    """What the examples read from their captions: tokens [caption_length] (0: none) and
+    the attributes the caption names (``attributes``)."""
+    if not caption_length and not attributes:
+        return transforms.CaptionFields()
     if "caption" not in features:
         raise ValueError(
-            f"a text model reads captions but {cfg.name!r} has none (features: "
-            f"{list(features)}); use a captioned dataset such as data.name=glyphs"
+            f"a text model or caption guide reads captions but {cfg.name!r} has none "
+            f"(features: {list(features)}); use a captioned dataset such as data.name=glyphs"
         )
-    return Tokenizer(datasets.vocabulary(cfg.name, cfg.data_dir), caption_length)
+    tokenizer = None
+    if caption_length:
+        tokenizer = Tokenizer(datasets.vocabulary(cfg.name, cfg.data_dir), caption_length)
+    parser = datasets.caption_parser(cfg.name, cfg.data_dir) if attributes else None
+    return transforms.CaptionFields(tokenizer, parser)
 
 
-def _open(cfg: _Config, split: str, caption_length: int = 0):
+def _open(cfg: _Config, split: str, caption_length: int = 0, attributes: bool = False):
     """Returns (random-access source, DatasetSpec, transforms.PrepareExample) for `split`;
-    with ``caption_length`` the examples carry their caption's "tokens"."""
+    with ``caption_length`` the examples carry their caption's "tokens", with
+    ``attributes`` the "attributes" it names."""
     builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
     features = builder.info.features
-    tokenizer = _tokenizer(cfg, features, caption_length)
+    captions = _caption_fields(cfg, features, caption_length, attributes)
     if "latent" in features:
-        return _open_latents(cfg, source, features, tokenizer)
+        return _open_latents(cfg, source, features, captions)
     if "image" not in features:
         raise ValueError(f"{cfg.name!r} has no 'image' feature (features: {list(features)})")
     native_shape = tuple(features["image"].shape)  # (H, W, C); H, W may be None
@@ -177,12 +185,12 @@ def _open(cfg: _Config, split: str, caption_length: int = 0):
         crop=cfg.name != DIGITS,
         has_label=has_label,
         pad=cfg.resize_method == "pad",
-        tokenizer=tokenizer,
+        captions=captions,
     )
     return source, spec, prepare
 
 
-def _open_latents(cfg: _Config, source, features, tokenizer=None):
+def _open_latents(cfg: _Config, source, features, captions=transforms.CaptionFields()):
     """(source, spec, transforms.PrepareLatent) of a latent dataset (datasets/latents.py): latents
     are never resized, and come out multiplied by the dataset's measured scale_factor."""
     shape = tuple(int(d) for d in features["latent"].shape)
@@ -205,7 +213,7 @@ def _open_latents(cfg: _Config, source, features, tokenizer=None):
         num_classes=int(features["label"].num_classes) if has_label else 0,
         num_examples=len(source),
     )
-    prepare = transforms.PrepareLatent(float(metadata["scale_factor"]), has_label, tokenizer)
+    prepare = transforms.PrepareLatent(float(metadata["scale_factor"]), has_label, captions)
     return source, spec, prepare
 
 
@@ -347,10 +355,12 @@ def create_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     caption_length: int = 0,
+    attributes: bool = False,
 ) -> TrainIterator:
     """This process's infinite, shuffled, drop-remainder stream of ``batch_size`` examples
     (with ``caption_length`` > 0 each batch also has "tokens" [B, caption_length]: the
-    captions tokenized with the dataset's vocabulary, tokenizer.py).
+    captions tokenized with the dataset's vocabulary, tokenizer.py; with ``attributes``
+    "attributes" [B, K]: the attribute indices each caption names).
 
     ``batch_size`` is per process; the global batch is ``batch_size * process_count``. See
     the module docstring for the order; it depends only on (dataset, split, seed, global
@@ -365,7 +375,7 @@ def create_train_iterator(
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    source, spec, prepare = _open(cfg, cfg.split, caption_length)
+    source, spec, prepare = _open(cfg, cfg.split, caption_length, attributes)
     n = spec.num_examples
     global_batch = batch_size * process_count
     if global_batch > n:

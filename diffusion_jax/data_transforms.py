@@ -7,7 +7,7 @@ can pickle them for its worker processes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -57,17 +57,30 @@ def caption_text(record) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _with_tokens(example: dict, record, tokenizer: Optional[Tokenizer]) -> dict:
-    """``example`` plus "tokens" int32 [L], the record's caption tokenized (if asked)."""
-    if tokenizer is not None:
-        example["tokens"] = tokenizer.encode(caption_text(record))
-    return example
+@dataclasses.dataclass(frozen=True)
+class CaptionFields:
+    """What to read from a record's caption: "tokens" int32 [L] (``tokenizer``) and/or
+    "attributes" int32 [K] (``parser``: caption -> {attribute: index}, K attributes in
+    its order; what a guide classifier learns)."""
+
+    tokenizer: Optional[Tokenizer] = None
+    parser: Optional[Callable[[str], dict]] = None
+
+    def add_to(self, example: dict, record) -> dict:
+        if self.tokenizer is None and self.parser is None:
+            return example
+        text = caption_text(record)
+        if self.tokenizer is not None:
+            example["tokens"] = self.tokenizer.encode(text)
+        if self.parser is not None:
+            example["attributes"] = np.asarray(list(self.parser(text).values()), np.int32)
+        return example
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareExample:
-    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar} (+ "tokens"
-    int32 [L], the caption through ``tokenizer``, when one is given).
+    """TFDS record -> {"image": uint8 [S, S, C], "label": int32 scalar} (+ the
+    ``captions`` fields: "tokens", "attributes").
 
     A different-size image is center-padded with 0 (``pad``), or else center-cropped to a
     square (``crop``) and resized with PIL bilinear.
@@ -77,7 +90,7 @@ class PrepareExample:
     crop: bool
     has_label: bool
     pad: bool = False
-    tokenizer: Optional[Tokenizer] = None
+    captions: CaptionFields = CaptionFields()
 
     def __call__(self, record):
         image = np.asarray(record["image"])
@@ -91,22 +104,22 @@ class PrepareExample:
         elif image.shape[:2] != (size, size):
             image = resize(center_crop_square(image) if self.crop else image, size)
         label = np.int32(record["label"]) if self.has_label else np.int32(0)
-        return _with_tokens({"image": image, "label": label}, record, self.tokenizer)
+        return self.captions.add_to({"image": image, "label": label}, record)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareLatent:
     """Latent record -> {"image": float32 latent * scale_factor, "label": int32 scalar}
-    (+ "tokens" like ``PrepareExample``)."""
+    (+ the ``captions`` fields like ``PrepareExample``)."""
 
     scale_factor: float
     has_label: bool
-    tokenizer: Optional[Tokenizer] = None
+    captions: CaptionFields = CaptionFields()
 
     def __call__(self, record):
         latent = np.asarray(record["latent"], np.float32) * np.float32(self.scale_factor)
         label = np.int32(record["label"]) if self.has_label else np.int32(0)
-        return _with_tokens({"image": latent, "label": label}, record, self.tokenizer)
+        return self.captions.add_to({"image": latent, "label": label}, record)
 
 
 def random_flip(example, rng: np.random.Generator):
@@ -118,11 +131,10 @@ def random_flip(example, rng: np.random.Generator):
 
 def to_float(batch):
     """uint8 [B, H, W, C] -> float32 in [-1, 1] (float latents pass unchanged); labels
-    int32 [B]; caption tokens, if any, unchanged."""
+    int32 [B]; caption tokens and attributes, if any, unchanged."""
     image = batch["image"]
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     out = {"image": image, "label": batch["label"].astype(np.int32)}
-    if "tokens" in batch:
-        out["tokens"] = batch["tokens"]
+    out.update({k: batch[k] for k in ("tokens", "attributes") if k in batch})
     return out

@@ -74,10 +74,11 @@ def generate_samples(
     ``sample_fn(params, rng, labels [B, ...], guidance_scale, images, mask, source_labels,
     negative)`` is ``steps.make_sample_fn`` for shape ``(batch_size, H, W, C)``: one
     compile for all batches. Batch ``i`` uses ``fold_in(PRNGKey(seed), i)``, so the samples
-    depend only on (params, seed, labels, batch_size, guidance, inputs). ``labels`` (class
-    labels [N] or caption tokens [N, L]; default zeros), ``negative`` (the labels' shape;
-    default the null condition), ``images`` [N, ...] and ``source_labels`` are cut per batch, the last batch
-    padded by cycling its rows and the surplus outputs dropped. ``mask`` is either one
+    depend only on (params, seed, labels, batch_size, guidance, inputs). ``labels``
+    (class labels [N], caption tokens [N, L], or a dict of such arrays; default zeros),
+    ``negative`` (the labels' shape; default the null condition), ``images`` [N, ...]
+    and ``source_labels`` are cut per batch, the last batch padded by cycling its rows
+    and the surplus outputs dropped. ``mask`` is either one
     mask broadcast to every batch (ndim < 4) or per image [N, H, W, C'].
 
     With a ``mesh`` every batch is sharded over the mesh's devices (``batch_size`` must be
@@ -93,13 +94,16 @@ def generate_samples(
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"need num_samples, batch_size >= 1, got {num_samples}, {batch_size}")
-    labels = np.zeros((num_samples,), np.int32) if labels is None else np.asarray(labels, np.int32)
-    if labels.shape[:1] != (num_samples,):
-        raise ValueError(f"labels must be [{num_samples}, ...], got {labels.shape}")
+    if labels is None:
+        labels = np.zeros((num_samples,), np.int32)
+    labels = jax.tree.map(lambda a: np.asarray(a, np.int32), labels)
+    for leaf in jax.tree.leaves(labels):
+        if leaf.shape[:1] != (num_samples,):
+            raise ValueError(f"labels must be [{num_samples}, ...], got {leaf.shape}")
     if negative is not None:
         negative = np.asarray(negative, np.int32)
-        if negative.shape != labels.shape:
-            raise ValueError(f"negative must have the labels' shape {labels.shape}")
+        if negative.shape != np.shape(labels):
+            raise ValueError(f"negative must have the labels' shape {np.shape(labels)}")
     if mesh is not None and batch_size % mesh.size:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by the {mesh.size} mesh devices"
@@ -113,14 +117,15 @@ def generate_samples(
     chunks = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
 
-        def cut(a):  # this batch's rows of a, cycled up to batch_size
-            if a is None:
+        def cut(tree):  # this batch's rows of every array in tree, cycled up to batch_size
+            if tree is None:
                 return None
-            return _place(
-                np.resize(a[start : start + batch_size], (batch_size, *a.shape[1:])),
-                mesh,
-                batched=True,
-            )
+
+            def rows(a):
+                batch = np.resize(a[start : start + batch_size], (batch_size, *a.shape[1:]))
+                return _place(batch, mesh, batched=True)
+
+            return jax.tree.map(rows, tree)
 
         rng = _place(jax.random.fold_in(jax.random.PRNGKey(seed), i), mesh, batched=False)
         batch_mask = cut(np.asarray(mask, np.float32)) if per_image_mask else shared_mask

@@ -1,4 +1,6 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a ``model_fn`` transform.
+"""Guidance as ``model_fn`` transforms: classifier-free guidance (Ho & Salimans 2022) and
+gradient guidance, the common form of classifier guidance (Dhariwal & Nichol 2021) and
+CLIP guidance (GLIDE, Nichol et al. 2022); their gradients come from guides.py.
 
 ``guided_model_fn`` wraps a conditional network ``apply_fn(params, x_t, t, cond)`` into a
 ``model_fn(x_t, t)`` that every sampler and editing function takes like any other model:
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.objectives import PREDICTIONS, check_choice, target, x0_eps_from_prediction
 from diffusion_jax.schedules import NoiseSchedule
+from diffusion_jax.step_rules import sqrt_alpha_bar
 from diffusion_jax.variance import join_output, split_output
 
 
@@ -114,4 +117,37 @@ def guided_model_fn(
         interval,
         None if rescale is None else jnp.asarray(rescale, jnp.float32),
         schedule if rescale is not None else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _GradientGuided:
+    """The gradient-guided model_fn's function (static)."""
+
+    prediction: str
+
+    def __call__(self, model_fn, grad_fn, scale, schedule, x_t, t):
+        out, values = split_output(x_t, model_fn(x_t, t).astype(x_t.dtype))
+        x0, eps = x0_eps_from_prediction(schedule, self.prediction, x_t, t, out)
+        alpha, sigma = sqrt_alpha_bar(schedule, t, x_t.ndim)
+        eps = eps - _per_example(scale, x_t.ndim) * sigma * grad_fn(x_t, t).astype(x_t.dtype)
+        x0 = (x_t - sigma * eps) / alpha
+        return join_output(target(schedule, self.prediction, x0, eps, t), values)
+
+
+def gradient_guided_model_fn(
+    model_fn, grad_fn, scale, schedule: NoiseSchedule, prediction: str = "eps"
+) -> jax.tree_util.Partial:
+    """Classifier / CLIP guidance as a sampler model_fn: the score is shifted by
+    ``scale`` times the gradient ``grad_fn(x_t, t)`` of a log-probability (or of a
+    similarity) with respect to x_t, i.e. eps' = eps - scale * sqrt(1 - a_bar_t) * grad
+    (Dhariwal & Nichol 2021, Algorithm 2 with eps; GLIDE eq. 3 for CLIP), and the output
+    is re-expressed in ``prediction``. scale = 0 gives ``model_fn`` (exactly for eps
+    prediction, to float rounding for x0 and v, which go through eps); scale is
+    traced (scalar or per-example [B]), so a new scale never recompiles. ``model_fn``
+    (e.g. a classifier-free-guided model) and ``grad_fn`` should be
+    ``jax.tree_util.Partial``s so their parameters are traced too."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    return jax.tree_util.Partial(
+        _GradientGuided(prediction), model_fn, grad_fn, jnp.asarray(scale, jnp.float32), schedule
     )

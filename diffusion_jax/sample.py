@@ -46,6 +46,7 @@ from diffusion_jax import (
     conditioning,
     data,
     generate,
+    guides,
     latent_space,
     metrics,
     prompts,
@@ -110,6 +111,17 @@ flags.DEFINE_string(
     "Text models: guide away from this caption instead of the empty one.",
     **OWN,
 )
+flags.DEFINE_enum(
+    "guidance",
+    "cfg",
+    ["cfg", "classifier", "clip"],
+    "Text models: classifier-free guidance only (cfg, scale sampler.guidance_scale), or on "
+    "top of it the gradient of the noise-aware classifier / CLIP in --guide, scaled by "
+    "--guide_scale.",
+    **OWN,
+)
+flags.DEFINE_string("guide", "", "--guidance=classifier|clip: the guide's workdir.", **OWN)
+flags.DEFINE_float("guide_scale", 1.0, "Scale of the guide's gradient.", **OWN)
 flags.DEFINE_string(
     "input",
     "",
@@ -211,6 +223,8 @@ def setup(overrides: dict):
         )
     else:
         labels = parse_labels(FLAGS.labels, n, num_classes)
+    if FLAGS.guidance != "cfg" and (mode != "sample" or not FLAGS.guide):
+        raise ConfigError(f"--guidance={FLAGS.guidance} needs --mode=sample and --guide=WORKDIR")
     if conditioning.kind(config.model) == "caption":
         labels = _caption_conditions(config, n, inputs)
     elif FLAGS.prompt or FLAGS.prompts_file or FLAGS.negative_prompt:
@@ -248,6 +262,12 @@ def _caption_conditions(config, n: int, inputs: dict) -> np.ndarray:
     return tokens
 
 
+def _expanded_prompts(inputs: dict, n: int) -> list[str]:
+    """The prompt of each of the n samples (``prompts.prompt_rows``)."""
+    texts = inputs["prompts"]
+    return [texts[i] for i in prompts.prompt_rows(len(texts), n)]
+
+
 def main(overrides: dict):
     runtime.configure_cpu_xla_flags()
     try:
@@ -269,7 +289,17 @@ def main(overrides: dict):
         guidance_rescale=FLAGS.guidance_rescale,
     )
     space = latent_space.load(config)
-    if space is not None:  # sample latents, decode; inputs are encoded, masks pooled
+    scale = s_cfg.guidance_scale
+    if FLAGS.guidance != "cfg":  # classifier / CLIP guidance on top of cfg (text models)
+        try:
+            sample_fn, params_of, targets_of = guides.load_guided_sampler(
+                config, model, spec, FLAGS.guide, bs
+            )
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            cli.fail(str(e))
+        labels = {"tokens": labels, "target": targets_of(_expanded_prompts(inputs, n))}
+        params, scale = params_of(params), FLAGS.guide_scale
+    elif space is not None:  # sample latents, decode; inputs are encoded, masks pooled
         sample_fn = latent_space.wrap_sample_fn(sample_fn, space)
         params = (params, space.params)
     images_in = inputs.get("images")
@@ -292,7 +322,7 @@ def main(overrides: dict):
         )
 
     try:
-        images = run(labels, s_cfg.guidance_scale)
+        images = run(labels, scale)
     except ValueError as e:  # e.g. a mask that does not broadcast to the batch
         cli.fail(str(e))
     sampler = "ddim" if mode == "invert" else s_cfg.name  # invert: always DDIM
@@ -318,6 +348,8 @@ def main(overrides: dict):
         "img2img": f", strength {FLAGS.strength}",
         "inpaint": f", mask {FLAGS.mask}, repaint {FLAGS.repaint_resample}x{FLAGS.repaint_jump}",
     }.get(mode, "")
+    if FLAGS.guidance != "cfg":
+        extra += f", {FLAGS.guidance} guidance {FLAGS.guide_scale} from {FLAGS.guide}"
     print(
         f"wrote {out} ({mode}, {n} images, step {step}, sampler {sampler}, {num_steps} steps, "
         f"eta {0.0 if mode == 'invert' else s_cfg.eta}, guidance {s_cfg.guidance_scale}{extra})"
@@ -330,6 +362,8 @@ def main(overrides: dict):
         print(f"invert: round-trip (same labels) RMS {rms:.4f} in [-1, 1] units")
     if FLAGS.npz:
         extra_arrays = {"prompts": np.asarray(inputs["prompts"])} if "prompts" in inputs else {}
+        if isinstance(labels, dict):  # guided: the caption tokens are the labels
+            labels = labels["tokens"]
         np.savez(FLAGS.npz, images=metrics.to_uint8(images), labels=labels, **extra_arrays)
         print(f"wrote {FLAGS.npz}")
 

@@ -174,6 +174,21 @@ def make_train_step(
     return train_step
 
 
+def sampler_options(config) -> dict:
+    """The keyword arguments of ``samplers.sample`` that ``config.sampler`` sets."""
+    s_cfg = config.sampler
+    return dict(
+        sampler=s_cfg.name,
+        num_steps=s_cfg.num_steps,
+        eta=s_cfg.eta,
+        spacing=s_cfg.spacing,
+        variance=s_cfg.variance,
+        respacing=s_cfg.respacing,
+        prediction=config.objective.prediction,
+        clip_x0=s_cfg.clip_x0,
+    )
+
+
 def make_sample_fn(
     model,
     schedule: NoiseSchedule,
@@ -214,16 +229,7 @@ def make_sample_fn(
     prediction = config.objective.prediction
     objectives.check_choice("sampler.name", s_cfg.name, SAMPLERS)
     objectives.check_choice("mode", mode, samplers.MODES)
-    options = dict(
-        sampler=s_cfg.name,
-        num_steps=s_cfg.num_steps,
-        eta=s_cfg.eta,
-        spacing=s_cfg.spacing,
-        variance=s_cfg.variance,
-        respacing=s_cfg.respacing,
-        prediction=prediction,
-        clip_x0=s_cfg.clip_x0,
-    )
+    options = sampler_options(config)
 
     # One function object per make_sample_fn call: the samplers' jit caches key on it.
     def apply_fn(params, x_t, t, y):

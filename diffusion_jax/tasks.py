@@ -11,7 +11,9 @@ model and the optimizer:
 Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples),
 ``consistency`` (a consistency model distilled from a teacher workdir, starting from its
 weights, or trained without one; consistency.py; sampled and scored like a denoiser) and ``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
-reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``). A latent
+reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``) and
+``guide`` (a noise-aware classifier or CLIP for classifier / CLIP guidance, guides.py: no
+grid, accuracy on noisy test examples). A latent
 diffusion run is the diffusion task whose samples are decoded (``image_sample_fn``) and
 scored against the latent dataset's source images. Each
 piece lives in its own module (steps, autoencoding, generate, evaluation); this module only
@@ -32,10 +34,11 @@ from diffusion_jax import (
     data,
     evaluation,
     generate,
+    guides,
     latent_space,
     steps,
 )
-from diffusion_jax.models import is_autoencoder
+from diffusion_jax.models import is_autoencoder, is_guide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,10 @@ class Task:
     quality: Callable
     # config -> the parameters a fresh run starts from (None: the model's random init)
     initial_params: Callable = lambda config: None
+    # config -> what the train iterator reads from captions (data.create_train_iterator)
+    batch_fields: Callable = lambda config: {
+        "caption_length": conditioning.caption_length(config.model)
+    }
 
 
 def _eval_reference(config):
@@ -226,6 +233,14 @@ def _consistency_initial_params(config):
     return None
 
 
+# ----------------------------------------------------------------------------------------
+# Noise-aware guides (classifier and CLIP guidance): no images to show, scored by accuracy.
+
+
+def _no_grid(config, model, schedule, spec, mesh):
+    return None
+
+
 TASKS = {
     "diffusion": Task("diffusion", steps.make_train_step, _diffusion_grid, _diffusion_quality),
     "consistency": Task(
@@ -238,6 +253,13 @@ TASKS = {
     "autoencoder": Task(
         "autoencoder", _autoencoder_train_step, _autoencoder_grid, _autoencoder_quality
     ),
+    "guide": Task(
+        "guide",
+        guides.make_train_step,
+        _no_grid,
+        guides.make_quality,
+        batch_fields=lambda config: guides.batch_fields(config.model),
+    ),
 }
 
 
@@ -246,6 +268,8 @@ def task_of(config) -> Task:
     with a consistency.mode, else diffusion."""
     if is_autoencoder(config.model):
         return TASKS["autoencoder"]
+    if is_guide(config.model):
+        return TASKS["guide"]
     if config.get("consistency", {}).get("mode"):
         return TASKS["consistency"]
     return TASKS["diffusion"]

@@ -14,17 +14,7 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import (
-    conditioning,
-    data,
-    evaluation,
-    metrics,
-    parallel,
-    runtime,
-    schedules,
-    tasks,
-    workdir,
-)
+from diffusion_jax import data, evaluation, metrics, parallel, runtime, schedules, tasks, workdir
 from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.models import build_model
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
@@ -85,7 +75,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        caption_length=conditioning.caption_length(config.model),
+        **task.batch_fields(config),
     )
     if restored is None and (start := task.initial_params(config)) is not None:
         state = jax.device_put(state_from_params(start, tx, config.seed), dp.state_sharding)
@@ -199,7 +189,10 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
                 outcome["preempted"] = True
                 break
             try:
-                if final or (config.eval.every_steps and step % config.eval.every_steps == 0):
+                grid_due = final or (
+                    config.eval.every_steps and step % config.eval.every_steps == 0
+                )
+                if grid_images is not None and grid_due:  # guides have no images to show
                     with clock.paused():
                         outcome["samples"] = write_samples(interrupt)
                 if quality and (final or step % config.eval.metrics_every_steps == 0):

@@ -131,11 +131,13 @@ def test_labels_on_unconditional_model_raise(name):
 
 
 def test_build_model_registry_and_errors():
-    assert set(MODELS) == {"unet", "dit", "autoencoder"}
+    assert set(MODELS) == {"unet", "dit", "autoencoder", "classifier", "clip"}
     model = build_model(_cfg("dit", compute_dtype="bfloat16"))
     assert isinstance(model, DiT) and model.dtype == jnp.bfloat16
     assert model.num_classes == NUM_CLASSES and model.hidden_size == 32
-    with pytest.raises(ValueError, match=r"valid names: \['autoencoder', 'dit', 'unet'\]"):
+    with pytest.raises(
+        ValueError, match=r"valid names: \['autoencoder', 'classifier', 'clip', 'dit', 'unet'\]"
+    ):
         build_model({"name": "vit"})
     with pytest.raises(ValueError, match="model.unet.chanel_mult.*valid keys.*channel_mult"):
         build_model({"name": "unet", "unet": {"chanel_mult": (1, 2)}})

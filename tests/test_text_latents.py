@@ -1,18 +1,34 @@
 """Text models on latents: encoding a captioned dataset carries its captions into the
-latent dataset (same rows, same text), the tokenizer finds the source's vocabulary, and a
-tiny cross-attention DiT trains on the latents and samples decoded images under prompts."""
+latent dataset (same rows, same text), the tokenizer finds the source's vocabulary, a
+tiny cross-attention DiT trains on the latents and samples decoded images under prompts,
+and noise-aware guides (classifier, CLIP) train on them and guide its sampling, from the
+API and the sample CLI."""
+
+import json
+import os
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_jax import conditioning, data, encode, latent_space, schedules, steps, train, workdir
+from diffusion_jax import (
+    conditioning,
+    data,
+    encode,
+    guides,
+    latent_space,
+    schedules,
+    steps,
+    tasks,
+    train,
+    workdir,
+)
 from diffusion_jax.datasets import glyph_render, latents
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS
 from diffusion_jax.tokenizer import SPECIAL_TOKENS
 
-from helpers import tiny_config
+from helpers import cli, tiny_config
 
 VOCAB_SIZE = len(glyph_render.VOCABULARY) + len(SPECIAL_TOKENS)
 
@@ -54,25 +70,35 @@ def test_latent_dataset_carries_the_captions(encoded, glyph_dir):
     assert vocab == glyph_render.VOCABULARY
 
 
-def test_text_dit_trains_on_latents_and_samples_under_prompts(encoded, tmp_path):
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory, encoded):
+    """A tiny cross-attention DiT trained 8 steps on the latents."""
     ae, out = encoded
+    c = latent_config(ae, out, **{"model.name": "dit", "sampler.guidance_scale": 3.0})
+    c.model.dit.update(patch_size=2, hidden_size=32, depth=2, num_heads=2)
+    c.model.text.update(vocab_size=VOCAB_SIZE, width=16, depth=1, num_heads=2)
+    wd = str(tmp_path_factory.mktemp("text") / "wd")
+    train.train_and_evaluate(c, wd)
+    return wd
+
+
+def latent_config(ae, out, **overrides):
     c = tiny_config(
         **{
             "data.name": "latents",
             "data.data_dir": out,
             "data.image_size": 4,
             "latent.autoencoder": ae,
-            "model.name": "dit",
             "sampler.clip_x0": False,
-            "sampler.guidance_scale": 3.0,
+            **overrides,
         }
     )
-    c.model.dit.update(patch_size=2, hidden_size=32, depth=2, num_heads=2)
-    c.model.text.update(vocab_size=VOCAB_SIZE, width=16, depth=1, num_heads=2)
-    wd = str(tmp_path / "wd")
-    train.train_and_evaluate(c, wd)
-    config = workdir.load_config(wd)
-    model, spec, state = workdir.load_state(wd, config)
+    return c
+
+
+def test_text_dit_trains_on_latents_and_samples_under_prompts(text_model):
+    config = workdir.load_config(text_model)
+    model, spec, state = workdir.load_state(text_model, config)
     tokens = conditioning.tokenizer(config).encode_batch(["large red A", "small blue 7"] * 2)
     sample_fn = steps.make_sample_fn(
         model, schedules.build(config.schedule), config, (4, *spec.image_shape)
@@ -85,3 +111,78 @@ def test_text_dit_trains_on_latents_and_samples_under_prompts(encoded, tmp_path)
     # the same noise under the other prompt: the caption reaches the model
     swapped = np.asarray(fn(params, jax.random.key(0), tokens[[1, 0, 3, 2]], 3.0))
     assert np.abs(images[0] - swapped[0]).max() > 1e-4
+
+
+@pytest.fixture(scope="module", params=["classifier", "clip"])
+def guide(request, tmp_path_factory, encoded):
+    """A tiny noise-aware guide trained 4 steps on the latents, scored in the loop."""
+    ae, out = encoded
+    kind = request.param
+    c = latent_config(ae, out, **{"model.name": kind, "train.num_steps": 4})
+    c.eval.metrics_every_steps = 4
+    block = dict(channels=(8, 16), num_res_blocks=1, features=16, norm_groups=4)
+    if kind == "classifier":
+        block["head_sizes"] = tuple(len(v) for v in glyph_render.ATTRIBUTES.values())
+    else:
+        c.model.text.update(vocab_size=VOCAB_SIZE, width=16, depth=1, num_heads=2)
+    c.model[kind].update(block)
+    wd = str(tmp_path_factory.mktemp(kind) / "wd")
+    train.train_and_evaluate(c, wd)
+    return kind, wd
+
+
+PROMPTS = [
+    "a large bold upright red serif letter A on the blue background",
+    "small green 7 on black; mono regular italic",
+]
+
+
+def test_guides_train_score_and_guide_sampling(guide, text_model):
+    kind, guide_dir = guide
+    records = [json.loads(line) for line in open(os.path.join(guide_dir, "eval.jsonl"))]
+    key = "accuracy_t0" if kind == "classifier" else "retrieval_top1_t0"
+    assert records[-1]["step"] == 4 and 0.0 <= records[-1][key] <= 1.0
+    config = workdir.load_config(text_model)
+    model, spec, state = workdir.load_state(text_model, config)
+    sample_fn, params_of, targets_of = guides.load_guided_sampler(config, model, spec, guide_dir, 2)
+    tokens = conditioning.tokenizer(config).encode_batch(PROMPTS)
+    conditions = {"tokens": tokens, "target": targets_of(PROMPTS)}
+    if kind == "classifier":  # the attribute indices each prompt names
+        want = [list(glyph_render.parse_caption(p).values()) for p in PROMPTS]
+        np.testing.assert_array_equal(conditions["target"], want)
+    fn = jax.jit(sample_fn)
+    params = params_of(state.ema_params)
+    rng = jax.random.key(0)
+    # scale 0 is exactly classifier-free guidance alone (eps prediction)
+    plain_fn, plain_params = tasks.image_sample_fn(
+        config, model, schedules.build(config.schedule), (2, *spec.image_shape)
+    )
+    plain = np.asarray(jax.jit(plain_fn)(plain_params(state.ema_params), rng, tokens, 3.0))
+    np.testing.assert_allclose(np.asarray(fn(params, rng, conditions, 0.0)), plain, atol=1e-5)
+    guided = np.asarray(fn(params, rng, conditions, 50.0))
+    assert np.isfinite(guided).all() and np.abs(guided - plain).max() > 1e-4
+
+
+def test_sample_cli_with_a_guide(guide, text_model, tmp_path):
+    kind, guide_dir = guide
+    npz = str(tmp_path / "g.npz")
+    r = cli(
+        "diffusion_jax.sample",
+        f"--workdir={text_model}",
+        f"--prompt={PROMPTS[0]}",
+        "--num_samples=2",
+        f"--guidance={kind}",
+        f"--guide={guide_dir}",
+        "--guide_scale=2",
+        f"--npz={npz}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{kind} guidance 2.0" in r.stdout and np.load(npz)["images"].shape == (2, 8, 8, 3)
+    # a guide is refused as a text model, and a text model as a guide, in one line
+    r = cli(
+        "diffusion_jax.sample",
+        f"--workdir={text_model}",
+        f"--guidance={kind}",
+        f"--guide={text_model}",
+    )
+    assert r.returncode != 0 and "not a guide" in r.stderr and "Traceback" not in r.stderr

@@ -44,30 +44,46 @@ BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
 }
 
 
-# dataset name -> the words its captions are made of (tokenizer.py builds on them).
+# Captioned datasets: name -> the words their captions are made of (tokenizer.py builds
+# on them), and name -> caption -> {attribute: class index} (classifier guidance's targets).
 VOCABULARIES: dict[str, tuple[str, ...]] = {
     glyphs.NAME: glyph_render.VOCABULARY,
     glyphs.TINY_NAME: glyph_render.VOCABULARY,
 }
+CAPTION_PARSERS: dict[str, Callable[[str], dict[str, int]]] = {
+    glyphs.NAME: glyph_render.parse_caption,
+    glyphs.TINY_NAME: glyph_render.parse_caption,
+}
 
 
-def vocabulary(name: str, data_dir: str = "") -> tuple[str, ...]:
-    """The caption vocabulary of dataset ``name`` (a latent dataset in ``data_dir``: its
-    source's); ValueError for uncaptioned datasets."""
+def caption_source(name: str, data_dir: str = "") -> str:
+    """The captioned dataset whose captions ``name`` holds: itself, or for a latent
+    dataset in ``data_dir`` its source; ValueError naming the fix for uncaptioned ones."""
     if name == latents.NAME:
-        source = latents.read_metadata(data_dir)["source"]["name"]
-        if not latents.read_metadata(data_dir).get("captions"):
+        metadata = latents.read_metadata(data_dir)
+        if not metadata.get("captions"):
             raise ValueError(
-                f"the latent dataset in {data_dir!r} has no captions ({source!r} has none, "
-                "or it was encoded before captions were carried); a text model cannot train on it"
+                f"the latent dataset in {data_dir!r} has no captions ({metadata['source']['name']!r}"
+                " has none, or it was encoded before captions were carried); text models and "
+                "caption guides cannot train on it"
             )
-        name = source
+        name = metadata["source"]["name"]
     if name not in VOCABULARIES:
         raise ValueError(
             f"dataset {name!r} has no captions, so a text model cannot train on it; "
             f"captioned datasets: {sorted(VOCABULARIES)}"
         )
-    return VOCABULARIES[name]
+    return name
+
+
+def vocabulary(name: str, data_dir: str = "") -> tuple[str, ...]:
+    """The caption vocabulary of dataset ``name`` (``caption_source``)."""
+    return VOCABULARIES[caption_source(name, data_dir)]
+
+
+def caption_parser(name: str, data_dir: str = "") -> Callable[[str], dict[str, int]]:
+    """caption -> {attribute: class index} for dataset ``name`` (``caption_source``)."""
+    return CAPTION_PARSERS[caption_source(name, data_dir)]
 
 
 def _how_to_prepare(name: str) -> str:

@@ -294,6 +294,43 @@ def caption(attrs: Attributes, template: int) -> str:
     return TEMPLATES[template].format(**attrs.names(), kind=attrs.kind)
 
 
+def _template_words(template: str) -> list[tuple[str, bool]]:
+    """A template as (word, is_field) pairs: literal words and {field} slots, in order."""
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out += [(w, False) for w in words(literal)]
+        if field is not None:
+            out.append((field, True))
+    return out
+
+
+def parse_caption(text: str) -> dict[str, int]:
+    """The attribute indices a caption names ({"char": 0, "family": 2, ...}), read back by
+    matching its words against every template (punctuation ignored); ValueError if no
+    template matches. The inverse of ``caption`` (tested on every template), used to
+    give classifier guidance its targets from a prompt."""
+    found = words(text)
+    for template in TEMPLATES:
+        slots = _template_words(template)
+        if len(slots) != len(found):
+            continue
+        names = {}
+        for (slot, is_field), word in zip(slots, found):
+            if not is_field and slot != word:
+                break
+            if is_field:
+                if word not in _FIELD_VALUES[slot]:
+                    break
+                names[slot] = word
+        else:
+            return {k: ATTRIBUTES[k].index(names[k]) for k in ATTRIBUTES}
+    raise ValueError(
+        f"caption {text!r} follows none of the {len(TEMPLATES)} glyph caption templates, so "
+        "its attributes are unknown (classifier guidance needs them); e.g. "
+        f"{TEMPLATES[0]!r}"
+    )
+
+
 def _vocabulary() -> tuple[str, ...]:
     vocabulary = set()
     for template in TEMPLATES:

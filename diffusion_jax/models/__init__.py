@@ -31,14 +31,22 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from diffusion_jax.models.dit import DIT_PRESETS, DiT
+from diffusion_jax.models.guide import NoisyClassifier, NoisyCLIP
 from diffusion_jax.models.text import CONDITIONINGS, TextConditional, TextEncoder
 from diffusion_jax.models.unet import UNET_PRESETS, UNet
 
-MODELS = {"unet": UNet, "dit": DiT, "autoencoder": Autoencoder}
+MODELS = {
+    "unet": UNet,
+    "dit": DiT,
+    "autoencoder": Autoencoder,
+    "classifier": NoisyClassifier,
+    "clip": NoisyCLIP,
+}
+GUIDES = (NoisyClassifier, NoisyCLIP)  # noise-aware guide networks (models/guide.py)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype", "text") + tuple(MODELS)
 # Set at the top level of config.model (or fixed), never in the architecture block.
-_RESERVED = ("num_classes", "cross_attention", "dtype", "param_dtype", "parent", "name")
+_RESERVED = ("num_classes", "cross_attention", "text", "dtype", "param_dtype", "parent", "name")
 TEXT_KEYS = ("vocab_size", "max_length", "width", "depth", "num_heads", "conditioning")
 
 
@@ -66,9 +74,15 @@ def text_config(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return _to_dict(_to_dict(model_cfg).get("text"))
 
 
+def is_guide(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether ``config.model`` names a noise-aware guide (classifier or CLIP)."""
+    return MODELS.get(_to_dict(model_cfg).get("name")) in GUIDES
+
+
 def is_text_conditional(model_cfg: Mapping[str, Any]) -> bool:
-    """Whether ``config.model`` is conditioned on captions (token ids) rather than labels."""
-    return int(text_config(model_cfg).get("vocab_size", 0)) > 0
+    """Whether ``config.model`` is a denoiser conditioned on captions (token ids)."""
+    name = _to_dict(model_cfg).get("name")
+    return MODELS.get(name) in (UNet, DiT) and int(text_config(model_cfg).get("vocab_size", 0)) > 0
 
 
 def _text_encoder(text: Dict[str, Any], num_classes: int, name: str, dtype) -> TextEncoder:
@@ -81,7 +95,7 @@ def _text_encoder(text: Dict[str, Any], num_classes: int, name: str, dtype) -> T
             f"{text['vocab_size']}: a model is conditioned on labels or on captions, not "
             "both; set one of them to 0"
         )
-    if MODELS[name] not in (UNet, DiT):
+    if MODELS[name] not in (UNet, DiT, NoisyCLIP):
         raise ValueError(f"model {name!r} takes no captions; set model.text.vocab_size=0")
     if text.get("conditioning", "cross") not in CONDITIONINGS:
         raise ValueError(
@@ -146,6 +160,10 @@ def build_model(model_cfg: Mapping[str, Any]):
     if has_num_classes(cls):
         kwargs["num_classes"] = num_classes
     dtype = COMPUTE_DTYPES[dtype_name]
+    if cls is NoisyCLIP:
+        if not int(text_config(cfg).get("vocab_size", 0)):
+            raise ValueError("a clip model needs a text encoder: set model.text.vocab_size")
+        return cls(text=_text_encoder(text_config(cfg), 0, name, dtype), dtype=dtype, **kwargs)
     if not is_text_conditional(cfg):
         return cls(dtype=dtype, **kwargs)
     text = text_config(cfg)
@@ -185,6 +203,10 @@ def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]) -> Tuple
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     if isinstance(model, TextConditional):
         return x, t, jax.ShapeDtypeStruct((batch_size, model.max_length), jnp.int32)
+    if isinstance(model, NoisyCLIP):
+        return x, t, jax.ShapeDtypeStruct((batch_size, model.text.max_length), jnp.int32)
+    if isinstance(model, NoisyClassifier):
+        return x, t
     conditional = getattr(model, "num_classes", 0) > 0
     y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if conditional else None
     return x, t, y
@@ -225,6 +247,7 @@ __all__ = (
     "AUTOENCODER_PRESETS",
     "build_model",
     "is_autoencoder",
+    "is_guide",
     "is_text_conditional",
     "text_config",
     "TextConditional",
