@@ -163,7 +163,7 @@ def run(
         "guidance": guidance,
         "guide": os.path.abspath(guide) if guide else None,
         "chance": chance_levels(),
-        "judge_real_accuracy": judge.info.get("accuracy_real_test"),
+        "judge_real_accuracy": judge.info.get("real_test", {}).get(pixels["name"], {}).get("all"),
         "fid_floor": floor["fid"],
         "scales": {},
     }
@@ -221,8 +221,8 @@ def markdown(result: dict) -> str:
     lines.append("| " + " | ".join(cells + [f"{100 * chance['exact_match']:.4f}", "", ""]) + " |")
     real = result.get("judge_real_accuracy") or {}
     if real:
-        cells = ["", "judge on real", *(f"{100 * real.get(n, float('nan')):.1f}" for n in names)]
-        lines.append("| " + " | ".join(cells + ["", "", ""]) + " |")
+        cells = ["", "judge on real", *(f"{100 * real[n]:.1f}" for n in names)]
+        lines.append("| " + " | ".join(cells + [f"{100 * real['exact_match']:.1f}", "", ""]) + " |")
     return "\n".join(lines)
 
 

@@ -186,3 +186,50 @@ def test_sample_cli_with_a_guide(guide, text_model, tmp_path):
         f"--guide={text_model}",
     )
     assert r.returncode != 0 and "not a guide" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_text_judges_seen_and_heldout_prompts(text_model, guide, tmp_path, monkeypatch):
+    """evaluate_text end to end on the tiny text model, judged by a tiny-recipe attribute
+    classifier (the real one trains for minutes): for cfg and for the guide."""
+    from diffusion_jax import evaluate_text
+    from diffusion_jax.evaluation import glyph_net
+
+    tiny = dict(
+        glyph_net._GLYPH_RECIPE,
+        widths=(8, 16, 32),
+        feature_dim=32,
+        num_renders=2_000,
+        epochs=1,
+        batch_size=32,
+        num_eval=200,
+    )
+    monkeypatch.setattr(glyph_net, "_GLYPH_RECIPE", tiny)
+    kind, guide_dir = guide
+    cache = str(tmp_path / "cache")
+    for guidance, extra in (("cfg", {}), (kind, {"guide": guide_dir})):
+        result = evaluate_text.run(
+            text_model,
+            num_samples=8,
+            scales=[1.0, 3.0],
+            cache_dir=cache,
+            guidance=guidance,
+            **extra,
+        )
+        assert set(result["scales"]) == {"1.0", "3.0"} and result["guidance"] == guidance
+        for groups in result["scales"].values():
+            assert set(groups) == {"seen", "heldout"}
+            for name, r in groups.items():
+                assert 0.0 <= r["exact_match"] <= min(r[a] for a in glyph_render.ATTRIBUTES)
+            assert (
+                groups["seen"]["fid_matched_ratio"] > 0 and "fid_matched" not in groups["heldout"]
+            )
+    table = evaluate_text.markdown(result)
+    assert len(table.splitlines()) == 2 + 4 + 1 + 1  # header, 2 scales x 2 groups, chance, judge
+    # the prompt groups: held-out (fg, char) pairs only in "heldout", as the dataset marks
+    config = workdir.load_config(text_model)
+    groups = evaluate_text.prompt_groups(latent_space.pixel_data_config(config), 8)
+    pairs = glyph_render.heldout_pairs()
+    for group, (captions, target, _) in ((g, groups[g]) for g in evaluate_text.GROUPS):
+        inside = [(f, c) in pairs for f, c in zip(target["fg"], target["char"])]
+        assert all(inside) if group == "heldout" else not any(inside)
+        assert [glyph_render.parse_caption(c)["char"] for c in captions] == list(target["char"])
