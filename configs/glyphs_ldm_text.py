@@ -1,9 +1,13 @@
 """Text-to-image latent diffusion on glyphs: a DiT with PixArt-alpha cross-attention on the
 8x8x4 latents of configs/glyphs_autoencoder.py, conditioned on captions through a 2-layer
 transformer text encoder trained with it; caption dropout 0.1 for classifier-free
-guidance. (Pixel space at 32x32 measured 1.6 s per step of 64 on the 2-core CPU for the
-smallest UNet that attends at 8x8, too slow for a 20-minute budget; this is the latent
-path.)
+guidance. (Pixel space at 32x32 measured 1.6 s per step of 64 on the 2-core CPU, with
+another job on the cores, for the smallest UNet that attends at 8x8: too slow for a
+20-minute budget; this is the latent path.)
+
+Measured (README, docs/text.md): 2,400 steps, ~23 min at the 1.75 steps/s of an unloaded
+stretch; the model follows colour and size words (fg 61-66%, bg 85%, size 78-93% over
+CFG 1-4) but not yet glyph shapes (character, family, weight, slant at chance).
 
   python -m diffusion_jax.main --config=configs/glyphs_autoencoder.py --workdir=runs/glyphs_ae
   python -m diffusion_jax.encode --autoencoder=runs/glyphs_ae --out=runs/glyphs_latents

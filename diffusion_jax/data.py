@@ -340,6 +340,11 @@ class TrainIterator:
 # Public API.
 
 
+def data_dir_of(data_cfg) -> str:
+    """The directory ``data_cfg`` reads from ("" means DEFAULT_DATA_DIR), user-expanded."""
+    return _parse_config(data_cfg).data_dir
+
+
 def dataset_spec(data_cfg) -> DatasetSpec:
     """Shapes (after resizing), class count and size of ``data_cfg.split``."""
     cfg = _parse_config(data_cfg)

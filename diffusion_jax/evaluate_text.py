@@ -59,11 +59,11 @@ GROUPS = ("seen", "heldout")
 
 def prompt_groups(pixels, n: int) -> dict:
     """{group: (captions [n], target attribute arrays, template [n])} from the test split."""
-    from diffusion_jax import data_transforms, datasets
+    from diffusion_jax import data, data_transforms, datasets
     from diffusion_jax.datasets import glyph_render, glyphs
     from diffusion_jax.evaluation import glyph_net
 
-    _, source = datasets.open_split(pixels["name"], pixels["data_dir"], "test")
+    _, source = datasets.open_split(pixels["name"], data.data_dir_of(pixels), "test")
     rows = {g: [] for g in GROUPS}
     for i in range(len(source)):
         record = source[i]
