@@ -42,7 +42,6 @@ from absl import flags
 
 from diffusion_jax import data_order, data_transforms as transforms, datasets
 from diffusion_jax.datasets import digits, latents
-from diffusion_jax.tokenizer import Tokenizer
 
 DIGITS = digits.NAME
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "diffusion_jax", "tensorflow_datasets")
@@ -127,32 +126,15 @@ def _parse_config(data_cfg: Any) -> _Config:
     )
 
 
-def _caption_fields(
-    cfg: _Config, features, caption_length: int, attributes: bool
-) -> transforms.CaptionFields:
-    """What the examples read from their captions: tokens [caption_length] (0: none) and
-    the attributes the caption names (``attributes``)."""
-    if not caption_length and not attributes:
-        return transforms.CaptionFields()
-    if "caption" not in features:
-        raise ValueError(
-            f"a text model or caption guide reads captions but {cfg.name!r} has none "
-            f"(features: {list(features)}); use a captioned dataset such as data.name=glyphs"
-        )
-    tokenizer = None
-    if caption_length:
-        tokenizer = Tokenizer(datasets.vocabulary(cfg.name, cfg.data_dir), caption_length)
-    parser = datasets.caption_parser(cfg.name, cfg.data_dir) if attributes else None
-    return transforms.CaptionFields(tokenizer, parser)
-
-
 def _open(cfg: _Config, split: str, caption_length: int = 0, attributes: bool = False):
     """Returns (random-access source, DatasetSpec, transforms.PrepareExample) for `split`;
     with ``caption_length`` the examples carry their caption's "tokens", with
     ``attributes`` the "attributes" it names."""
     builder, source = datasets.open_split(cfg.name, cfg.data_dir, split)
     features = builder.info.features
-    captions = _caption_fields(cfg, features, caption_length, attributes)
+    captions = transforms.CaptionFields.of(
+        cfg.name, cfg.data_dir, features, caption_length, attributes
+    )
     if "latent" in features:
         return _open_latents(cfg, source, features, captions)
     if "image" not in features:

@@ -66,6 +66,24 @@ class CaptionFields:
     tokenizer: Optional[Tokenizer] = None
     parser: Optional[Callable[[str], dict]] = None
 
+    @classmethod
+    def of(cls, name, data_dir, features, caption_length: int, attributes: bool):
+        """The fields of dataset ``name`` (TFDS ``features``): tokens [caption_length]
+        (0: none) with its vocabulary, the attributes (``attributes``) with its parser."""
+        from diffusion_jax import datasets
+
+        if not caption_length and not attributes:
+            return cls()
+        if "caption" not in features:
+            raise ValueError(
+                f"a text model or caption guide reads captions but {name!r} has none "
+                f"(features: {list(features)}); use a captioned dataset such as data.name=glyphs"
+            )
+        tokenizer = None
+        if caption_length:
+            tokenizer = Tokenizer(datasets.vocabulary(name, data_dir), caption_length)
+        return cls(tokenizer, datasets.caption_parser(name, data_dir) if attributes else None)
+
     def add_to(self, example: dict, record) -> dict:
         if self.tokenizer is None and self.parser is None:
             return example

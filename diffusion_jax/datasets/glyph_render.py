@@ -334,11 +334,9 @@ def parse_caption(text: str) -> dict[str, int]:
 def _vocabulary() -> tuple[str, ...]:
     vocabulary = set()
     for template in TEMPLATES:
-        for literal, field, _, _ in string.Formatter().parse(template):
-            vocabulary.update(words(literal))
-            if field is not None:
-                for value in _FIELD_VALUES[field]:
-                    vocabulary.update(words(value))
+        for slot, is_field in _template_words(template):
+            values = _FIELD_VALUES[slot] if is_field else (slot,)
+            vocabulary.update(w for value in values for w in words(value))
     return tuple(sorted(vocabulary))
 
 

@@ -55,6 +55,7 @@ import optax
 from flax import serialization
 
 from diffusion_jax.datasets import glyph_render as gr
+from diffusion_jax.evaluation import small_classifier
 from diffusion_jax.evaluation.extractor import FeatureExtractor, to_channels
 from diffusion_jax.evaluation.stats import atomic_write, resolve_cache_dir
 
@@ -330,24 +331,6 @@ def _fingerprint() -> str:
     return hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
 
 
-def _load(recipe, params_path: str, info_path: str):
-    """(params, info) from the cache, or None if absent or inconsistent."""
-    if not (os.path.exists(params_path) and os.path.exists(info_path)):
-        return None
-    with open(params_path, "rb") as f:
-        raw = f.read()
-    with open(info_path) as f:
-        info = json.load(f)
-    if info.get("params_sha256") != hashlib.sha256(raw).hexdigest():
-        log.warning("glyph classifier cache %s is inconsistent; retraining", params_path)
-        return None
-    template = jax.eval_shape(
-        _net(recipe).init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))
-    )["params"]
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    return serialization.from_bytes(zeros, raw), info
-
-
 def glyph_classifier(
     cache_dir: str = "",
     recipe: Optional[Mapping[str, Any]] = None,
@@ -374,7 +357,7 @@ def glyph_classifier(
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     base = os.path.join(resolve_cache_dir(cache_dir), f"{NAME}-{key_hash}")
     params_path, info_path = base + ".msgpack", base + ".json"
-    loaded = _load(recipe, params_path, info_path)
+    loaded = small_classifier.load_cached(_net(recipe), (SIZE, SIZE, 3), params_path, info_path)
     trained = changed = loaded is None
     if trained:
         params, info = _train_and_evaluate(recipe, key, key_hash)

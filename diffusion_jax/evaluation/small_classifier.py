@@ -195,8 +195,9 @@ def _extractor(spec: ClassifierSpec, params, info, crop: bool) -> FeatureExtract
     )
 
 
-def _load(spec: ClassifierSpec, params_path: str, info_path: str):
-    """(params, info) from the cache, or None if absent or inconsistent."""
+def load_cached(net, input_shape, params_path: str, info_path: str):
+    """(params, info) of ``net`` (inputs [1, *input_shape]) from a cache entry, or None if
+    absent or inconsistent (the params' sha256 must match the one recorded in info)."""
     if not (os.path.exists(params_path) and os.path.exists(info_path)):
         return None
     with open(params_path, "rb") as f:
@@ -206,12 +207,9 @@ def _load(spec: ClassifierSpec, params_path: str, info_path: str):
     if info.get("params_sha256") != hashlib.sha256(raw).hexdigest():
         log.warning("classifier cache %s is inconsistent; retraining", params_path)
         return None
-    size = spec.native_size
-    template = jax.eval_shape(
-        spec.net().init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1))
-    )["params"]
+    template = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)))
     params = serialization.from_bytes(
-        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), raw
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template["params"]), raw
     )
     return params, info
 
@@ -234,7 +232,8 @@ def cached_classifier(
     key_hash = hashlib.sha256(json.dumps(spec.key, sort_keys=True).encode()).hexdigest()[:8]
     base = os.path.join(resolve_cache_dir(cache_dir), f"{spec.name}-{key_hash}")
     params_path, info_path = base + ".msgpack", base + ".json"
-    loaded = _load(spec, params_path, info_path)
+    size = spec.native_size
+    loaded = load_cached(spec.net(), (size, size, 1), params_path, info_path)
     if loaded is not None:
         params, info = loaded
         return _extractor(
