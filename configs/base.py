@@ -7,6 +7,7 @@ Run:  python -m diffusion_jax.main --config=configs/base.py --workdir=runs/base
 
 import ml_collections
 
+from diffusion_jax import lora
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS
 from diffusion_jax.models.dit import DIT_PRESETS
 from diffusion_jax.models.unet import UNET_PRESETS
@@ -76,6 +77,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.consistency.teacher_guidance = 1.0  # CFG scale of a conditional teacher
     c.consistency.distance = "pseudo_huber"  # pseudo_huber | l2
     c.consistency.huber_c = 0.0  # 0 = 0.00054 sqrt(dim) (iCT)
+
+    # Adapting a trained model (diffusion_jax/adapters.py): kind "" = an ordinary run;
+    # "full" fine-tunes every weight of the base workdir, starting from its EMA weights;
+    # "lora" trains only W + (alpha / rank) * A @ B on the kernels whose "/"-joined path
+    # matches a pattern of targets (diffusion_jax/lora.py), the base frozen.
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.kind = ""  # "" | full | lora
+    c.adapter.base = ""
+    c.adapter.rank = 4
+    c.adapter.alpha = 4.0
+    c.adapter.targets = lora.DEFAULT_TARGETS
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES

@@ -252,33 +252,9 @@ def check_config(config) -> None:
 def check_teacher(config) -> None:
     """The teacher workdir has a checkpoint and the student's model, schedule and
     prediction (ValueError naming the first difference)."""
-    from diffusion_jax import workdir
+    from diffusion_jax import adapters
 
-    cons = config.consistency
-    workdir.require_checkpoint(cons.teacher)
-    teacher = workdir.load_config(cons.teacher)
-    if teacher.model.name == "autoencoder":
-        raise ValueError(f"consistency.teacher={cons.teacher!r} holds an autoencoder")
-    name = config.model.name
-    sections = {"model": ("name", "num_classes", "text", name), "schedule": tuple(config.schedule)}
-    for section, keys in sections.items():
-        ours = workdir.flatten({k: config[section][k] for k in keys if k in config[section]})
-        theirs = workdir.flatten({k: teacher[section][k] for k in keys if k in teacher[section]})
-        # keys the teacher's (older) config.json lacks keep their defaults: not compared
-        for key in sorted(set(ours) & set(theirs)):
-            if key.endswith(".dropout") or key.endswith(".conv_impl"):
-                continue
-            if ours.get(key) != theirs.get(key):
-                raise ValueError(
-                    f"the student's {section}.{key}={ours.get(key)!r} differs from the teacher's "
-                    f"({theirs.get(key)!r} in {cons.teacher}); a distilled student has the "
-                    "teacher's model and schedule"
-                )
-    if config.objective.prediction != teacher.objective.prediction:
-        raise ValueError(
-            f"objective.prediction={config.objective.prediction!r} differs from the teacher's "
-            f"{teacher.objective.prediction!r}"
-        )
+    adapters.check_same_model(config, config.consistency.teacher, "consistency.teacher")
 
 
 def load_teacher(config):

@@ -85,6 +85,7 @@ def run(
     import jax
 
     from diffusion_jax import (
+        adapters,
         conditioning,
         evaluation,
         latent_space,
@@ -103,7 +104,8 @@ def run(
     cli.apply_overrides(config, overrides or {})
     workdir_lib.check_config(config, workdir_lib.run_spec(workdir, config), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
-    params, step = state.ema_params, int(state.step)
+    model, params = adapters.for_sampling(model, state.ema_params)  # a LoRA: merged
+    step = int(state.step)
     autoencoder = is_autoencoder(config.model)
     if autoencoder:  # the first num_samples held-out images, reconstructed
         images, labels = tasks.heldout_images(config, num_samples)

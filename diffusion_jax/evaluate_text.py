@@ -112,6 +112,7 @@ def run(
     workdir's config (usually sampler settings); ``guidance`` = classifier or clip scales
     the gradient of the guide in workdir ``guide`` instead of classifier-free guidance."""
     from diffusion_jax import (
+        adapters,
         conditioning,
         evaluation,
         generate,
@@ -129,6 +130,7 @@ def run(
     if conditioning.kind(config.model) != "caption":
         raise ValueError(f"{workdir} is not a text model (model.text.vocab_size is 0)")
     model, spec, state = workdir_lib.load_state(workdir, config)
+    model, ema_params = adapters.for_sampling(model, state.ema_params)  # a LoRA: merged
     pixels = latent_space.pixel_data_config(config)
     groups = prompt_groups(pixels, num_samples)
     judge = evaluation.make_extractor(pixels, cache_dir=cache_dir)
@@ -174,7 +176,7 @@ def run(
             t0 = time.time()
             images = generate.generate_samples(
                 sample_fn,
-                params_of(state.ema_params),
+                params_of(ema_params),
                 num_samples,
                 bs,
                 seed,

@@ -120,6 +120,21 @@ def scan_steps(train_step: Callable) -> Callable:
     return multi_step
 
 
+@dataclasses.dataclass(frozen=True)
+class _WithFrozen:
+    """A compiled ``step(state, batch, frozen)`` with ``frozen`` bound: called and lowered
+    as ``(state, batch)``."""
+
+    step: Callable
+    frozen: object
+
+    def __call__(self, state, batch):
+        return self.step(state, batch, self.frozen)
+
+    def lower(self, state, batch):
+        return self.step.lower(state, batch, self.frozen)
+
+
 @dataclasses.dataclass
 class DataParallel:
     """Moves states and batches between the canonical form and the ``mode``'s form and
@@ -136,22 +151,45 @@ class DataParallel:
     def state_sharding(self) -> NamedSharding:
         return replicated(self.mesh)
 
-    def compile(self, make_step: Callable[..., Callable], steps_per_dispatch: int = 1):
+    def compile(self, make_step: Callable[..., Callable], steps_per_dispatch: int = 1, frozen=None):
         """``make_step(axis_name)`` -> pure step; returns the compiled, state-donating one.
-        With ``steps_per_dispatch > 1`` the step is scanned over a stack of batches."""
+        With ``steps_per_dispatch > 1`` the step is scanned over a stack of batches.
+
+        ``frozen``: a pytree of arrays the step reads but never updates (a LoRA run's base
+        parameters). The step is then ``step(state, batch, frozen)``; the arrays are placed
+        (replicated) once and passed as arguments, not baked into the program as constants,
+        and the returned callable still takes ``(state, batch)``."""
         scanned = steps_per_dispatch > 1
+        step = make_step(None if self.mode == "jit" else AXIS)
+        if frozen is not None:
+            with_frozen = step
+            step = lambda state, batches, fixed: (
+                scan_steps(lambda s, b: with_frozen(s, b, fixed))(state, batches)
+                if scanned
+                else with_frozen(state, batches, fixed)
+            )
+        elif scanned:
+            step = scan_steps(step)
         if self.mode == "jit":
-            step = make_step(None)
-            step = scan_steps(step) if scanned else step
-            return jax.jit(
+            shardings = (self.state_sharding, batch_sharding(self.mesh, int(scanned)))
+            compiled = jax.jit(
                 step,
-                in_shardings=(self.state_sharding, batch_sharding(self.mesh, int(scanned))),
+                in_shardings=shardings + ((self.state_sharding,) if frozen is not None else ()),
                 out_shardings=(self.state_sharding, self.state_sharding),
                 donate_argnums=0,
             )
-        step = make_step(AXIS)
-        step = scan_steps(step) if scanned else step
-        return jax.pmap(step, axis_name=AXIS, donate_argnums=0)
+        else:
+            compiled = jax.pmap(step, axis_name=AXIS, donate_argnums=0)
+        if frozen is None:
+            return compiled
+        return _WithFrozen(compiled, self._put_frozen(frozen))
+
+    def _put_frozen(self, tree):
+        """Host arrays every process holds identically -> the mode's replicated form."""
+        host = jax.tree.map(np.asarray, jax.device_get(tree))
+        if self.mode == "jit":
+            return jax.tree.map(lambda x: replicate_host_value(x, self.mesh), host)
+        return jax_utils.replicate(host, devices=jax.local_devices())
 
     def put_state(self, state):
         if self.mode == "jit":

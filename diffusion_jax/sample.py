@@ -6,6 +6,7 @@ r"""Sample from, or edit images with, a trained workdir's latest EMA checkpoint.
   python -m diffusion_jax.sample --workdir=runs/digits --mode=img2img --input=in.npz --strength=0.6
   python -m diffusion_jax.sample --workdir=runs/digits --mode=inpaint --input=a.png,b.png --mask=top
   python -m diffusion_jax.sample --workdir=runs/digits --mode=invert --input=in.npz --labels=7
+  python -m diffusion_jax.sample --workdir=runs/digits --lora=runs/digits_lora --lora_scale=0.5
   python -m diffusion_jax.sample --workdir=runs/glyphs --num_samples=16 \
       --prompt="a large bold upright red serif letter A on a blue background" \
       [--prompts_file=prompts.txt --negative_prompt="..."]
@@ -30,6 +31,10 @@ Text models (model.text) take --prompt or --prompts_file instead of --labels, an
 --negative_prompt (guidance pushes away from it instead of from the empty caption); a word
 outside the training vocabulary is an error that names the closest known words.
 
+LoRA (adapters.py): --lora=W samples --workdir (the base) with the LoRA workdir W merged
+into it at --lora_scale (0 = the base, 1 = as trained); a LoRA workdir given as --workdir
+samples the same way over the base it recorded.
+
 Writes a PNG grid (default <workdir>/samples/<mode>_<sampler>.png; edit modes show each
 input, masked for inpaint, next to its output; text models get one row per prompt with the
 prompt above it) and optionally the raw outputs as uint8 images with their class labels
@@ -42,6 +47,7 @@ import numpy as np
 from absl import flags
 
 from diffusion_jax import (
+    adapters,
     cli,
     conditioning,
     data,
@@ -122,6 +128,18 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string("guide", "", "--guidance=classifier|clip: the guide's workdir.", **OWN)
 flags.DEFINE_float("guide_scale", 1.0, "Scale of the guide's gradient.", **OWN)
+flags.DEFINE_string(
+    "lora",
+    "",
+    "A LoRA workdir trained on --workdir (adapter.kind=lora): sample the base with it merged.",
+    **OWN,
+)
+flags.DEFINE_float(
+    "lora_scale",
+    1.0,
+    "Strength of the LoRA (--lora, or a LoRA --workdir): W + scale * delta; 0 = the base.",
+    **OWN,
+)
 flags.DEFINE_string(
     "input",
     "",
@@ -241,7 +259,26 @@ def setup(overrides: dict):
         ensure_writable_file(FLAGS.npz, "--npz")
     model, spec, state = load_state(FLAGS.workdir, config)
     params, step = state.ema_params, int(state.step)
+    if FLAGS.lora:
+        model, params = _lora_of(FLAGS.lora, FLAGS.workdir)
+    elif FLAGS["lora_scale"].present and not isinstance(model, adapters.LoraModel):
+        raise ConfigError("--lora_scale needs --lora=WORKDIR or a LoRA --workdir")
+    model, params = adapters.for_sampling(model, params, FLAGS.lora_scale)
     return config, model, spec, params, step, n, labels, inputs
+
+
+def _lora_of(lora_dir: str, base_dir: str):
+    """(LoraModel, LoRA EMA params) of the LoRA workdir ``lora_dir``, which must adapt
+    ``base_dir``."""
+    require_checkpoint(lora_dir)
+    lora_config = load_config(lora_dir)
+    if adapters.kind(lora_config) != "lora":
+        raise ConfigError(f"--lora={lora_dir} is not a LoRA workdir (adapter.kind=lora)")
+    base = os.path.abspath(lora_config.adapter.base)
+    if not os.path.samefile(base, base_dir):
+        raise ConfigError(f"--lora={lora_dir} adapts {base}, not --workdir={base_dir}")
+    model, _, state = load_state(lora_dir, lora_config)
+    return model, state.ema_params
 
 
 def _caption_conditions(config, n: int, inputs: dict) -> np.ndarray:

@@ -13,7 +13,8 @@ Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples),
 weights, or trained without one; consistency.py; sampled and scored like a denoiser) and ``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
 reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``) and
 ``guide`` (a noise-aware classifier or CLIP for classifier / CLIP guidance, guides.py: no
-grid, accuracy on noisy test examples). A latent
+grid, accuracy on noisy test examples), ``finetune`` and ``lora`` (adapting the diffusion
+model of adapter.base, adapters.py: sampled and scored like a denoiser). A latent
 diffusion run is the diffusion task whose samples are decoded (``image_sample_fn``) and
 scored against the latent dataset's source images. Each
 piece lives in its own module (steps, autoencoding, generate, evaluation); this module only
@@ -28,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from diffusion_jax import (
+    adapters,
     autoencoding,
     conditioning,
     consistency,
@@ -53,6 +55,9 @@ class Task:
     batch_fields: Callable = lambda config: {
         "caption_length": conditioning.caption_length(config.model)
     }
+    # model -> arrays the step reads but never trains, passed to it as an argument
+    # (train_step(...) is then step(state, batch, frozen); parallel.DataParallel.compile)
+    frozen: Callable = lambda model: None
 
 
 def _eval_reference(config):
@@ -234,6 +239,26 @@ def _consistency_initial_params(config):
 
 
 # ----------------------------------------------------------------------------------------
+# Adapters (adapters.py): full fine-tuning starts from the base's weights; LoRA trains
+# only its factors, over the frozen base, and samples through the merged weights.
+
+
+def _lora_view(make):
+    """A grid / quality factory of the base model whose callable takes the LoRA as its
+    params: each call merges it into the base first (one small jitted merge)."""
+
+    def view(config, model, schedule, *args):
+        inner = make(config, model.model, schedule, *args)
+        if inner is None:
+            return None
+        return lambda params, *rest, **kw: inner(
+            adapters.for_sampling(model, params)[1], *rest, **kw
+        )
+
+    return view
+
+
+# ----------------------------------------------------------------------------------------
 # Noise-aware guides (classifier and CLIP guidance): no images to show, scored by accuracy.
 
 
@@ -252,6 +277,20 @@ TASKS = {
     ),
     "autoencoder": Task(
         "autoencoder", _autoencoder_train_step, _autoencoder_grid, _autoencoder_quality
+    ),
+    "finetune": Task(
+        "finetune",
+        steps.make_train_step,
+        _diffusion_grid,
+        _diffusion_quality,
+        initial_params=lambda config: adapters.base_of(config).params,
+    ),
+    "lora": Task(
+        "lora",
+        adapters.lora_train_step(steps.make_train_step),
+        _lora_view(_diffusion_grid),
+        _lora_view(_diffusion_quality),
+        frozen=lambda model: model.base_params,
     ),
     "guide": Task(
         "guide",
@@ -272,4 +311,6 @@ def task_of(config) -> Task:
         return TASKS["guide"]
     if config.get("consistency", {}).get("mode"):
         return TASKS["consistency"]
+    if adapters.kind(config):
+        return TASKS["lora" if adapters.kind(config) == "lora" else "finetune"]
     return TASKS["diffusion"]

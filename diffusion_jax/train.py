@@ -14,9 +14,18 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import data, evaluation, metrics, parallel, runtime, schedules, tasks, workdir
+from diffusion_jax import (
+    adapters,
+    data,
+    evaluation,
+    metrics,
+    parallel,
+    runtime,
+    schedules,
+    tasks,
+    workdir,
+)
 from diffusion_jax.lock import WorkdirLock
-from diffusion_jax.models import build_model
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
 from diffusion_jax.state import (
     create_train_state,
@@ -51,12 +60,14 @@ def train_and_evaluate(config, workdir_path: str):
     with WorkdirLock(workdir_path):
         if workdir.has_checkpoints(workdir_path):
             workdir.check_resume(config, workdir_path)
+        if adapters.kind(config):  # which base this run adapts: recorded, or checked
+            adapters.record_base(workdir_path, adapters.base_of(config, workdir_path))
         runtime.setup_compilation_cache(config.train.compilation_cache_dir)
         return _train(config, workdir_path, spec)
 
 
 def _train(config, workdir_path: str, spec: data.DatasetSpec):
-    model = build_model(config.model)
+    model = adapters.build(config, workdir_path)
     schedule = schedules.build(config.schedule)
     num_steps = config.train.num_steps
     tx = make_optimizer(config.optim, num_steps)
@@ -92,7 +103,9 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
 
     k = config.train.steps_per_dispatch
     train_step = dp.compile(
-        lambda axis: task.train_step(model, tx, schedule, config, axis_name=axis), k
+        lambda axis: task.train_step(model, tx, schedule, config, axis_name=axis),
+        k,
+        frozen=task.frozen(model),
     )
     grid_images = task.grid(config, model, schedule, spec, dp.mesh)
     writer = metrics.MetricWriter(

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import (
+    adapters,
     conditioning,
     consistency,
     data,
@@ -33,7 +34,7 @@ from diffusion_jax import (
     variance,
 )
 from diffusion_jax.checkpoint import Checkpointer
-from diffusion_jax.models import build_model, check_input_shape
+from diffusion_jax.models import check_input_shape
 from diffusion_jax.state import abstract_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
     latent_space.metadata_of(c)  # latent runs: the dataset was encoded by latent.autoencoder
     if training and "consistency" in c:
         consistency.check_config(c)
+    if training and "adapter" in c:
+        adapters.check_config(c)
     if (
         training
         and c.train.steps_per_dispatch > 1
@@ -405,10 +408,12 @@ def restore_state(
 
 def load_state(workdir: str, config=None, step: Optional[int] = None):
     """A workdir's checkpointed TrainState (latest, or ``step``) on the default device,
-    with the model and dataset spec it was trained with: (model, spec, state)."""
+    with the model and dataset spec it was trained with: (model, spec, state). A LoRA
+    workdir's model is its ``adapters.LoraModel`` and its state holds the LoRA only
+    (``adapters.for_sampling`` gives the merged weights)."""
     config = config or load_config(workdir)
     spec = run_spec(workdir, config)
-    model = build_model(config.model)
+    model = adapters.build(config, workdir)
     tx = make_optimizer(config.optim, config.train.num_steps)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with checkpointer(workdir, read_only=True) as ckpt:

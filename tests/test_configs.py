@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from diffusion_jax import conditioning, consistency, data, latent_space, workdir
+from diffusion_jax import adapters, conditioning, consistency, data, latent_space, workdir
 from diffusion_jax.datasets import glyph_render
 from diffusion_jax.models import abstract_params, build_model
 
@@ -34,6 +34,8 @@ def test_config_is_valid_and_its_model_builds(name, monkeypatch):
     # Likewise a distillation config names a teacher workdir trained first
     # (test_consistency.py checks the pairing).
     monkeypatch.setattr(consistency, "check_teacher", lambda c: None)
+    # and an adapter config its base (test_lora.py checks the pairing)
+    monkeypatch.setattr(adapters, "check_same_model", lambda c, other, flag: None)
     # and a latent text config reads its vocabulary from the encoded dataset's source
     if config.data.name == "latents" and config.model.text.vocab_size:
         monkeypatch.setattr(conditioning, "vocabulary", lambda d: glyph_render.VOCABULARY)
