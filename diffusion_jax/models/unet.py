@@ -131,50 +131,34 @@ class UNet(nn.Module):
             return channels // self.num_head_channels
         return self.num_heads
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jnp.ndarray,
-        t: jnp.ndarray,
-        y: Optional[jnp.ndarray] = None,
-        train: bool = False,
-        *,
-        context: Optional[jnp.ndarray] = None,
-        context_mask: Optional[jnp.ndarray] = None,
-        pooled: Optional[jnp.ndarray] = None,
-    ) -> jnp.ndarray:
-        batch, height, width, channels = x.shape
-        self.check_input_shape(height, width, channels)
-        out_channels = self.out_channels or channels
+    @nn.nowrap
+    def _res_block(self, name, out_ch, resample=None):
+        return ResBlock(
+            out_ch,
+            dropout=self.dropout,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            resample=resample,
+            norm_groups=self.norm_groups,
+            name=name,
+            conv_impl=self.conv_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    @nn.nowrap
+    def _attention(self, name, h, context, context_mask):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ckw = dict(kw, conv_impl=self.conv_impl)
+        heads = self._heads(h.shape[-1])
+        if self.cross_attention:
+            block = SpatialTransformer(heads, self.norm_groups, name=name, **kw)
+            return block(h, context, context_mask)
+        return AttentionBlock(heads, self.norm_groups, name=name, **kw)(h)
+
+    @nn.nowrap
+    def _embedding(self, t, y, pooled, batch: int):
+        """The conditioning vector emb [B, 4ch]: timestep MLP (+ class or caption vector)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = self.base_channels
-        levels = len(self.channel_mult)
-
-        def res_block(name, out_ch, resample=None):
-            return ResBlock(
-                out_ch,
-                dropout=self.dropout,
-                use_scale_shift_norm=self.use_scale_shift_norm,
-                resample=resample,
-                norm_groups=self.norm_groups,
-                name=name,
-                **ckw,
-            )
-
-        def attention(name, h):
-            heads = self._heads(h.shape[-1])
-            if self.cross_attention:
-                block = SpatialTransformer(heads, self.norm_groups, name=name, **kw)
-                return block(h, context, context_mask)
-            return AttentionBlock(heads, self.norm_groups, name=name, **kw)(h)
-
-        def maybe_attn(name, h):
-            if h.shape[1] in tuple(self.attn_resolutions):
-                h = attention(name, h)
-            return h
-
-        # Conditioning vector emb [B, 4ch]: timestep MLP (+ class embedding).
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         emb = TimestepEmbedding(
             ch,
@@ -200,41 +184,86 @@ class UNet(nn.Module):
             )
         if pooled is not None:
             emb = emb + PooledEmbedding(4 * ch, name="caption_embed", **kw)(pooled)
-        if context is not None and not self.cross_attention:
-            raise ValueError("a context was given to a UNet built without cross_attention")
+        return emb
 
-        # Down path: keep every activation for the skip connections.
+    @nn.nowrap
+    def _encode(self, x, emb, train, context, context_mask, stem=None):
+        """conv_in, the down path and the middle block: (h, skips), skips being every
+        activation the up path concatenates. ``stem(h)`` (ControlNet's hint) is applied
+        after conv_in."""
+        ckw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        ch = self.base_channels
+        levels = len(self.channel_mult)
         h = Conv(ch, (3, 3), padding="SAME", kernel_init=xavier_uniform(), name="conv_in", **ckw)(
             x.astype(self.dtype)
         )
+        if stem is not None:
+            h = stem(h)
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
-                h = res_block(f"down{level}_res{i}", mult * ch)(h, emb, train)
-                h = maybe_attn(f"down{level}_attn{i}", h)
+                h = self._res_block(f"down{level}_res{i}", mult * ch)(h, emb, train)
+                if h.shape[1] in tuple(self.attn_resolutions):
+                    h = self._attention(f"down{level}_attn{i}", h, context, context_mask)
                 skips.append(h)
             if level != levels - 1:
                 if self.resblock_updown:
-                    h = res_block(f"down{level}_resample", h.shape[-1], "down")(h, emb, train)
+                    h = self._res_block(f"down{level}_resample", h.shape[-1], "down")(h, emb, train)
                 else:
                     h = Downsample(self.conv_resample, name=f"down{level}_resample", **ckw)(h)
                 skips.append(h)
+        h = self._res_block("mid_res0", h.shape[-1])(h, emb, train)
+        h = self._attention("mid_attn", h, context, context_mask)
+        h = self._res_block("mid_res1", h.shape[-1])(h, emb, train)
+        return h, skips
 
-        # Middle.
-        h = res_block("mid_res0", h.shape[-1])(h, emb, train)
-        h = attention("mid_attn", h)
-        h = res_block("mid_res1", h.shape[-1])(h, emb, train)
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        t: jnp.ndarray,
+        y: Optional[jnp.ndarray] = None,
+        train: bool = False,
+        *,
+        context: Optional[jnp.ndarray] = None,
+        context_mask: Optional[jnp.ndarray] = None,
+        pooled: Optional[jnp.ndarray] = None,
+        control: Optional[Sequence[jnp.ndarray]] = None,
+    ) -> jnp.ndarray:
+        """``control``: residuals added to every skip activation and to the middle
+        block's output, in ``_encode``'s order with the middle last (a ControlNet's
+        output, models/controlnet.py)."""
+        batch, height, width, channels = x.shape
+        self.check_input_shape(height, width, channels)
+        out_channels = self.out_channels or channels
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ckw = dict(kw, conv_impl=self.conv_impl)
+        ch = self.base_channels
+        levels = len(self.channel_mult)
+        if context is not None and not self.cross_attention:
+            raise ValueError("a context was given to a UNet built without cross_attention")
+        emb = self._embedding(t, y, pooled, batch)
+        h, skips = self._encode(x, emb, train, context, context_mask)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(
+                    f"control has {len(control)} residuals; this UNet takes {len(skips) + 1} "
+                    "(one per skip activation and the middle block)"
+                )
+            skips = [s + c.astype(s.dtype) for s, c in zip(skips, control)]
+            h = h + control[-1].astype(h.dtype)
 
         # Up path: one more ResBlock per level, each eating one skip.
         for level in reversed(range(levels)):
             mult = self.channel_mult[level]
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res_block(f"up{level}_res{i}", mult * ch)(h, emb, train)
-                h = maybe_attn(f"up{level}_attn{i}", h)
+                h = self._res_block(f"up{level}_res{i}", mult * ch)(h, emb, train)
+                if h.shape[1] in tuple(self.attn_resolutions):
+                    h = self._attention(f"up{level}_attn{i}", h, context, context_mask)
             if level != 0:
                 if self.resblock_updown:
-                    h = res_block(f"up{level}_resample", h.shape[-1], "up")(h, emb, train)
+                    h = self._res_block(f"up{level}_resample", h.shape[-1], "up")(h, emb, train)
                 else:
                     h = Upsample(self.conv_resample, name=f"up{level}_resample", **ckw)(h)
         assert not skips
