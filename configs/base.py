@@ -83,11 +83,16 @@ def get_config() -> ml_collections.ConfigDict:
     # "lora" trains only W + (alpha / rank) * A @ B on the kernels whose "/"-joined path
     # matches a pattern of targets (diffusion_jax/lora.py), the base frozen.
     c.adapter = ml_collections.ConfigDict()
-    c.adapter.kind = ""  # "" | full | lora
+    c.adapter.kind = ""  # "" | full | lora | controlnet
     c.adapter.base = ""
     c.adapter.rank = 4
     c.adapter.alpha = 4.0
     c.adapter.targets = lora.DEFAULT_TARGETS
+    # "controlnet" (UNet bases, pixel data): a trainable copy of the base's encoder fed the
+    # control (diffusion_jax/controls.py: edges | mask) of each training image through a
+    # conv stem of hint_channels; its zero-initialised outputs join the frozen base.
+    c.adapter.control = "edges"
+    c.adapter.hint_channels = (16, 32)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "linear"  # see diffusion_jax.schedules.SCHEDULES

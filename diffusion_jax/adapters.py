@@ -13,10 +13,16 @@ runs, ``check_same_model``). Its workdir records which base it adapts in
 of that step's EMA parameters. A resume and every later load read that step of the base
 and refuse to go on if its parameters are not the ones the adapter was trained on.
 
-A LoRA run's model is a ``LoraModel``: ``init`` draws a fresh LoRA, ``apply`` merges it
-into the base. Training passes the base parameters to the compiled step as an argument
-(``frozen``), never as constants baked into the program, so a large base costs no compile
-time and no second copy; sampling merges once (``for_sampling``), at a traced scale.
+  "controlnet"  ControlNet (models/controlnet.py): a trainable copy of the base UNet's
+          encoder, fed the control (controls.py: adapter.control) of each training image;
+          the base stays frozen and the run holds the ControlNet only.
+
+A LoRA or ControlNet run's model is an ``adapted.LoraModel`` / ``ControlledModel``:
+``init`` draws the adapter's fresh parameters, ``apply`` runs the base with them.
+Training passes the base parameters to the compiled step as an argument (``frozen``),
+never as constants baked into the program, so a large base costs no compile time and no
+second copy; sampling uses the adapter's sampling view (``for_sampling``: a LoRA merged
+once at a traced scale; a ControlNet next to its base).
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
-from diffusion_jax import lora
+from diffusion_jax import controls, lora
+from diffusion_jax.adapted import Adapted, ControlledModel, LoraModel
 from diffusion_jax.models import build_model
+from diffusion_jax.models.controlnet import ControlNet
+from diffusion_jax.models.unet import UNet
 
-KINDS = ("", "full", "lora")
+KINDS = ("", "full", "lora", "controlnet")
 RECORD_FILE = "adapter_base.json"
 
 
@@ -60,6 +69,13 @@ def check_config(config) -> None:
             raise ValueError(f"adapter.alpha must be > 0, got {a.alpha}")
         if not a.targets:
             raise ValueError("adapter.targets is empty: name the kernels LoRA adapts")
+    if a.kind == "controlnet":
+        objectives.check_choice("adapter.control", a.control, tuple(controls.CONTROLS))
+        if config.data.name == "latents":
+            raise ValueError(
+                "adapter.kind=controlnet trains on pixel images (its control is computed "
+                "from them); latent datasets are not supported yet"
+            )
     check_same_model(config, a.base, "adapter.base")
 
 
@@ -176,47 +192,26 @@ def record_base(run_dir: str, base: Base) -> None:
 # The model of a run.
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: params are not hashable
-class LoraModel:
-    """The base model seen through a LoRA: ``init`` returns ``{"params": fresh LoRA}``
-    (from the params rng), ``apply`` merges the LoRA given as params into
-    ``base_params``. Everything else is the base model's."""
-
-    model: Any
-    base_params: Any
-    targets: Tuple[str, ...]
-    rank: int
-    alpha: float
-
-    def init(self, rngs, *args, **kwargs):
-        del args, kwargs
-        key = rngs["params"] if isinstance(rngs, dict) else rngs
-        return {"params": lora.init(self.base_params, self.targets, self.rank, key)}
-
-    def apply(self, variables, *args, **kwargs):
-        merged = lora.merge(self.base_params, variables["params"], self.alpha)
-        return self.model.apply({"params": merged}, *args, **kwargs)
-
-    def with_base(self, base_params) -> "LoraModel":
-        """The same adapter over other base arrays (the step's traced argument)."""
-        return dataclasses.replace(self, base_params=base_params)
-
-    def __getattr__(self, name):  # check_input_shape, fields the samplers read, ...
-        if name == "model":  # not set yet (copy, unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-
 def build(config, run_dir: Optional[str] = None):
-    """The model a run trains or a workdir holds: ``build_model(config.model)``, or for
-    a LoRA run that model wrapped in a ``LoraModel`` over its base."""
-    model = build_model(config.model)
-    if kind(config) != "lora":
-        return model
+    """The model a run trains or a workdir holds: ``build_model(config.model)``, or for a
+    LoRA / ControlNet run that model seen through its adapter (adapted.py) over its base."""
     from diffusion_jax.workdir import ConfigError
 
+    model = build_model(config.model)
+    k = kind(config)
+    if k not in ("lora", "controlnet"):
+        return model
     a = config.adapter
     base = base_of(config, run_dir)
+    if k == "controlnet":
+        if not isinstance(model, UNet):
+            raise ConfigError(
+                f"adapter.kind=controlnet needs a UNet base without text (model.name=unet, "
+                f"model.text.vocab_size=0); {a.base} holds a {type(model).__name__}"
+            )
+        size = int(config.data.image_size)
+        net = ControlNet.of(model, a.hint_channels)
+        return ControlledModel(model, base.params, net, a.control, (size, size, 1))
     try:
         lora.select(base.params, a.targets)  # a pattern that matches nothing: say so now
     except ValueError as e:
@@ -224,47 +219,92 @@ def build(config, run_dir: Optional[str] = None):
     return LoraModel(model, base.params, tuple(a.targets), int(a.rank), float(a.alpha))
 
 
-@functools.partial(jax.jit, static_argnames="alpha")
-def _merge(base_params, lora_params, alpha: float, scale):
-    return lora.merge(base_params, lora_params, alpha, scale)
-
-
 def for_sampling(model, params, scale: float = 1.0):
-    """(model, params) to sample with: a LoraModel's base model and the LoRA merged into
-    its base at ``scale`` (traced: a new scale compiles nothing); others unchanged."""
-    if not isinstance(model, LoraModel):
+    """(model, params) to sample with: an adapted model's sampling view at ``scale`` (a
+    LoRA merged into its base, a ControlNet with its base; the scale is traced, so a new
+    one compiles nothing); other models unchanged."""
+    if not isinstance(model, Adapted):
         return model, params
-    merged = _merge(model.base_params, params, model.alpha, np.float32(scale))
-    return model.model, merged
+    return model.sampling_model, model.sampling_params(params, scale)
 
 
-def lora_train_step(train_step_of):
-    """A LoRA run's step ``(state, batch, base_params)`` from a step factory ``(model, ...)
-    -> step(state, batch)``: the base is the step's argument, not a constant."""
+def adapter_train_step(train_step_of):
+    """An adapter run's step ``(state, batch, base_params)`` from a step factory
+    ``(model, ...) -> step(state, batch)``: the base is the step's argument, not a
+    constant, and the adapter prepares the batch (a ControlNet adds its control)."""
 
     def make(model, tx, schedule, config, axis_name=None):
         def step(state, batch, base_params):
             bound = model.with_base(base_params)
-            return train_step_of(bound, tx, schedule, config, axis_name=axis_name)(state, batch)
+            inner = train_step_of(bound, tx, schedule, config, axis_name=axis_name)
+            return inner(state, bound.prepare(batch))
 
         return step
 
     return make
 
 
+def control_conditions(config, n: int):
+    """(conditions, labels) of a ControlNet run's grids and metrics: the first n test
+    images (cycled) give the controls, and their labels the base's condition."""
+    from diffusion_jax import conditioning, data
+
+    images, labels = data.load_split_arrays(config.data, "test")  # in [-1, 1]
+    idx = np.arange(n) % len(images)
+    images = images[idx]
+    labels = labels[idx] if conditioning.kind(config.model) == "label" else None
+    hint = np.asarray(controls.extract(config.adapter.control, images))
+    return {"y": labels, "hint": hint}, labels
+
+
+def controlled_condition(
+    config, model, n: int, labels, images, scale: float, *, test_labels: bool
+) -> dict:
+    """The condition of n ControlNet samples: ``{"y", "hint", "scale"}``. The controls
+    come from ``images`` [N, H, W, C] in [-1, 1] (cycled), else from the first n test
+    images, whose labels replace ``labels`` when ``test_labels``."""
+    if images is not None:
+        images = np.resize(images, (n, *images.shape[1:]))
+        hint = np.asarray(controls.extract(model.control, images))
+    else:
+        default, default_labels = control_conditions(config, n)
+        hint = default["hint"]
+        if labels is not None and test_labels:
+            labels = default_labels
+    return {"y": labels, "hint": hint, "scale": np.full(n, scale, np.float32)}
+
+
+def load_lora_onto(lora_dir: str, base_dir: str):
+    """(LoraModel, LoRA EMA params) of the LoRA workdir ``lora_dir``, which must adapt
+    ``base_dir`` (``sample --workdir=base_dir --lora=lora_dir``)."""
+    from diffusion_jax import workdir
+
+    workdir.require_checkpoint(lora_dir)
+    lora_config = workdir.load_config(lora_dir)
+    if kind(lora_config) != "lora":
+        raise workdir.ConfigError(f"--lora={lora_dir} is not a LoRA workdir (adapter.kind=lora)")
+    base = os.path.abspath(lora_config.adapter.base)
+    if not os.path.samefile(base, base_dir):
+        raise workdir.ConfigError(f"--lora={lora_dir} adapts {base}, not --workdir={base_dir}")
+    model, _, state = workdir.load_state(lora_dir, lora_config)
+    return model, state.ema_params
+
+
 __all__ = (
     "KINDS",
     "RECORD_FILE",
     "Base",
-    "LoraModel",
+    "adapter_train_step",
     "base_of",
     "build",
     "check_config",
     "check_same_model",
+    "control_conditions",
+    "controlled_condition",
     "fingerprint",
     "for_sampling",
     "kind",
-    "lora_train_step",
+    "load_lora_onto",
     "read_record",
     "record_base",
 )

@@ -45,12 +45,16 @@ def null_id(model_cfg) -> int:
 
 
 def null_like(model_cfg, y):
-    """The null condition (unconditional branch of guidance) with the shape of ``y``."""
+    """The null condition (unconditional branch of guidance) with the shape of ``y``; a
+    controlled condition keeps its control (guidance is about the label or caption)."""
+    if isinstance(y, dict):
+        return {**y, "y": None if y["y"] is None else null_like(model_cfg, y["y"])}
     return jnp.full_like(y, null_id(model_cfg))
 
 
 def from_batch(model_cfg, batch: Mapping[str, Any]) -> Optional[Any]:
-    """The condition a batch carries for this model: tokens, labels or None."""
+    """The condition a batch carries for this model: tokens, labels or None; with a
+    ControlNet's ``hint`` in the batch, {"y": that, "hint": hint}."""
     k = kind(model_cfg)
     if k == "caption":
         if "tokens" not in batch:
@@ -58,14 +62,19 @@ def from_batch(model_cfg, batch: Mapping[str, Any]) -> Optional[Any]:
                 "a text model needs caption tokens in its batches; the dataset has none "
                 "(use a captioned dataset such as data.name=glyphs)"
             )
-        return batch["tokens"]
-    return batch["label"] if k == "label" else None
+        y = batch["tokens"]
+    else:
+        y = batch["label"] if k == "label" else None
+    return {"y": y, "hint": batch["hint"]} if "hint" in batch else y
 
 
 def drop(rng, y, example_ids, p: float, null: int):
     """Classifier-free guidance training: replace each example's condition (a label, or a
     whole caption) by ``null`` with probability ``p``, drawn per example id (so the same
-    on any device layout, like the noise)."""
+    on any device layout, like the noise). A ControlNet's control is never dropped."""
+    if isinstance(y, dict):
+        inner = y["y"]
+        return {**y, "y": None if inner is None else drop(rng, inner, example_ids, p, null)}
     keys = objectives.per_example_keys(rng, example_ids)
     dropped = jax.vmap(lambda k: jax.random.bernoulli(k, p))(keys)
     return jnp.where(dropped.reshape(dropped.shape + (1,) * (y.ndim - 1)), null, y)
@@ -76,8 +85,10 @@ def evaluation_conditions(config, n: int) -> tuple[Optional[Any], Optional[Any]]
     under: class-balanced labels (both) for label models; for caption models the captions
     of the first n examples of the training split (its distribution is the FID
     reference's), with their labels; (None, None) for unconditional models."""
-    from diffusion_jax import data, generate, latent_space
+    from diffusion_jax import adapters, data, generate, latent_space
 
+    if adapters.kind(config) == "controlnet":  # the controls of test images
+        return adapters.control_conditions(config, n)
     k = kind(config.model)
     if k == "none":
         return None, None

@@ -28,6 +28,12 @@ def class_balanced_labels(num_classes: int, n: int) -> np.ndarray:
     return (np.arange(n) % max(num_classes, 1)).astype(np.int32)
 
 
+def _condition_array(a) -> np.ndarray:
+    """A condition leaf as int32 (labels, tokens) or float32 (a control, a scale)."""
+    a = np.asarray(a)
+    return a.astype(np.float32 if np.issubdtype(a.dtype, np.floating) else np.int32)
+
+
 def padded_batch_size(batch_size: int, mesh=None) -> int:
     """``batch_size`` rounded up to a multiple of the mesh's device count."""
     if mesh is None:
@@ -96,7 +102,7 @@ def generate_samples(
         raise ValueError(f"need num_samples, batch_size >= 1, got {num_samples}, {batch_size}")
     if labels is None:
         labels = np.zeros((num_samples,), np.int32)
-    labels = jax.tree.map(lambda a: np.asarray(a, np.int32), labels)
+    labels = jax.tree.map(_condition_array, labels)
     for leaf in jax.tree.leaves(labels):
         if leaf.shape[:1] != (num_samples,):
             raise ValueError(f"labels must be [{num_samples}, ...], got {leaf.shape}")

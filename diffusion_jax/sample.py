@@ -31,6 +31,10 @@ Text models (model.text) take --prompt or --prompts_file instead of --labels, an
 --negative_prompt (guidance pushes away from it instead of from the empty caption); a word
 outside the training vocabulary is an error that names the closest known words.
 
+ControlNet workdirs (adapter.kind=controlnet) take --control=IMAGES (PNG files or an .npz;
+their control, e.g. edges, is what the samples follow; default the first test images) and
+--control_scale; the grid shows each control next to its sample.
+
 LoRA (adapters.py): --lora=W samples --workdir (the base) with the LoRA workdir W merged
 into it at --lora_scale (0 = the base, 1 = as trained); a LoRA workdir given as --workdir
 samples the same way over the base it recorded.
@@ -47,9 +51,11 @@ import numpy as np
 from absl import flags
 
 from diffusion_jax import (
+    adapted,
     adapters,
     cli,
     conditioning,
+    controls,
     data,
     generate,
     guides,
@@ -139,6 +145,16 @@ flags.DEFINE_float(
     1.0,
     "Strength of the LoRA (--lora, or a LoRA --workdir): W + scale * delta; 0 = the base.",
     **OWN,
+)
+flags.DEFINE_string(
+    "control",
+    "",
+    "ControlNet workdirs: images (PNG files or an .npz, like --input) whose control "
+    "(adapter.control: edges, mask) the samples follow; default the first test images.",
+    **OWN,
+)
+flags.DEFINE_float(
+    "control_scale", 1.0, "ControlNet workdirs: the conditioning scale (0 = the base).", **OWN
 )
 flags.DEFINE_string(
     "input",
@@ -260,25 +276,21 @@ def setup(overrides: dict):
     model, spec, state = load_state(FLAGS.workdir, config)
     params, step = state.ema_params, int(state.step)
     if FLAGS.lora:
-        model, params = _lora_of(FLAGS.lora, FLAGS.workdir)
-    elif FLAGS["lora_scale"].present and not isinstance(model, adapters.LoraModel):
+        model, params = adapters.load_lora_onto(FLAGS.lora, FLAGS.workdir)
+    elif FLAGS["lora_scale"].present and not isinstance(model, adapted.LoraModel):
         raise ConfigError("--lora_scale needs --lora=WORKDIR or a LoRA --workdir")
     model, params = adapters.for_sampling(model, params, FLAGS.lora_scale)
+    if isinstance(model, adapted.ControlledModel):
+        images = None
+        if FLAGS.control:
+            images = load_images(FLAGS.control, pixel_shape)[0].astype(np.float32) / 127.5 - 1
+        labels = adapters.controlled_condition(
+            config, model, n, labels, images, FLAGS.control_scale, test_labels=not FLAGS.labels
+        )
+        inputs["control"] = labels["hint"]
+    elif FLAGS.control or FLAGS["control_scale"].present:
+        raise ConfigError("--control/--control_scale need a ControlNet workdir")
     return config, model, spec, params, step, n, labels, inputs
-
-
-def _lora_of(lora_dir: str, base_dir: str):
-    """(LoraModel, LoRA EMA params) of the LoRA workdir ``lora_dir``, which must adapt
-    ``base_dir``."""
-    require_checkpoint(lora_dir)
-    lora_config = load_config(lora_dir)
-    if adapters.kind(lora_config) != "lora":
-        raise ConfigError(f"--lora={lora_dir} is not a LoRA workdir (adapter.kind=lora)")
-    base = os.path.abspath(lora_config.adapter.base)
-    if not os.path.samefile(base, base_dir):
-        raise ConfigError(f"--lora={lora_dir} adapts {base}, not --workdir={base_dir}")
-    model, _, state = load_state(lora_dir, lora_config)
-    return model, state.ema_params
 
 
 def _caption_conditions(config, n: int, inputs: dict) -> np.ndarray:
@@ -373,6 +385,10 @@ def main(overrides: dict):
     upscale = max(1, 32 // images.shape[1])
     if mode == "sample" and "prompts" in inputs:
         grid = prompts.captioned_grid(images, inputs["prompts"], upscale=upscale)
+    elif mode == "sample" and "control" in inputs:  # each control next to its sample
+        shown = np.broadcast_to(inputs["control"] * 2.0 - 1.0, images.shape)
+        pairs = np.stack([shown, images], axis=1).reshape(-1, *images.shape[1:])
+        grid = metrics.make_grid(pairs, ncols=2 * int(np.ceil(np.sqrt(n))), upscale=upscale)
     elif mode == "sample":
         grid = metrics.make_grid(images, upscale=upscale)
     else:
@@ -391,6 +407,11 @@ def main(overrides: dict):
         f"wrote {out} ({mode}, {n} images, step {step}, sampler {sampler}, {num_steps} steps, "
         f"eta {0.0 if mode == 'invert' else s_cfg.eta}, guidance {s_cfg.guidance_scale}{extra})"
     )
+    if "control" in inputs:  # how well the samples follow their controls
+        followed = controls.iou(controls.extract(model.control, images), inputs["control"])
+        print(
+            f"control IoU {followed.mean():.3f} (mean over {n} samples, scale {FLAGS.control_scale})"
+        )
     if mode == "invert":
         # the round trip: invert and regenerate under the source labels, unguided
         same = np.array_equal(labels, inputs["source_labels"]) and s_cfg.guidance_scale == 1.0
@@ -399,7 +420,9 @@ def main(overrides: dict):
         print(f"invert: round-trip (same labels) RMS {rms:.4f} in [-1, 1] units")
     if FLAGS.npz:
         extra_arrays = {"prompts": np.asarray(inputs["prompts"])} if "prompts" in inputs else {}
-        if isinstance(labels, dict):  # guided: the caption tokens are the labels
+        if "control" in inputs:  # ControlNet: the base's labels, and the controls
+            labels, extra_arrays = labels["y"], {"control": inputs["control"]}
+        elif isinstance(labels, dict):  # guided: the caption tokens are the labels
             labels = labels["tokens"]
         np.savez(FLAGS.npz, images=metrics.to_uint8(images), labels=labels, **extra_arrays)
         print(f"wrote {FLAGS.npz}")

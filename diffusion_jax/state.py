@@ -74,10 +74,9 @@ def create_train_state(
 
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
-        args = [
-            None if a is None else jnp.zeros(a.shape, a.dtype)
-            for a in abstract_inputs(model, 1, image_shape)
-        ]
+        args = jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype), abstract_inputs(model, 1, image_shape)
+        )
         params = model.init({"params": init_rng}, *args, train=False)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),

@@ -49,7 +49,7 @@ def apply_per_example(model, params, x, t, y, rng, example_ids):
     keys = objectives.per_example_keys(rng, example_ids)
 
     def one(x1, t1, y1, key):
-        y1 = None if y1 is None else y1[None]
+        y1 = jax.tree.map(lambda a: a[None], y1)  # labels, tokens or a controlled dict
         out = model.apply(
             {"params": params}, x1[None], t1[None], y1, train=True, rngs={"dropout": key}
         )
@@ -225,7 +225,8 @@ def make_sample_fn(
                unused). source_labels == labels is the reconstruction round trip.
     """
     s_cfg, model_cfg = config.sampler, config.model
-    conditional = conditioning.kind(model_cfg) != "none"
+    # a ControlNet's condition carries its control even over an unconditional base
+    conditional = conditioning.kind(model_cfg) != "none" or getattr(model, "controlled", False)
     prediction = config.objective.prediction
     objectives.check_choice("sampler.name", s_cfg.name, SAMPLERS)
     objectives.check_choice("mode", mode, samplers.MODES)

@@ -13,8 +13,8 @@ Tasks: ``diffusion`` (the UNet and DiT denoisers: samples, FID of samples),
 weights, or trained without one; consistency.py; sampled and scored like a denoiser) and ``autoencoder`` (``model.name == "autoencoder"``: held-out images over their
 reconstructions; PSNR, SSIM and reconstruction FID on ``eval.heldout_split``) and
 ``guide`` (a noise-aware classifier or CLIP for classifier / CLIP guidance, guides.py: no
-grid, accuracy on noisy test examples), ``finetune`` and ``lora`` (adapting the diffusion
-model of adapter.base, adapters.py: sampled and scored like a denoiser). A latent
+grid, accuracy on noisy test examples), ``finetune``, ``lora`` and ``controlnet`` (adapting the
+diffusion model of adapter.base, adapters.py: sampled and scored like a denoiser). A latent
 diffusion run is the diffusion task whose samples are decoded (``image_sample_fn``) and
 scored against the latent dataset's source images. Each
 piece lives in its own module (steps, autoencoding, generate, evaluation); this module only
@@ -243,19 +243,30 @@ def _consistency_initial_params(config):
 # only its factors, over the frozen base, and samples through the merged weights.
 
 
-def _lora_view(make):
-    """A grid / quality factory of the base model whose callable takes the LoRA as its
-    params: each call merges it into the base first (one small jitted merge)."""
+def _adapter_view(make):
+    """A grid / quality factory that samples an adapted model's sampling view
+    (adapted.py): each call turns the adapter's params into the view's (a LoRA merged into
+    its base, a ControlNet joined with it) first."""
 
     def view(config, model, schedule, *args):
-        inner = make(config, model.model, schedule, *args)
+        inner = make(config, model.sampling_model, schedule, *args)
         if inner is None:
             return None
-        return lambda params, *rest, **kw: inner(
-            adapters.for_sampling(model, params)[1], *rest, **kw
-        )
+        return lambda params, *rest, **kw: inner(model.sampling_params(params), *rest, **kw)
 
     return view
+
+
+def _adapter_task(name: str) -> Task:
+    """A LoRA / ControlNet run: the diffusion step over the frozen base (an argument of the
+    compiled step), sampled and scored through the adapter's sampling view."""
+    return Task(
+        name,
+        adapters.adapter_train_step(steps.make_train_step),
+        _adapter_view(_diffusion_grid),
+        _adapter_view(_diffusion_quality),
+        frozen=lambda model: model.base_params,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,13 +296,8 @@ TASKS = {
         _diffusion_quality,
         initial_params=lambda config: adapters.base_of(config).params,
     ),
-    "lora": Task(
-        "lora",
-        adapters.lora_train_step(steps.make_train_step),
-        _lora_view(_diffusion_grid),
-        _lora_view(_diffusion_quality),
-        frozen=lambda model: model.base_params,
-    ),
+    "lora": _adapter_task("lora"),
+    "controlnet": _adapter_task("controlnet"),
     "guide": Task(
         "guide",
         guides.make_train_step,
@@ -312,5 +318,5 @@ def task_of(config) -> Task:
     if config.get("consistency", {}).get("mode"):
         return TASKS["consistency"]
     if adapters.kind(config):
-        return TASKS["lora" if adapters.kind(config) == "lora" else "finetune"]
+        return TASKS[{"full": "finetune"}.get(adapters.kind(config), adapters.kind(config))]
     return TASKS["diffusion"]

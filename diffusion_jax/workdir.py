@@ -409,7 +409,7 @@ def restore_state(
 def load_state(workdir: str, config=None, step: Optional[int] = None):
     """A workdir's checkpointed TrainState (latest, or ``step``) on the default device,
     with the model and dataset spec it was trained with: (model, spec, state). A LoRA
-    workdir's model is its ``adapters.LoraModel`` and its state holds the LoRA only
+    workdir's model is its ``adapted.LoraModel`` and its state holds the LoRA only
     (``adapters.for_sampling`` gives the merged weights)."""
     config = config or load_config(workdir)
     spec = run_spec(workdir, config)

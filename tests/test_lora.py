@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from diffusion_jax import adapters, lora, parallel, train, workdir
+from diffusion_jax import adapted, adapters, lora, parallel, train, workdir
 from diffusion_jax.models import build_model
 
 from helpers import cli, perturb_params, tiny_config, tiny_model_cfg
@@ -101,18 +101,18 @@ def test_sampling_merge_scale_is_traced(unet):
     """for_sampling merges at a traced scale: scale 0 is the base exactly, any new scale
     reuses the one compiled merge."""
     model, params, _ = unet
-    wrapped = adapters.LoraModel(model, params, lora.DEFAULT_TARGETS, 4, 4.0)
+    wrapped = adapted.LoraModel(model, params, lora.DEFAULT_TARGETS, 4, 4.0)
     tree = random_b(lora.init(params, lora.DEFAULT_TARGETS, 4, jax.random.key(5)))
     _, zero = adapters.for_sampling(wrapped, tree, 0.0)
     for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
-    size = adapters._merge._cache_size()
+    size = adapted._merge._cache_size()
     for scale in (0.3, 1.7):
         base_model, merged = adapters.for_sampling(wrapped, tree, scale)
         want = lora.merge(params, tree, 4.0, scale)
         for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, atol=1e-6)
-    assert adapters._merge._cache_size() == size and base_model is model
+    assert adapted._merge._cache_size() == size and base_model is model
 
 
 def test_frozen_arguments_are_not_baked_into_the_program():

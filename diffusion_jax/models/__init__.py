@@ -197,6 +197,9 @@ def count_params(params: Any) -> int:
 def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]) -> Tuple[Any, ...]:
     """The positional arguments of ``model.__call__`` as ShapeDtypeStructs: (x,) for the
     autoencoder; (x, t, y) for the diffusion models, y None unless class-conditional."""
+    hook = getattr(type(model), "abstract_inputs", None)
+    if hook is not None:  # a model seen through an adapter (adapted.py) says itself
+        return hook(model, batch_size, image_shape)
     x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
     if isinstance(model, Autoencoder):
         return (x,)
