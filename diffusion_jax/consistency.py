@@ -98,24 +98,24 @@ def _finish(state, loss, per_example, t, grads, tx, config, axis_name, means=Non
 
 
 def make_distill_step(
-    model, tx, schedule: NoiseSchedule, config, teacher, *, axis_name: Optional[str] = None
+    model, tx, schedule: NoiseSchedule, config, teacher_apply, *, axis_name: Optional[str] = None
 ):
-    """``train_step(state, batch) -> (state, metrics)`` of consistency distillation.
+    """``train_step(state, batch, teacher_params) -> (state, metrics)`` of consistency
+    distillation.
 
-    ``teacher`` is (apply(params, x, t, y), params) of the frozen teacher, whose
-    parameters the compiled step closes over. Layout-independent like the diffusion step:
-    every draw of an example is keyed by its global id.
+    ``teacher_apply(params, x, t, y)`` is the frozen teacher's network. Its parameters
+    are the step's third argument (the trainer binds them once, parallel.DataParallel's
+    ``frozen``), not constants baked into the compiled program. Layout-independent like
+    the diffusion step: every draw of an example is keyed by its global id.
     """
     cons, obj, model_cfg = config.consistency, config.objective, config.model
     conditional = conditioning.kind(model_cfg) != "none"
     grid_ts = grid(schedule.num_timesteps, cons.num_grid_steps)
     ts = jnp.asarray(grid_ts)
     ts_next = jnp.asarray(np.append(grid_ts[1:], 0).astype(np.int32))  # the boundary last
-    teacher_apply, teacher_params = teacher
-
     f = consistency_fn(model, schedule, obj.prediction)
 
-    def teacher_fn(y):
+    def teacher_fn(teacher_params, y):
         if not conditional:
             return functools.partial(teacher_apply, teacher_params, y=None)
         null = conditioning.null_like(model_cfg, y)
@@ -129,7 +129,7 @@ def make_distill_step(
             prediction=obj.prediction,
         )
 
-    def train_step(state, batch):
+    def train_step(state, batch, teacher_params):
         x0 = batch["image"]
         keys, noise = _example_draws(state, x0, axis_name)
         n = jax.vmap(lambda k: jax.random.randint(k, (), 0, ts.shape[0]))(keys)
@@ -137,7 +137,7 @@ def make_distill_step(
         y = conditioning.from_batch(model_cfg, batch)
         x_t = objectives.q_sample(schedule, x0, t, noise)
         x_s = jax.lax.stop_gradient(
-            teacher_step(teacher_fn(y), schedule, obj.prediction, x_t, t, s)
+            teacher_step(teacher_fn(teacher_params, y), schedule, obj.prediction, x_t, t, s)
         )
         target = jax.lax.stop_gradient(f(state.ema_params, x_s, s, y))
 

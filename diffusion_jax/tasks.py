@@ -55,9 +55,10 @@ class Task:
     batch_fields: Callable = lambda config: {
         "caption_length": conditioning.caption_length(config.model)
     }
-    # model -> arrays the step reads but never trains, passed to it as an argument
-    # (train_step(...) is then step(state, batch, frozen); parallel.DataParallel.compile)
-    frozen: Callable = lambda model: None
+    # (config, model) -> arrays the step reads but never trains, passed to it as an
+    # argument (train_step(...) is then step(state, batch, frozen);
+    # parallel.DataParallel.compile): an adapter's base, a distillation teacher
+    frozen: Callable = lambda config, model: None
 
 
 def _eval_reference(config):
@@ -227,12 +228,15 @@ def _autoencoder_train_step(model, tx, schedule, config, axis_name=None):
 def _consistency_train_step(model, tx, schedule, config, axis_name=None):
     if config.consistency.mode == "train":
         return consistency.make_ct_step(model, tx, schedule, config, axis_name=axis_name)
-    teacher = consistency.load_teacher(config)
-    return consistency.make_distill_step(model, tx, schedule, config, teacher, axis_name=axis_name)
+    teacher_apply = consistency.load_teacher(config)[0]
+    return consistency.make_distill_step(
+        model, tx, schedule, config, teacher_apply, axis_name=axis_name
+    )
 
 
-def _consistency_initial_params(config):
-    """Distillation starts from the teacher's EMA weights; training from scratch."""
+def _teacher_params(config):
+    """Distillation: the teacher's EMA weights, both where the student starts and the
+    frozen argument of its step. Consistency training (no teacher): None, from scratch."""
     if config.consistency.mode == "distill":
         return consistency.load_teacher(config)[1]
     return None
@@ -265,7 +269,7 @@ def _adapter_task(name: str) -> Task:
         adapters.adapter_train_step(steps.make_train_step),
         _adapter_view(_diffusion_grid),
         _adapter_view(_diffusion_quality),
-        frozen=lambda model: model.base_params,
+        frozen=lambda config, model: model.base_params,
     )
 
 
@@ -284,7 +288,8 @@ TASKS = {
         _consistency_train_step,
         _diffusion_grid,
         _diffusion_quality,
-        initial_params=_consistency_initial_params,
+        initial_params=_teacher_params,
+        frozen=lambda config, model: _teacher_params(config),
     ),
     "autoencoder": Task(
         "autoencoder", _autoencoder_train_step, _autoencoder_grid, _autoencoder_quality

@@ -105,7 +105,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
     train_step = dp.compile(
         lambda axis: task.train_step(model, tx, schedule, config, axis_name=axis),
         k,
-        frozen=task.frozen(model),
+        frozen=task.frozen(config, model),
     )
     grid_images = task.grid(config, model, schedule, spec, dp.mesh)
     writer = metrics.MetricWriter(

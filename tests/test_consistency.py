@@ -94,14 +94,14 @@ def test_distilled_student_of_the_gaussian_oracle_samples_the_data_in_one_step()
     model = TableEps()
     teacher = (lambda p, x, t, y: model.apply({"params": p}, x, t, y), _oracle_params(mu, s))
     tx = optax.adam(0.01)
-    step = consistency.make_distill_step(model, tx, SCHED, config, teacher)
+    step = consistency.make_distill_step(model, tx, SCHED, config, teacher[0])
     rng = jax.random.key(3)
 
     @jax.jit
     def train(state):
         def body(state, i):
             x0 = mu + s * jax.random.normal(jax.random.fold_in(rng, i), (512, 1, 1, 1))
-            return step(state, {"image": x0})
+            return step(state, {"image": x0}, teacher[1])
 
         return jax.lax.scan(body, state, jnp.arange(1000))
 
