@@ -6,16 +6,15 @@
   "lora"  LoRA (lora.py): the base's EMA weights stay frozen; the run's parameters, EMA,
           optimizer state and checkpoints hold only the LoRA factors (adapter.rank,
           adapter.alpha, on the kernels adapter.targets match).
+  "controlnet"  ControlNet (models/controlnet.py): a trainable copy of the base UNet's
+          encoder, fed the control (controls.py: adapter.control) of each training image;
+          the base stays frozen and the run holds the ControlNet only.
 
 An adapter run has the base's model, schedule and prediction (checked before anything
 runs, ``check_same_model``). Its workdir records which base it adapts in
 ``adapter_base.json``: the base workdir, the checkpoint step and a fingerprint (SHA-256)
 of that step's EMA parameters. A resume and every later load read that step of the base
 and refuse to go on if its parameters are not the ones the adapter was trained on.
-
-  "controlnet"  ControlNet (models/controlnet.py): a trainable copy of the base UNet's
-          encoder, fed the control (controls.py: adapter.control) of each training image;
-          the base stays frozen and the run holds the ControlNet only.
 
 A LoRA or ControlNet run's model is an ``adapted.LoraModel`` / ``ControlledModel``:
 ``init`` draws the adapter's fresh parameters, ``apply`` runs the base with them.

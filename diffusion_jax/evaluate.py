@@ -104,7 +104,9 @@ def run(
     cli.apply_overrides(config, overrides or {})
     workdir_lib.check_config(config, workdir_lib.run_spec(workdir, config), training=False)
     model, spec, state = workdir_lib.load_state(workdir, config)
-    model, params = adapters.for_sampling(model, state.ema_params)  # a LoRA: merged
+    model, params = adapters.for_sampling(
+        model, state.ema_params
+    )  # a LoRA merged; a ControlNet with its base
     step = int(state.step)
     autoencoder = is_autoencoder(config.model)
     if autoencoder:  # the first num_samples held-out images, reconstructed

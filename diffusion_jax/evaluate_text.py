@@ -130,7 +130,9 @@ def run(
     if conditioning.kind(config.model) != "caption":
         raise ValueError(f"{workdir} is not a text model (model.text.vocab_size is 0)")
     model, spec, state = workdir_lib.load_state(workdir, config)
-    model, ema_params = adapters.for_sampling(model, state.ema_params)  # a LoRA: merged
+    model, ema_params = adapters.for_sampling(
+        model, state.ema_params
+    )  # a LoRA merged; a ControlNet with its base
     pixels = latent_space.pixel_data_config(config)
     groups = prompt_groups(pixels, num_samples)
     judge = evaluation.make_extractor(pixels, cache_dir=cache_dir)

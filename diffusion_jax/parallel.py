@@ -155,19 +155,19 @@ class DataParallel:
         """``make_step(axis_name)`` -> pure step; returns the compiled, state-donating one.
         With ``steps_per_dispatch > 1`` the step is scanned over a stack of batches.
 
-        ``frozen``: a pytree of arrays the step reads but never updates (a LoRA run's base
-        parameters). The step is then ``step(state, batch, frozen)``; the arrays are placed
+        ``frozen``: a pytree of arrays the step reads but never updates (an adapter's base
+        parameters, a distillation teacher's). The step is then ``step(state, batch, frozen)``; the arrays are placed
         (replicated) once and passed as arguments, not baked into the program as constants,
         and the returned callable still takes ``(state, batch)``."""
         scanned = steps_per_dispatch > 1
         step = make_step(None if self.mode == "jit" else AXIS)
         if frozen is not None:
             with_frozen = step
-            step = lambda state, batches, fixed: (
-                scan_steps(lambda s, b: with_frozen(s, b, fixed))(state, batches)
-                if scanned
-                else with_frozen(state, batches, fixed)
-            )
+
+            def step(state, batches, fixed):
+                one = lambda s, b: with_frozen(s, b, fixed)
+                return (scan_steps(one) if scanned else one)(state, batches)
+
         elif scanned:
             step = scan_steps(step)
         if self.mode == "jit":
