@@ -1,11 +1,14 @@
 """Run a sweep locally, one run after another; resumable.
 
-  python -m experiments.run --sweep=schedule_ablation [--root=runs/experiments] [--dry_run]
+  python -m experiments.run --sweep=schedule_ablation [--root=runs/experiments] [--dry_run] \
+      [--stage=all|train|eval]
 
 Each run trains through the normal CLI (so an interrupted run resumes from its last
 checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` does not hold
-yet. Trained runs are not retrained and recorded evaluations are not rerun. Afterwards
-build the report with experiments.report.
+yet. Trained runs are not retrained and recorded evaluations are not rerun. ``--stage``
+splits the two: ``train`` trains every run, ``eval`` evaluates the runs trained so far
+(two processes can then share a machine). Afterwards build the report with
+experiments.report.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.sweeps import CONFIG_AXIS, SWEEPS
+from experiments.sweeps import SWEEPS
 
 FLAGS = flags.FLAGS
 
@@ -35,31 +38,41 @@ def train_command(sweep, overrides, workdir: str) -> list[str]:
         "diffusion_jax.main",
         f"--config={sweep.config_of(overrides)}",
         f"--workdir={workdir}",
-    ] + [f"--config.{k}={v}" for k, v in overrides.items() if k != CONFIG_AXIS]
+    ] + [f"--config.{k}={v}" for k, v in sweep.train_overrides(overrides).items()]
 
 
 def matches(record: dict, spec: dict) -> bool:
-    """Whether an evaluate.py record was produced by the flag set ``spec``."""
-    return all(record.get(k) == v for k, v in spec.items())
+    """Whether an evaluate.py record was produced by the flag set ``spec`` (a spec without
+    "seed" means evaluate.py's default sampling seed, 0)."""
+    return all(record.get(k) == v for k, v in spec.items()) and record.get("seed", 0) == spec.get(
+        "seed", 0
+    )
 
 
-def pending_evals(sweep, workdir: str) -> list[dict]:
-    """The sweep's evaluation specs not yet recorded by evaluate.py in eval.jsonl
-    (in-loop records, which carry "step" instead of "checkpoint_step", don't count)."""
+def recorded_evals(workdir: str, num_samples: int) -> list[dict]:
+    """evaluate.py's records in the run's eval.jsonl at ``num_samples`` samples (in-loop
+    records, which carry "step" instead of "checkpoint_step", don't count)."""
     path = os.path.join(workdir, "eval.jsonl")
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [
-                r
-                for r in map(json.loads, filter(str.strip, f))
-                if "checkpoint_step" in r and r.get("num_samples") == sweep.eval_samples
-            ]
-    return [spec for spec in sweep.evals if not any(matches(r, spec) for r in records)]
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [
+            r
+            for r in map(json.loads, filter(str.strip, f))
+            if "checkpoint_step" in r and r.get("num_samples") == num_samples
+        ]
+
+
+def pending_evals(sweep, workdir: str, overrides: dict | None = None) -> list[tuple[dict, int]]:
+    """(spec, num samples) of the run's evaluations not yet recorded: the sweep's evals
+    and the limited ones its ``overrides`` qualify for, each at ``sweep.samples_of``."""
+    wanted = [(spec, sweep.samples_of(spec)) for spec in sweep.evals_for(overrides or {})]
+    records = {n: recorded_evals(workdir, n) for n in {n for _, n in wanted}}
+    return [(s, n) for s, n in wanted if not any(matches(r, s) for r in records[n])]
 
 
 # An evaluation spec's keys are those of the evaluate.py record; each sets a config key,
-# but "seed" (the sampling seed), which is evaluate.py's own --seed flag.
+# but "seed" (the sampling seed) and "num_samples", evaluate.py's own flags.
 EVAL_SPEC_KEYS = {
     "sampler": "sampler.name",
     "num_steps": "sampler.num_steps",
@@ -79,30 +92,37 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
     ] + [
         f"--seed={v}" if k == "seed" else f"--config.{EVAL_SPEC_KEYS[k]}={v}"
         for k, v in spec.items()
+        if k != "num_samples"
     ]
 
 
-def run_sweep(sweep, root: str, dry_run: bool = False) -> list[str]:
+STAGES = ("all", "train", "eval")
+
+
+def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> list[str]:
     """Train every run not trained yet, then run every evaluation not yet recorded in its
     eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
-    workdirs. The ``TRAINED`` marker is written once a run's training has finished."""
+    workdirs. The ``TRAINED`` marker is written once a run's training has finished.
+    ``stage="train"`` only trains; ``stage="eval"`` only evaluates runs already trained."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     workdirs = []
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
         marker = os.path.join(wd, "TRAINED")
         trained = os.path.exists(marker)
-        commands = [] if trained else [train_command(sweep, overrides, wd)]
-        commands += [
-            eval_command(spec, wd, sweep.eval_samples) for spec in pending_evals(sweep, wd)
-        ]
+        commands = [] if trained or stage == "eval" else [train_command(sweep, overrides, wd)]
+        if stage == "all" or (stage == "eval" and trained):
+            commands += [eval_command(s, wd, n) for s, n in pending_evals(sweep, wd, overrides)]
         if not commands:
-            print(f"[skip] {wd} (trained and evaluated)")
+            why = "not trained yet" if stage == "eval" and not trained else "done"
+            print(f"[skip] {wd} ({why})")
         for cmd in commands:
             print("[run]", " ".join(cmd[1:]), flush=True)
             if not dry_run:
                 subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
-                if cmd is commands[0] and not trained:
+                if cmd[2] == "diffusion_jax.main":
                     open(marker, "w").close()
     return workdirs
 
@@ -111,7 +131,7 @@ def main(argv):
     del argv
     if FLAGS.sweep not in SWEEPS:
         raise app.UsageError(f"--sweep must be one of {sorted(SWEEPS)}")
-    run_sweep(SWEEPS[FLAGS.sweep], FLAGS.root, FLAGS.dry_run)
+    run_sweep(SWEEPS[FLAGS.sweep], FLAGS.root, FLAGS.dry_run, FLAGS.stage)
 
 
 if __name__ == "__main__":
@@ -119,4 +139,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("sweep", None, f"One of {sorted(SWEEPS)}.")
     flags.DEFINE_string("root", "runs/experiments", "Where run workdirs go.")
     flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+    flags.DEFINE_enum("stage", "all", STAGES, "all | train (no evaluation) | eval (trained runs).")
     app.run(main)

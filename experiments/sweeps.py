@@ -3,7 +3,9 @@ runs) and the evaluations to run on each trained workdir.
 
 A run is named by its axis values, e.g. ``schedule.name=cosine,seed=1``; its workdir is
 ``<root>/<sweep>/<run name>``. The axis ``config`` picks the config file itself (runs
-named by its stem, e.g. ``config=digits_dit``).
+named by its stem, e.g. ``config=digits_dit``); the axis ``arm`` names a bundle of
+overrides from ``Sweep.arms`` (an arm that changes several keys at once, e.g. a
+zero-terminal-SNR schedule with v-prediction and trailing spacing).
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ class Sweep:
     axes: dict[str, tuple[Any, ...]]  # dotted key -> values
     fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # same for every run
     # evaluate.py flag sets run on each finished workdir, e.g. {"sampler": "ddim", "num_steps": 50}
+    # ("seed": the sampling seed; "num_samples": another N than eval_samples)
     evals: tuple[dict[str, Any], ...] = ()
     eval_samples: int = 1000  # samples per evaluation (FID is biased by N: keep it fixed)
     budget: str = ""  # the CPU budget the sweep was sized for (reported)
+    # arm name -> its overrides, for the ``arm`` axis
+    arms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # evaluations too costly for every run: (where, spec) runs spec on the runs whose
+    # overrides contain every item of ``where`` (e.g. {"seed": 0})
+    limited_evals: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.axes.get(ARM_AXIS, ())) - set(self.arms)
+        if unknown:
+            raise ValueError(f"sweep {self.name}: arms {sorted(unknown)} not in Sweep.arms")
 
     def runs(self) -> list[dict[str, Any]]:
         """One dict of overrides (axes + fixed) per run, in a stable order."""
@@ -32,6 +45,33 @@ class Sweep:
             dict(zip(keys, values), **self.fixed)
             for values in itertools.product(*(self.axes[k] for k in keys))
         ]
+
+    def train_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The config overrides of a run: its axes and fixed values, the ``arm`` axis
+        expanded into its bundle, the ``config`` axis left out (it picks the file)."""
+        out = {}
+        for k, v in overrides.items():
+            if k == ARM_AXIS:
+                out.update(self.arms[v])
+            elif k != CONFIG_AXIS:
+                out[k] = v
+        return out
+
+    def evals_for(self, overrides: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+        """The evaluations of one run: ``evals`` and the ``limited_evals`` it qualifies for."""
+        return self.evals + tuple(
+            spec
+            for where, spec in self.limited_evals
+            if all(overrides.get(k) == v for k, v in where.items())
+        )
+
+    def samples_of(self, spec: dict[str, Any]) -> int:
+        """How many samples ``spec`` scores: its own "num_samples", else ``eval_samples``."""
+        return int(spec.get("num_samples", self.eval_samples))
+
+    def all_evals(self) -> tuple[dict[str, Any], ...]:
+        """Every evaluation spec of the sweep, in report order."""
+        return self.evals + tuple(spec for _, spec in self.limited_evals)
 
     def config_of(self, overrides: dict[str, Any]) -> str:
         """The run's config file: the ``config`` axis when the sweep has one (e.g. two
@@ -45,6 +85,8 @@ class Sweep:
 
 # The axis key that picks the config file instead of overriding a config key.
 CONFIG_AXIS = "config"
+# The axis key whose values name bundles of overrides (Sweep.arms).
+ARM_AXIS = "arm"
 
 
 def _value_name(key: str, value: Any) -> str:
@@ -64,6 +106,52 @@ STEPS_AXIS = tuple(
     {"sampler": "dpmpp_2m", "num_steps": 10, "spacing": "logsnr"},
     {"sampler": "dpmpp_2m", "num_steps": 20, "spacing": "logsnr"},
 )
+
+# The noise-schedule arms of issue 22: linear and cosine (Nichol & Dhariwal 2021), sigmoid
+# (Chen 2023; start -3, end 3, tau 1) and zero-terminal-SNR rescaling of linear with
+# v-prediction and trailing spacing (Lin et al. 2024), which is one recipe: at SNR 0 an
+# eps-prediction says nothing about x0, and leading spacing never visits t = T.
+SCHEDULE_ARMS = {
+    "linear": {"schedule.name": "linear"},
+    "cosine": {"schedule.name": "cosine"},
+    "sigmoid": {"schedule.name": "sigmoid"},
+    "zero_snr_v": {
+        "schedule.name": "linear",
+        "schedule.zero_terminal_snr": True,
+        "objective.prediction": "v",
+        "sampler.spacing": "trailing",
+    },
+}
+# Each arm samples with its own spacing (DDIM) and with log-SNR spacing (DPM-Solver++).
+ARM_EVALS = tuple(
+    {"sampler": "ddim", "num_steps": n, "eta": eta} for eta in (0.0, 1.0) for n in (10, 20, 50)
+) + tuple({"sampler": "dpmpp_2m", "num_steps": n, "spacing": "logsnr"} for n in (10, 20))
+# On the first training seed only: 1,000 steps (at N = 500 they still cost ~3x the rest
+# together); DDIM-50 at four more sampling seeds, which checks the bootstrap interval
+# against the spread it predicts; DDIM-50 at N = 300 and 500, what N buys.
+ARM_EVALS_SEED0 = (
+    tuple(
+        {"sampler": "ddim", "num_steps": 1000, "eta": eta, "num_samples": 500} for eta in (0.0, 1.0)
+    )
+    + tuple({"sampler": "ddim", "num_steps": 50, "eta": 0.0, "seed": s} for s in (1, 2, 3, 4))
+    + tuple({"sampler": "ddim", "num_steps": 50, "eta": 0.0, "num_samples": n} for n in (300, 500))
+)
+
+
+def _arms_sweep(name: str, config: str, *, budget: str, fixed=None, limited_evals=()) -> Sweep:
+    """The schedule arms x three training seeds on ``config``, scored at N = 1000."""
+    return Sweep(
+        name=name,
+        config=config,
+        axes={"seed": (0, 1, 2), ARM_AXIS: tuple(SCHEDULE_ARMS)},
+        arms=SCHEDULE_ARMS,
+        fixed={"train.quiet": True, **(fixed or {})},
+        evals=ARM_EVALS,
+        limited_evals=limited_evals,
+        eval_samples=1000,
+        budget=budget,
+    )
+
 
 SWEEPS = {
     "schedule_ablation": Sweep(
@@ -107,6 +195,34 @@ SWEEPS = {
             "2 runs on a 2-core AMD EPYC guest: training 10.7 min (UNet, 1,200 steps) and "
             "14.9 min (DiT, 2,400 steps) on their own clocks, plus in-loop metrics (~46 s "
             "each, 6 + 12) and 8 evaluations per run (~1 min each): ~70 min in total"
+        ),
+    ),
+    # Issue 22: the schedule arms the field compares, three training seeds, intervals.
+    "schedule_arms": _arms_sweep(
+        "schedule_arms",
+        "configs/digits_unet.py",
+        fixed={
+            "eval.every_steps": 400,
+            "eval.metrics_every_steps": 400,
+            "eval.metrics_num_samples": 300,
+        },
+        limited_evals=tuple(({"seed": 0}, spec) for spec in ARM_EVALS_SEED0),
+        budget=(
+            "12 runs (4 arms x 3 training seeds) of the README main job's config "
+            "(1,200 steps at batch 128), each ~14 min of training on a 2-core AMD EPYC "
+            "guest, then 8 evaluations at N = 1000 (~7 min); on seed 0 also DDIM-1000 at "
+            "eta 0 and 1 at N = 500 (~10 min each) and 6 more DDIM-50 evaluations"
+        ),
+    ),
+    # Issue 22 on a real 28x28 dataset: the same arms for the class-conditional latent DiT
+    # on Fashion-MNIST (needs runs/fashion_ae and runs/fashion_latents: see the config).
+    "schedule_arms_fashion": _arms_sweep(
+        "schedule_arms_fashion",
+        "configs/fashion_ldm.py",
+        budget=(
+            "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps, "
+            "~13 min of training and ~17 min wall each on a 2-core AMD EPYC guest), then 8 "
+            "guided evaluations at N = 1000; DDIM-1000 (~18 min per evaluation) left out"
         ),
     ),
     # A seconds-long sweep for the launcher's own tests.

@@ -388,6 +388,12 @@ def test_evaluate_cli_on_tiny_workdir(classifier, cache_dir, tmp_path):
     assert record["matched_num_samples"] == 40 and record["fid_matched_ratio"] > 0
     for key in ("fid", "kid", "precision", "recall", "fid_floor", "fid_matched"):
         assert np.isfinite(record[key]), key
+    # the bootstrap interval over samples, and the same interval over the floor
+    assert record["fid_matched_low"] < record["fid_matched"] < record["fid_matched_high"]
+    assert record["bootstrap_resamples"] == 200
+    np.testing.assert_allclose(
+        record["fid_matched_ratio_high"], record["fid_matched_high"] / record["fid_floor"], 1e-6
+    )
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         assert json.loads(f.readlines()[-1]) == record
     from diffusion_jax import evaluate, workdir as workdir_lib

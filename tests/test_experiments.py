@@ -4,7 +4,7 @@ import dataclasses
 import json
 import os
 
-from experiments import report, run
+from experiments import report, results, run
 from experiments.sweeps import SWEEPS, Sweep
 
 
@@ -30,7 +30,7 @@ def test_smoke_sweep_runs_resumes_and_reports(tmp_path, capsys):
         assert not run.pending_evals(sweep, wd)  # every evaluation recorded
     capsys.readouterr()
     run.run_sweep(sweep, root)  # finished runs are skipped, nothing re-runs
-    assert capsys.readouterr().out.count("[skip]") == len(workdirs)
+    assert capsys.readouterr().out.count("(done)") == len(workdirs)
 
     # an evaluation added to the sweep later runs on the trained runs, without retraining
     grown = dataclasses.replace(sweep, evals=sweep.evals + ({"sampler": "ddim", "num_steps": 2},))
@@ -65,7 +65,7 @@ def test_eval_spec_seed_is_the_evaluate_seed_flag():
     assert cmd[-3:] == ["--config.sampler.name=ddim", "--config.sampler.guidance_scale=2.0"] + [
         "--seed=3"
     ]
-    assert report.spec_label({"sampler": "ddim", "num_steps": 50, "guidance_scale": 2.0}) == (
+    assert results.spec_label({"sampler": "ddim", "num_steps": 50, "guidance_scale": 2.0}) == (
         "DDIM-50 guidance 2"
     )
 
@@ -100,3 +100,119 @@ def test_quality_vs_time_table_and_plot(tmp_path):
     assert rows["| config=u"].startswith("| config=u | 0 | 2.0 | 3.0 | 3.0 | 300 | 3.0 | 97.0%")
     assert rows["| config=d"].startswith("| config=d | 0 | not reached | 1.5 | not reached | 200")
     assert os.path.exists(tmp_path / "out" / "quality_vs_train_minutes.png")
+
+
+def test_arm_axis_expands_into_its_overrides_and_limited_evals_pick_runs():
+    arms = {"a": {"schedule.name": "linear"}, "b": {"schedule.name": "cosine", "x.y": 2}}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1), "arm": ("a", "b")},
+        arms=arms,
+        evals=({"sampler": "ddim", "num_steps": 5},),
+        limited_evals=(
+            ({"seed": 0}, {"sampler": "ddim", "num_steps": 50}),
+            ({"seed": 0}, {"sampler": "ddim", "num_steps": 5, "num_samples": 10}),
+        ),
+        eval_samples=20,
+    )
+    runs = sweep.runs()
+    assert [sweep.run_name(r) for r in runs][:2] == ["seed=0,arm=a", "seed=0,arm=b"]
+    cmd = run.train_command(sweep, runs[1], "/tmp/wd")
+    assert "--config.schedule.name=cosine" in cmd and "--config.x.y=2" in cmd
+    assert not any(c.startswith("--config.arm") for c in cmd)
+    cmd = run.eval_command(sweep.limited_evals[1][1], "/w", 10)
+    assert "--num_samples=10" in cmd and not any("config.num_samples" in c for c in cmd)
+    # seed 0: all three (one at its own N); seed 1: the common eval only
+    assert [(s["num_steps"], n) for s, n in run.pending_evals(sweep, "/nonexistent", runs[0])] == [
+        (5, 20),
+        (50, 20),
+        (5, 10),
+    ]
+    assert [(s["num_steps"], n) for s, n in run.pending_evals(sweep, "/nonexistent", runs[2])] == [
+        (5, 20)
+    ]
+    try:
+        Sweep("s", "c.py", axes={"arm": ("a", "z")}, arms=arms)
+        raise AssertionError("an arm missing from Sweep.arms must be refused")
+    except ValueError as e:
+        assert "['z']" in str(e)
+
+
+def test_a_record_at_another_sampling_seed_is_not_the_default_one():
+    rec = {"sampler": "ddim", "num_steps": 50, "seed": 3}
+    assert not run.matches(rec, {"sampler": "ddim", "num_steps": 50})
+    assert run.matches(rec, {"sampler": "ddim", "num_steps": 50, "seed": 3})
+    assert run.matches({"sampler": "ddim"}, {"sampler": "ddim"})  # older records: seed 0
+
+
+def _record(fid, **spec):
+    return {
+        "checkpoint_step": 10,
+        "num_samples": 30,
+        "fid_matched": fid,
+        "fid_matched_low": fid - 0.1,
+        "fid_matched_high": fid + 0.1,
+        "fid_floor": 0.5,
+        "fid_floor_std": 0.02,
+        "fid_matched_ratio": fid / 0.5,
+        **spec,
+    }
+
+
+def test_report_intervals_and_significance_from_known_records(tmp_path):
+    """Three arms x three training seeds with known FIDs: arm b is lower than a by
+    exactly 0.2 on every seed (a shared seed effect on top), c equals a up to +-0.05
+    noise. The report must print the t-intervals and mark b-vs-a significant, c-vs-a not."""
+    spec = {"sampler": "ddim", "num_steps": 10}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1, 2), "arm": ("a", "b", "c")},
+        arms={k: {"schedule.name": "linear"} for k in "abc"},
+        evals=(spec,),
+        eval_samples=30,
+    )
+    seed_effect = {0: 1.0, 1: 1.5, 2: 1.2}
+    noise = {0: 0.05, 1: -0.05, 2: 0.0}
+    fids = {
+        "a": seed_effect,
+        "b": {s: v - 0.2 for s, v in seed_effect.items()},
+        "c": {s: v + noise[s] for s, v in seed_effect.items()},
+    }
+    for overrides in sweep.runs():
+        wd = run.workdir_of(sweep, overrides, str(tmp_path / "runs"))
+        os.makedirs(wd)
+        fid = fids[overrides["arm"]][overrides["seed"]]
+        with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+            f.write(json.dumps(_record(fid, **spec)) + "\n")
+    text = open(report.build(sweep, str(tmp_path / "runs"), str(tmp_path / "out"))).read()
+    # arm a: mean 1.233, s = 0.2517, t_{0.975,2} = 4.3027: half-width 0.625
+    row = next(line for line in text.splitlines() if line.startswith("| DDIM-10 | 1.233"))
+    assert "1.233 [0.608, 1.858]" in row
+    cmp = next(line for line in text.splitlines() if line.startswith("| DDIM-10 | -16%"))
+    b_vs_a, c_vs_a, c_vs_b = cmp.split(" | ")[1:4]
+    assert b_vs_a.startswith("-16%") and b_vs_a.endswith("*")  # -0.2 / 1.233
+    assert c_vs_a.endswith("n.s.")
+    # bootstrap: mean over the 9 runs of 0.1 / fid = 0.0888 -> "±9%"; seeds: mean over
+    # arms of half-width / mean = (0.625 / 1.233 + 0.625 / 1.033 + 0.502 / 1.233) / 3
+    # = 0.506 -> "±51%"
+    assert "| DDIM-10 | ±9% | ±51% |" in text
+    assert os.path.exists(tmp_path / "out" / "fid_vs_sampler_steps.png") is False  # one N
+
+
+def test_stages_split_training_from_evaluation(tmp_path, capsys):
+    sweep = SWEEPS["smoke"]
+    root = str(tmp_path / "runs")
+    run.run_sweep(sweep, root, dry_run=True, stage="eval")  # nothing trained: nothing to do
+    out = capsys.readouterr().out
+    assert "[run]" not in out and out.count("(not trained yet)") == 2
+    run.run_sweep(sweep, root, dry_run=True, stage="train")
+    out = capsys.readouterr().out
+    assert out.count("diffusion_jax.main") == 2 and "diffusion_jax.evaluate" not in out
+    wd = run.workdir_of(sweep, sweep.runs()[0], root)
+    os.makedirs(wd)
+    open(os.path.join(wd, "TRAINED"), "w").close()
+    run.run_sweep(sweep, root, dry_run=True, stage="eval")  # the trained run only
+    out = capsys.readouterr().out
+    assert out.count("diffusion_jax.evaluate") == 1 and "diffusion_jax.main" not in out

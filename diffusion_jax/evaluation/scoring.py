@@ -15,6 +15,7 @@ import numpy as np
 from diffusion_jax import conditioning, generate, samplers
 from diffusion_jax.evaluation.distances import feature_stats, fid_from_stats, kid, precision_recall
 from diffusion_jax.evaluation.extractor import FeatureExtractor
+from diffusion_jax.evaluation.intervals import bootstrap_matched_fid
 from diffusion_jax.evaluation.stats import FeatureStats, matched_fid
 
 
@@ -31,6 +32,7 @@ def evaluate_samples(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     seed: int = 0,
+    bootstrap_resamples: int = 200,
 ) -> dict:
     """Metrics of ``samples`` [N, H, W, C] in [-1, 1] against ``ref_stats``.
 
@@ -42,7 +44,9 @@ def evaluate_samples(
         ``seed``) so both manifolds have the same density;
       fid_matched, fid_matched_std: with ``matched_num_samples`` M, the ``matched_fid``
         protocol (M samples vs M real rows, mean over splits): compare with
-        ``real_floor(num_samples=M)``;
+        ``real_floor(num_samples=M)``; with ``bootstrap_resamples`` > 0 also
+        fid_matched_low / fid_matched_high, its 95% bootstrap interval over the samples
+        (``intervals.bootstrap_matched_fid``: what another sampling seed could give);
       class_accuracy: if ``labels`` [N] are given and the feature net is a classifier;
       num_samples, num_reference, feature_net, feature_version.
     """
@@ -75,6 +79,20 @@ def evaluate_samples(
             matched_num_samples=matched["num_samples"],
             matched_num_splits=matched["num_splits"],
         )
+        if bootstrap_resamples:
+            ci = bootstrap_matched_fid(
+                feats,
+                real,
+                matched_num_samples,
+                num_splits=matched_num_splits,
+                seed=seed,
+                num_resamples=bootstrap_resamples,
+            )
+            result.update(
+                fid_matched_low=ci.low,
+                fid_matched_high=ci.high,
+                bootstrap_resamples=int(bootstrap_resamples),
+            )
     if real is not None:
         result["kid"], result["kid_std"] = kid(
             feats, real, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
@@ -174,14 +192,19 @@ def evaluate_sampler(
 def with_floor(result: dict, floor: Mapping[str, float]) -> dict:
     """``result`` (an ``evaluate_sampler`` record with ``fid_matched``) plus the
     real-vs-real floor measured at the same matched N (``real_floor``'s dict) and
-    ``fid_matched_ratio`` = fid_matched / fid_floor, the number targets are stated in."""
+    ``fid_matched_ratio`` = fid_matched / fid_floor, the number targets are stated in (and
+    its bootstrap interval, fid_matched_ratio_low / _high, when the record has one)."""
+    floor_fid = max(floor["fid"], 1e-12)
     result.update(
         fid_floor=floor["fid"],
         fid_floor_std=floor["fid_std"],
         kid_floor=floor["kid"],
         kid_floor_std=floor["kid_std"],
-        fid_matched_ratio=result["fid_matched"] / max(floor["fid"], 1e-12),
+        fid_matched_ratio=result["fid_matched"] / floor_fid,
     )
+    for end in ("low", "high"):
+        if f"fid_matched_{end}" in result:
+            result[f"fid_matched_ratio_{end}"] = result[f"fid_matched_{end}"] / floor_fid
     return result
 
 
