@@ -103,27 +103,38 @@ def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> li
     """Train every run not trained yet, then run every evaluation not yet recorded in its
     eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
     workdirs. The ``TRAINED`` marker is written once a run's training has finished.
-    ``stage="train"`` only trains; ``stage="eval"`` only evaluates runs already trained."""
+
+    ``stage="train"`` only trains. ``stage="eval"`` only evaluates runs already trained,
+    cheapest tier first: if any trained run lacks one of the sweep's ``evals``, this pass
+    runs just those (every run's), else the ``limited_evals``; run it again as more runs
+    finish training."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    workdirs = []
+    workdirs, plan = [], []  # plan: (workdir, command, training or a common eval)
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
-        marker = os.path.join(wd, "TRAINED")
-        trained = os.path.exists(marker)
-        commands = [] if trained or stage == "eval" else [train_command(sweep, overrides, wd)]
+        trained = os.path.exists(os.path.join(wd, "TRAINED"))
+        commands = []
+        if not trained and stage != "eval":
+            commands.append((wd, train_command(sweep, overrides, wd), True))
         if stage == "all" or (stage == "eval" and trained):
-            commands += [eval_command(s, wd, n) for s, n in pending_evals(sweep, wd, overrides)]
+            commands += [
+                (wd, eval_command(spec, wd, n), spec in sweep.evals)
+                for spec, n in pending_evals(sweep, wd, overrides)
+            ]
         if not commands:
             why = "not trained yet" if stage == "eval" and not trained else "done"
             print(f"[skip] {wd} ({why})")
-        for cmd in commands:
-            print("[run]", " ".join(cmd[1:]), flush=True)
-            if not dry_run:
-                subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
-                if cmd[2] == "diffusion_jax.main":
-                    open(marker, "w").close()
+        plan += commands
+    if stage == "eval" and any(common for _, _, common in plan):
+        plan = [c for c in plan if c[2]]
+    for wd, cmd, _ in plan:
+        print("[run]", " ".join(cmd[1:]), flush=True)
+        if not dry_run:
+            subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+            if cmd[2] == "diffusion_jax.main":
+                open(os.path.join(wd, "TRAINED"), "w").close()
     return workdirs
 
 

@@ -216,3 +216,29 @@ def test_stages_split_training_from_evaluation(tmp_path, capsys):
     run.run_sweep(sweep, root, dry_run=True, stage="eval")  # the trained run only
     out = capsys.readouterr().out
     assert out.count("diffusion_jax.evaluate") == 1 and "diffusion_jax.main" not in out
+
+
+def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, capsys):
+    common, costly = {"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1)},
+        evals=(common,),
+        limited_evals=(({"seed": 0}, costly),),
+        eval_samples=8,
+    )
+    root = str(tmp_path / "runs")
+    wds = [run.workdir_of(sweep, o, root) for o in sweep.runs()]
+    for wd in wds:
+        os.makedirs(wd)
+        open(os.path.join(wd, "TRAINED"), "w").close()
+    run.run_sweep(sweep, root, dry_run=True, stage="eval")
+    out = capsys.readouterr().out
+    assert out.count("num_steps=3") == 2 and "num_steps=99" not in out
+    for wd in wds:  # the common evals recorded: the next pass runs the costly one
+        with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+            f.write(json.dumps({"checkpoint_step": 1, "num_samples": 8, **common}) + "\n")
+    run.run_sweep(sweep, root, dry_run=True, stage="eval")
+    out = capsys.readouterr().out
+    assert out.count("[run]") == 1 and "seed=0" in out and "num_steps=99" in out
