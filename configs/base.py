@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"  # unet | dit | autoencoder | classifier | clip
     c.model.num_classes = 0  # 0 = unconditional; >0 adds a null class for guidance
+    # the guidance scale as an input (a consistency student over a range of scales)
+    c.model.guidance_input = False
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     # Defaults copied from the presets (one source of truth for architecture numbers).
     c.model.unet = ml_collections.ConfigDict(
@@ -75,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.consistency.teacher = ""
     c.consistency.num_grid_steps = 40  # distill: N, teacher DDIM steps of T/N indices
     c.consistency.teacher_guidance = 1.0  # CFG scale of a conditional teacher
+    # > 0: each example draws its teacher scale w uniformly from [teacher_guidance,
+    # teacher_guidance_max] and the student (model.guidance_input=True) gets w as an input
+    # (LCM), so it samples at any scale in one forward per step
+    c.consistency.teacher_guidance_max = 0.0
     c.consistency.distance = "pseudo_huber"  # pseudo_huber | l2
     c.consistency.huber_c = 0.0  # 0 = 0.00054 sqrt(dim) (iCT)
 

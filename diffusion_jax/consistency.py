@@ -15,7 +15,10 @@ is initialised from the teacher and keeps its architecture and parameterisation.
 Distillation (``make_distill_step``): on the grid ``ddim_timesteps(T, N, "trailing")``
 (T-1, T-1-T/N, ..., T/N-1) an example draws a grid index t, x_t ~ q(x_t | x0), and the
 teacher's deterministic DDIM step (guided at ``consistency.teacher_guidance`` for a
-class-conditional teacher, a fixed scale the student learns) gives x_s at s, the next
+conditional teacher, a fixed scale the student learns; or, with
+``consistency.teacher_guidance_max`` > 0, at a scale w drawn per example from
+[teacher_guidance, teacher_guidance_max] that the student gets as an input, LCM's
+guidance-conditioned variant: models/guidance_input.py) gives x_s at s, the next
 grid index (0 after the last). The loss is the distance between f_theta(x_t, t) and f_target(x_s, s), the
 target network being the EMA of theta (``optim.ema_decay``, LCM's 0.95) under
 stop-gradient; with s = 0 the target is x_s itself (the boundary). Distance: pseudo-Huber
@@ -110,24 +113,28 @@ def make_distill_step(
     """
     cons, obj, model_cfg = config.consistency, config.objective, config.model
     conditional = conditioning.kind(model_cfg) != "none"
+    ranged = cons.teacher_guidance_max > 0  # w per example, an input of the student
     grid_ts = grid(schedule.num_timesteps, cons.num_grid_steps)
     ts = jnp.asarray(grid_ts)
     ts_next = jnp.asarray(np.append(grid_ts[1:], 0).astype(np.int32))  # the boundary last
     f = consistency_fn(model, schedule, obj.prediction)
 
-    def teacher_fn(teacher_params, y):
+    def teacher_fn(teacher_params, y, w):
         if not conditional:
             return functools.partial(teacher_apply, teacher_params, y=None)
         null = conditioning.null_like(model_cfg, y)
         return guidance.guided_model_fn(
-            teacher_apply,
-            teacher_params,
-            y,
-            null,
-            cons.teacher_guidance,
-            schedule=schedule,
-            prediction=obj.prediction,
+            teacher_apply, teacher_params, y, null, w, schedule=schedule, prediction=obj.prediction
         )
+
+    def guidance_scales(keys):
+        """(teacher scale, student condition maker): fixed, or uniform per example."""
+        if not ranged:
+            return cons.teacher_guidance, lambda y: y
+        lo, hi = cons.teacher_guidance, cons.teacher_guidance_max
+        w = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2), (), jnp.float32))(keys)
+        w = lo + (hi - lo) * w
+        return w, lambda y: {"y": y, "w": w}
 
     def train_step(state, batch, teacher_params):
         x0 = batch["image"]
@@ -135,10 +142,12 @@ def make_distill_step(
         n = jax.vmap(lambda k: jax.random.randint(k, (), 0, ts.shape[0]))(keys)
         t, s = ts[n], ts_next[n]
         y = conditioning.from_batch(model_cfg, batch)
+        w, student_condition = guidance_scales(keys)
         x_t = objectives.q_sample(schedule, x0, t, noise)
         x_s = jax.lax.stop_gradient(
-            teacher_step(teacher_fn(teacher_params, y), schedule, obj.prediction, x_t, t, s)
+            teacher_step(teacher_fn(teacher_params, y, w), schedule, obj.prediction, x_t, t, s)
         )
+        y = student_condition(y)
         target = jax.lax.stop_gradient(f(state.ema_params, x_s, s, y))
 
         def loss_fn(params):
@@ -230,6 +239,7 @@ def check_config(config) -> None:
     first problem."""
     cons = config.consistency
     objectives.check_choice("consistency.mode", cons.mode, MODES)
+    _check_guidance_input(config)
     if not cons.mode:
         return
     objectives.check_choice("consistency.distance", cons.distance, DISTANCES)
@@ -247,6 +257,37 @@ def check_config(config) -> None:
             f"1..{config.schedule.num_timesteps}"
         )
     check_teacher(config)
+
+
+def _check_guidance_input(config) -> None:
+    """model.guidance_input and consistency.teacher_guidance_max go together: the scale
+    input is learned only by distilling a conditional teacher over a range of scales."""
+    cons = config.consistency
+    ranged = cons.get("teacher_guidance_max", 0.0) > 0
+    embedded = bool(config.model.get("guidance_input", False))
+    if ranged and not (cons.mode == "distill" and embedded):
+        raise ValueError(
+            "consistency.teacher_guidance_max > 0 distils over a range of guidance scales "
+            "into a student that takes the scale as an input: set consistency.mode=distill "
+            "and model.guidance_input=True"
+        )
+    if embedded and not ranged:
+        raise ValueError(
+            "model.guidance_input=True: the scale input is learned by consistency "
+            "distillation over a range of scales; set consistency.mode=distill and "
+            "consistency.teacher_guidance_max > consistency.teacher_guidance"
+        )
+    if ranged:
+        if conditioning.kind(config.model) == "none":
+            raise ValueError(
+                "consistency.teacher_guidance_max > 0 needs a conditional teacher (class "
+                "labels or captions): an unconditional model has no guidance"
+            )
+        if cons.teacher_guidance_max <= cons.teacher_guidance:
+            raise ValueError(
+                f"consistency.teacher_guidance_max={cons.teacher_guidance_max} must exceed "
+                f"consistency.teacher_guidance={cons.teacher_guidance} (the range's low end)"
+            )
 
 
 def check_teacher(config) -> None:

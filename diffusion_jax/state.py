@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
 from diffusion_jax.models import abstract_inputs
 
@@ -104,6 +104,29 @@ def state_from_params(params, tx: optax.GradientTransformation, seed: int) -> Tr
         opt_state=tx.init(params),
         rng=state_rng,
     )
+
+
+def complete_params(model, start, image_shape, seed: int):
+    """``start`` (e.g. a teacher's weights) completed with a fresh init of the parameters
+    ``model`` has and ``start`` lacks (e.g. a guidance-scale embedding a student adds).
+    Every parameter of ``start`` must exist in ``model`` with the same shape: a ValueError
+    names the first that does not. With nothing missing, ``start`` itself."""
+    flat_start = traverse_util.flatten_dict(start, sep="/")
+    tx = optax.identity()
+    shapes = traverse_util.flatten_dict(
+        abstract_train_state(model, tx, image_shape, seed).params, sep="/"
+    )
+    for path, leaf in flat_start.items():
+        if path not in shapes or shapes[path].shape != jnp.shape(leaf):
+            got = shapes[path].shape if path in shapes else "no such parameter"
+            raise ValueError(
+                f"initial parameter {path} {jnp.shape(leaf)} does not fit the model ({got})"
+            )
+    if set(shapes) == set(flat_start):
+        return start
+    fresh = create_train_state(model, tx, image_shape, seed).params
+    fresh = traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
+    return traverse_util.unflatten_dict({**fresh, **flat_start}, sep="/")
 
 
 def abstract_train_state(model, tx, image_shape, seed: int):

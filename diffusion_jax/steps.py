@@ -209,8 +209,10 @@ def make_sample_fn(
     ignored by unconditional models. guidance_scale w gives the prediction
     w * cond + (1 - w) * uncond from one batched forward pass (classifier-free guidance,
     Ho & Salimans 2022; guidance.guided_model_fn): w = 1 is the plain conditional model,
-    w = 0 the unconditional one. ``negative`` (same shape as labels; default the null
-    condition) replaces the unconditional branch: a negative prompt. params, rng, labels,
+    w = 0 the unconditional one; a model with ``model.guidance_input`` gets w as an input
+    instead (one forward per step; ``negative`` unused). ``negative`` (same shape as
+    labels; default the null condition) replaces the unconditional branch: a negative
+    prompt. params, rng, labels,
     negative, w, images and mask are traced: new values never recompile. guidance_interval = (t_lo, t_hi) and
     guidance_rescale = phi are passed to guided_model_fn.
 
@@ -239,9 +241,15 @@ def make_sample_fn(
     def apply_uncond(params, x_t, t):
         return apply_fn(params, x_t, t, None)
 
+    def apply_scale_input(params, labels, guidance_scale, x_t, t):
+        w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (x_t.shape[0],))
+        return apply_fn(params, x_t, t, {"y": labels, "w": w})
+
     def model_fn(params, labels, guidance_scale, negative=None):
         if not conditional:
             return jax.tree_util.Partial(apply_uncond, params)
+        if model_cfg.get("guidance_input", False):  # w is an input: one forward, no CFG
+            return jax.tree_util.Partial(apply_scale_input, params, labels, guidance_scale)
         if negative is None:
             negative = conditioning.null_like(model_cfg, labels)
         return guidance.guided_model_fn(

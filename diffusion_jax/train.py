@@ -28,6 +28,7 @@ from diffusion_jax import (
 from diffusion_jax.lock import WorkdirLock
 from diffusion_jax.preemption import Interrupted, PreemptionHandler
 from diffusion_jax.state import (
+    complete_params,
     create_train_state,
     make_lr_schedule,
     make_optimizer,
@@ -89,6 +90,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
         **task.batch_fields(config),
     )
     if restored is None and (start := task.initial_params(config)) is not None:
+        start = complete_params(model, start, spec.image_shape, config.seed)
         state = jax.device_put(state_from_params(start, tx, config.seed), dp.state_sharding)
     elif restored is None:
         state = create_train_state(

@@ -10,13 +10,16 @@
                  num_heads) and the backbone, conditioned by "cross"-attention (the backbone
                  is built with cross_attention=True) or a "pooled" caption vector
                  (``conditioning``). Captions and class labels are exclusive.
+  guidance_input the condition carries a guidance scale w per example and the model
+                 embeds it (models/guidance_input.py; UNet and DiT only): a consistency
+                 student distilled over a range of scales.
   unet, dit, autoencoder
                  one sub-mapping per architecture with that constructor's kwargs only
                  (see UNET_PRESETS / DIT_PRESETS / AUTOENCODER_PRESETS for values).
 The model receives only its own block: it never sees the schedule or the objective.
 ``abstract_inputs`` gives the positional arguments of a model's ``__call__``: (x, t, y)
-for the diffusion models (y: labels [B], token ids [B, max_length] or None), (x,) for the
-autoencoder.
+for the diffusion models (y: labels [B], token ids [B, max_length] or None; with
+guidance_input {"y": that, "w": [B]}), (x,) for the autoencoder.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ MODELS = {
 }
 GUIDES = (NoisyClassifier, NoisyCLIP)  # noise-aware guide networks (models/guide.py)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype", "text") + tuple(MODELS)
+TOP_LEVEL_KEYS = ("name", "num_classes", "compute_dtype", "text", "guidance_input") + tuple(MODELS)
 # Set at the top level of config.model (or fixed), never in the architecture block.
 _RESERVED = ("num_classes", "cross_attention", "text", "dtype", "param_dtype", "parent", "name")
 TEXT_KEYS = ("vocab_size", "max_length", "width", "depth", "num_heads", "conditioning")
@@ -159,6 +162,13 @@ def build_model(model_cfg: Mapping[str, Any]):
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if has_num_classes(cls):
         kwargs["num_classes"] = num_classes
+    if cfg.get("guidance_input"):
+        if cls not in (UNet, DiT):
+            raise ValueError(
+                f"model.guidance_input=True but {cls.__name__} ({name!r}) takes no guidance "
+                "scale (UNet and DiT do); set model.guidance_input=False"
+            )
+        kwargs["guidance_input"] = True
     dtype = COMPUTE_DTYPES[dtype_name]
     if cls is NoisyCLIP:
         if not int(text_config(cfg).get("vocab_size", 0)):
@@ -205,14 +215,22 @@ def abstract_inputs(model, batch_size: int, image_shape: Sequence[int]) -> Tuple
         return (x,)
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     if isinstance(model, TextConditional):
-        return x, t, jax.ShapeDtypeStruct((batch_size, model.max_length), jnp.int32)
+        y = jax.ShapeDtypeStruct((batch_size, model.max_length), jnp.int32)
+        return x, t, _with_guidance(model.backbone, y, batch_size)
     if isinstance(model, NoisyCLIP):
         return x, t, jax.ShapeDtypeStruct((batch_size, model.text.max_length), jnp.int32)
     if isinstance(model, NoisyClassifier):
         return x, t
     conditional = getattr(model, "num_classes", 0) > 0
     y = jax.ShapeDtypeStruct((batch_size,), jnp.int32) if conditional else None
-    return x, t, y
+    return x, t, _with_guidance(model, y, batch_size)
+
+
+def _with_guidance(model, y, batch_size: int):
+    """A guidance-input model's condition {"y": y, "w": [B] float32}; else y."""
+    if not getattr(model, "guidance_input", False):
+        return y
+    return {"y": y, "w": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
 
 def abstract_params(model, image_shape: Sequence[int]):

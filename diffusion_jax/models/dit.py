@@ -16,7 +16,9 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import guidance_input
 from diffusion_jax.models.cross_attention import CrossAttention, PooledEmbedding
+from diffusion_jax.models.guidance_input import GuidanceEmbedding
 from diffusion_jax.models.layers import (
     AdaLNModulation,
     LabelEmbedding,
@@ -101,6 +103,8 @@ class DiT(nn.Module):
       cross_attention: every block cross-attends to ``context`` [B, M, D] (with
         ``context_mask``) when one is given (PixArt-alpha); set by the model registry for
         text models. A ``pooled`` caption vector [B, D] is added to c like a label.
+      guidance_input: the condition is {"y": labels or None, "w": guidance scales [B]}
+        and w's embedding is added to c (models/guidance_input.py).
       out_channels: output channels; None = input channels (DiT's learned-sigma models use
         2x the input channels).
       dtype / param_dtype: compute / parameter dtypes. The output is float32.
@@ -116,6 +120,7 @@ class DiT(nn.Module):
     label_init_std: float = 0.02
     num_classes: int = 0
     cross_attention: bool = False
+    guidance_input: bool = False
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -172,6 +177,7 @@ class DiT(nn.Module):
 
         # Conditioning c [B, hidden]; DiT initializes the timestep MLP and the label table
         # with N(0, 0.02).
+        y, w = guidance_input.split(y, self.guidance_input)
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         time_init = nn.initializers.normal(self.time_init_std)
         c = TimestepEmbedding(
@@ -189,6 +195,8 @@ class DiT(nn.Module):
             )
         if pooled is not None:
             c = c + PooledEmbedding(hidden, name="caption_embed", **kw)(pooled)
+        if w is not None:
+            c = c + GuidanceEmbedding(hidden, name="guidance_embed", **kw)(w, batch)
         if context is not None and not self.cross_attention:
             raise ValueError("a context was given to a DiT built without cross_attention")
 

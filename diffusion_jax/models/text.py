@@ -27,6 +27,7 @@ from typing import Any, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import guidance_input
 from diffusion_jax.models.layers import MlpBlock, MultiHeadSelfAttention
 
 Dtype = Any
@@ -93,15 +94,19 @@ class TextConditional(nn.Module):
         return self.encoder.max_length
 
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False):
-        if y is None or jnp.ndim(y) != 2:
+        """``y``: token ids [B, L]; for a backbone with ``guidance_input``
+        {"y": tokens, "w": scales [B]}, w passed on to the backbone."""
+        tokens, w = guidance_input.split(y, getattr(self.backbone, "guidance_input", False))
+        if tokens is None or jnp.ndim(tokens) != 2:
             raise ValueError(
                 "a text-conditioned model takes token ids [B, L] as y (tokenizer.py); got "
-                f"{None if y is None else jnp.shape(y)}"
+                f"{None if tokens is None else jnp.shape(tokens)}"
             )
-        context, mask = self.encoder(y)
+        context, mask = self.encoder(tokens)
+        inner = None if w is None else {"y": None, "w": w}
         if self.conditioning == "cross":
-            return self.backbone(x, t, None, train, context=context, context_mask=mask)
-        return self.backbone(x, t, None, train, pooled=pooled_embedding(context, mask))
+            return self.backbone(x, t, inner, train, context=context, context_mask=mask)
+        return self.backbone(x, t, inner, train, pooled=pooled_embedding(context, mask))
 
 
 __all__ = ("TextEncoder", "TextConditional", "CONDITIONINGS", "pooled_embedding")

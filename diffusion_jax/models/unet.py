@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import guidance_input
 from diffusion_jax.models.cross_attention import PooledEmbedding, SpatialTransformer
+from diffusion_jax.models.guidance_input import GuidanceEmbedding
 from diffusion_jax.models.layers import (
     AttentionBlock,
     Conv,
@@ -67,6 +69,9 @@ class UNet(nn.Module):
       Text conditioning (models/text.py) passes ``context`` [B, M, D] with
       ``context_mask`` [B, M], or a ``pooled`` caption vector [B, D] that is added to the
         timestep embedding like a class embedding.
+      guidance_input: the condition is {"y": labels or None, "w": guidance scales [B]}
+        and w is embedded into the timestep embedding (models/guidance_input.py; a
+        consistency student distilled over a range of guidance scales).
       out_channels: output channels; None = input channels.
       dtype / param_dtype: compute / parameter dtypes. The output is float32.
     """
@@ -87,6 +92,7 @@ class UNet(nn.Module):
     time_freq_shift: float = 0.0
     num_classes: int = 0
     cross_attention: bool = False
+    guidance_input: bool = False
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -156,9 +162,11 @@ class UNet(nn.Module):
 
     @nn.nowrap
     def _embedding(self, t, y, pooled, batch: int):
-        """The conditioning vector emb [B, 4ch]: timestep MLP (+ class or caption vector)."""
+        """The conditioning vector emb [B, 4ch]: timestep MLP (+ class or caption vector,
+        + the guidance scale's embedding for a ``guidance_input`` model)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = self.base_channels
+        y, w = guidance_input.split(y, self.guidance_input)
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         emb = TimestepEmbedding(
             ch,
@@ -184,6 +192,8 @@ class UNet(nn.Module):
             )
         if pooled is not None:
             emb = emb + PooledEmbedding(4 * ch, name="caption_embed", **kw)(pooled)
+        if w is not None:
+            emb = emb + GuidanceEmbedding(4 * ch, name="guidance_embed", **kw)(w, batch)
         return emb
 
     @nn.nowrap
