@@ -22,6 +22,7 @@ from experiments.results import (  # noqa: E402
     eval_by_seed,
     eval_record,
     inloop_by_step,
+    main_specs,
     spec_label,
     timed_inloop,
 )
@@ -31,6 +32,13 @@ def save(fig, path: str) -> None:
     """Write ``fig`` as a PNG (legends outside the axes included) and free it."""
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2, 3, 5 x 10^k written as plain numbers on a log axis."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _legend_outside(ax, **kw):
@@ -111,9 +119,7 @@ def plot_quality_vs_time(groups):
     ax_acc.set(xlabel="training minutes (2-core CPU)", ylabel="class accuracy", ylim=(0, 1.02))
     ax_fid.set(xlabel="training minutes (2-core CPU)", ylabel="FID / real-vs-real floor")
     ax_fid.set_yscale("log")
-    ax_fid.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
-    ax_fid.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_fid.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _plain_log_ticks(ax_fid.yaxis)
     if any_data:
         _legend_outside(ax_fid, fontsize=7)
     fig.suptitle("Sample quality vs training time (in-loop, dashed: targets)", fontsize=9)
@@ -124,31 +130,36 @@ MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
 
 def _families(sweep) -> dict:
-    """Sampler family (the spec without num_steps) -> its specs, over every evaluation but
-    the sampling-seed repeats."""
+    """Sampler family (the spec without num_steps and num_samples) -> its specs, over
+    every evaluation but the repeats: other sampling seeds, and a sweep eval repeated at
+    another N (a DDIM-1000 at its own N joins its family: the y axis is the ratio to the
+    floor at each point's N)."""
     families = defaultdict(list)
-    for spec in sweep.all_evals():
-        if "seed" not in spec:
-            key = tuple((k, v) for k, v in sorted(spec.items()) if k != "num_steps")
-            families[key].append(spec)
+    for spec in main_specs(sweep):
+        skip = ("num_steps", "num_samples")
+        families[tuple((k, v) for k, v in sorted(spec.items()) if k not in skip)].append(spec)
     return families
 
 
 def _point(runs, spec):
     """(mean, low, high) of matched FID for one arm and spec: the t-interval over training
     seeds, or with one seed that run's bootstrap interval; None without a value."""
-    by_seed = eval_by_seed(runs, spec, "fid_matched")
+    by_seed = eval_by_seed(runs, spec, "fid_matched_ratio")
     iv = intervals.t_interval(by_seed.values())
     if iv is None:
         return None
     if iv.n > 1:
         return iv.mean, iv.low, iv.high
     record = next(r for r in (eval_record(run, spec) for run in runs) if r is not None)
-    return iv.mean, record.get("fid_matched_low", iv.mean), record.get("fid_matched_high", iv.mean)
+    return (
+        iv.mean,
+        record.get("fid_matched_ratio_low", iv.mean),
+        record.get("fid_matched_ratio_high", iv.mean),
+    )
 
 
 def _floor(groups):
-    """(fid_floor, fid_floor_std) of the first evaluation that has one."""
+    """(fid_floor, fid_floor_std) of the first evaluation at the sweep's N with one."""
     for runs in groups.values():
         for run in runs:
             for r in run["evals"]:
@@ -158,7 +169,7 @@ def _floor(groups):
 
 
 def plot_steps(groups, sweep):
-    """Matched FID vs sampler steps: colour = arm, marker = sampler family, error bars =
+    """FID / floor vs sampler steps: colour = arm, marker = sampler family, error bars =
     95% interval (over training seeds; one seed: its bootstrap over samples), the
     real-vs-real floor as a band (mean +- 1.96 std over its reference splits). Arms are
     nudged apart along x so their bars do not overlap. None when the sweep's evaluations
@@ -190,16 +201,20 @@ def plot_steps(groups, sweep):
             )
     floor = _floor(groups)
     if floor is not None:
-        mean, std = floor
-        ax.axhspan(max(mean - 1.96 * std, 1e-6), mean + 1.96 * std, color="0.85", zorder=0)
-        ax.axhline(mean, color="0.5", lw=1, ls="--", zorder=0)
+        rel = 1.96 * floor[1] / floor[0]  # the floor's spread over its reference splits
+        ax.axhspan(max(1 - rel, 1e-3), 1 + rel, color="0.85", zorder=0)
+        ax.axhline(1.0, color="0.5", lw=1, ls="--", zorder=0)
     ax.set(
         xscale="log",
         yscale="log",
         xlabel="sampler steps (log scale)",
-        ylabel="classifier-FID, matched N (log scale)",
+        ylabel="FID / real-vs-real floor at matched N (log scale)",
         title="Quality vs sampling steps (95% intervals)",
     )
+    steps = sorted({s.get("num_steps", 1000) for f in families.values() for s in f})
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _plain_log_ticks(ax.yaxis)
     handles = [Line2D([], [], color=f"C{i}", lw=2, label=g) for i, g in enumerate(groups)]
     handles += [
         Line2D(

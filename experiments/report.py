@@ -28,6 +28,7 @@ from experiments.results import (
     final_loss_buckets,
     first_minutes,
     inloop_by_step,
+    main_specs,
     meets_accuracy,
     meets_fid,
     timed_inloop,
@@ -103,7 +104,7 @@ def _loss_table(buckets) -> list[str]:
 def build(sweep, root: str, out_dir: str) -> str:
     groups = collect(sweep, root)
     os.makedirs(out_dir, exist_ok=True)
-    specs = sweep.all_evals()
+    specs = main_specs(sweep)
     lines = _intro(sweep, groups)
     for key, title, digits in METRICS:
         if any(eval_by_seed(runs, s, key) for runs in groups.values() for s in specs):
@@ -166,7 +167,10 @@ def build(sweep, root: str, out_dir: str) -> str:
             )
         lines.append("")
 
-    lines += quality_vs_time_table(groups)
+    # minutes to the class-conditional targets: only for runs that measure class accuracy
+    targets = any("class_accuracy" in r for rs in groups.values() for x in rs for r in x["inloop"])
+    if targets:
+        lines += quality_vs_time_table(groups)
 
     # training loss per timestep bucket
     buckets = {
@@ -178,7 +182,7 @@ def build(sweep, root: str, out_dir: str) -> str:
     figures = {
         "loss_by_t.png": plots.plot_buckets(buckets),
         "fid_vs_train_step.png": plots.plot_inloop(groups),
-        "quality_vs_train_minutes.png": plots.plot_quality_vs_time(groups),
+        "quality_vs_train_minutes.png": plots.plot_quality_vs_time(groups) if targets else None,
         "fid_vs_sampler_steps.png": plots.plot_steps(groups, sweep),
         "log_snr.png": plots.plot_log_snr(groups, sweep),
     }

@@ -76,6 +76,18 @@ def final_loss_buckets(train: list[dict]) -> np.ndarray:
     )
 
 
+def is_repeat(sweep, spec: dict) -> bool:
+    """Whether ``spec`` repeats one of the sweep's evals at another sampling seed or
+    another N (the report's noise tables use those; its main tables do not)."""
+    base = {k: v for k, v in spec.items() if k != "num_samples"}
+    return "seed" in spec or ("num_samples" in spec and base in sweep.evals)
+
+
+def main_specs(sweep) -> list[dict]:
+    """The evaluations of the main tables and plots: every spec but the repeats."""
+    return [s for s in sweep.all_evals() if not is_repeat(sweep, s)]
+
+
 def eval_record(run: dict, spec: dict) -> dict | None:
     """The latest evaluate.py record of ``run`` made by ``spec`` (at its "num_samples",
     else the sweep's ``eval_samples``)."""
