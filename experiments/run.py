@@ -99,18 +99,10 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
 STAGES = ("all", "train", "eval")
 
 
-def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> list[str]:
-    """Train every run not trained yet, then run every evaluation not yet recorded in its
-    eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
-    workdirs. The ``TRAINED`` marker is written once a run's training has finished.
-
-    ``stage="train"`` only trains. ``stage="eval"`` only evaluates runs already trained,
-    cheapest tier first: if any trained run lacks one of the sweep's ``evals``, this pass
-    runs just those (every run's), else the ``limited_evals``; run it again as more runs
-    finish training."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    workdirs, plan = [], []  # plan: (workdir, command, training or a common eval)
+def _plan(sweep, root: str, stage: str, verbose: bool = True):
+    """(run workdirs, [(workdir, command, training or a common eval)]) of what is left:
+    see ``run_sweep``."""
+    workdirs, plan = [], []
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
@@ -123,18 +115,50 @@ def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> li
                 (wd, eval_command(spec, wd, n), spec in sweep.evals)
                 for spec, n in pending_evals(sweep, wd, overrides)
             ]
-        if not commands:
+        if not commands and verbose:
             why = "not trained yet" if stage == "eval" and not trained else "done"
             print(f"[skip] {wd} ({why})")
         plan += commands
     if stage == "eval" and any(common for _, _, common in plan):
         plan = [c for c in plan if c[2]]
-    for wd, cmd, _ in plan:
-        print("[run]", " ".join(cmd[1:]), flush=True)
-        if not dry_run:
-            subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
-            if cmd[2] == "diffusion_jax.main":
-                open(os.path.join(wd, "TRAINED"), "w").close()
+    return workdirs, plan
+
+
+def _run(wd: str, cmd: list[str]) -> None:
+    print("[run]", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+    if cmd[2] == "diffusion_jax.main":
+        open(os.path.join(wd, "TRAINED"), "w").close()
+
+
+def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> list[str]:
+    """Train every run not trained yet, then run every evaluation not yet recorded in its
+    eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
+    workdirs. The ``TRAINED`` marker is written once a run's training has finished.
+
+    ``stage="train"`` only trains. ``stage="eval"`` only evaluates runs already trained,
+    cheapest tier first and re-planned after every evaluation: while any trained run lacks
+    one of the sweep's ``evals``, those run (a run that finishes training meanwhile gets
+    its turn before any costly one), then the ``limited_evals``. It returns when nothing
+    trained is left to evaluate; run it again as more runs finish training."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    workdirs, plan = _plan(sweep, root, stage)
+    if dry_run or stage != "eval":
+        for wd, cmd, _ in plan:
+            if dry_run:
+                print("[run]", " ".join(cmd[1:]), flush=True)
+            else:
+                _run(wd, cmd)
+        return workdirs
+    while plan:
+        wd, cmd, _ = plan[0]
+        _run(wd, cmd)
+        _, plan = _plan(sweep, root, stage, verbose=False)
+        if plan and plan[0][1] == cmd:
+            raise RuntimeError(
+                f"{' '.join(cmd[1:])} ran but left no matching record in {wd}/eval.jsonl"
+            )
     return workdirs
 
 

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import pytest
+
 from experiments import report, results, run
 from experiments.sweeps import SWEEPS, Sweep
 
@@ -242,3 +244,40 @@ def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, caps
     run.run_sweep(sweep, root, dry_run=True, stage="eval")
     out = capsys.readouterr().out
     assert out.count("[run]") == 1 and "seed=0" in out and "num_steps=99" in out
+
+
+def test_eval_stage_replans_after_every_evaluation(tmp_path, monkeypatch):
+    """A run that finishes training while costly evaluations wait gets its common one
+    first; an evaluation whose record never appears stops the loop with a clear error."""
+    common, costly = {"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1)},
+        evals=(common,),
+        limited_evals=(({"seed": 0}, costly),),
+        eval_samples=8,
+    )
+    root = str(tmp_path / "runs")
+    wd0, wd1 = (run.workdir_of(sweep, o, root) for o in sweep.runs())
+    for wd in (wd0, wd1):
+        os.makedirs(wd)
+    open(os.path.join(wd0, "TRAINED"), "w").close()
+    done = []
+
+    def fake_run(wd, cmd):  # record what evaluate.py would, and "finish" run 1 meanwhile
+        steps = int(next(a for a in cmd if "num_steps=" in a).split("=")[1])
+        done.append((os.path.basename(wd), steps))
+        with open(os.path.join(wd, "eval.jsonl"), "a") as f:
+            rec = {"checkpoint_step": 1, "num_samples": 8, "sampler": "ddim", "num_steps": steps}
+            f.write(json.dumps(rec) + "\n")
+        open(os.path.join(wd1, "TRAINED"), "w").close()
+
+    monkeypatch.setattr(run, "_run", fake_run)
+    run.run_sweep(sweep, root, stage="eval")
+    assert done == [("seed=0", 3), ("seed=1", 3), ("seed=0", 99)]
+
+    monkeypatch.setattr(run, "_run", lambda wd, cmd: None)  # records nothing
+    os.remove(os.path.join(wd1, "eval.jsonl"))
+    with pytest.raises(RuntimeError, match="left no matching record"):
+        run.run_sweep(sweep, root, stage="eval")
