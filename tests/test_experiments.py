@@ -220,9 +220,13 @@ def test_stages_split_training_from_evaluation(tmp_path, capsys):
     assert out.count("diffusion_jax.evaluate") == 1 and "diffusion_jax.main" not in out
 
 
-def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, capsys):
-    common, costly = {"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99}
-    sweep = Sweep(
+TIERED_EVALS = ({"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99})
+
+
+def _tiered_sweep():
+    """Two runs; a common evaluation on both and a costly one on seed 0 only."""
+    common, costly = TIERED_EVALS
+    return Sweep(
         "s",
         "configs/tiny.py",
         axes={"seed": (0, 1)},
@@ -230,6 +234,11 @@ def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, caps
         limited_evals=(({"seed": 0}, costly),),
         eval_samples=8,
     )
+
+
+def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, capsys):
+    common, costly = TIERED_EVALS
+    sweep = _tiered_sweep()
     root = str(tmp_path / "runs")
     wds = [run.workdir_of(sweep, o, root) for o in sweep.runs()]
     for wd in wds:
@@ -249,15 +258,8 @@ def test_eval_stage_runs_every_common_eval_before_any_limited_one(tmp_path, caps
 def test_eval_stage_replans_after_every_evaluation(tmp_path, monkeypatch):
     """A run that finishes training while costly evaluations wait gets its common one
     first; an evaluation whose record never appears stops the loop with a clear error."""
-    common, costly = {"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99}
-    sweep = Sweep(
-        "s",
-        "configs/tiny.py",
-        axes={"seed": (0, 1)},
-        evals=(common,),
-        limited_evals=(({"seed": 0}, costly),),
-        eval_samples=8,
-    )
+    common, costly = TIERED_EVALS
+    sweep = _tiered_sweep()
     root = str(tmp_path / "runs")
     wd0, wd1 = (run.workdir_of(sweep, o, root) for o in sweep.runs())
     for wd in (wd0, wd1):

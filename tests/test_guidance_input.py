@@ -8,6 +8,7 @@ feeds w to such a model in one forward per step instead of guiding it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from diffusion_jax import consistency, schedules, steps, train, workdir
@@ -29,8 +30,6 @@ def _teacher_and_student(name, **kw):
     teacher_cfg = _model_cfg(name, **kw)
     student_cfg = _model_cfg(name, **kw, **{"model.guidance_input": True})
     teacher, student = build_model(teacher_cfg), build_model(student_cfg)
-    import optax
-
     t_params = create_train_state(teacher, optax.identity(), SHAPE, 0).params
     # a "trained" teacher: the zero-initialised output layers (UNet's conv_out, DiT's
     # adaLN-Zero) would make every output 0 and an exactness check vacuous
