@@ -12,6 +12,9 @@ Bundled / locally built datasets (registered in ``BUILDERS``, written once on fi
     here, only read.
   * ``glyphs`` / ``glyphs_tiny`` (:mod:`diffusion_jax.datasets.glyphs`): captioned 32x32
     RGB characters drawn from matplotlib's fonts, 20,000 / 512 train; works offline.
+  * ``subject`` (:mod:`diffusion_jax.datasets.subject`): a subject-tuning (DreamBooth)
+    run's instances and prior images (``python -m diffusion_jax.subject``) in
+    ``data.data_dir``; never built here, only read.
 
 Any other name is a TFDS dataset that must already be prepared (array_record) in the data
 dir: ``tfds.builder(name, data_dir=...)``. Nothing is downloaded at run time.
@@ -32,7 +35,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from diffusion_jax.datasets import digits, fashion_mnist, glyph_render, glyphs, latents
+from diffusion_jax.datasets import digits, fashion_mnist, glyph_render, glyphs, latents, subject
 
 # dataset name -> (data_dir -> prepared TFDS builder), building it on first use.
 BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
@@ -41,6 +44,7 @@ BUILDERS: dict[str, Callable[[str], tfds.core.DatasetBuilder]] = {
     latents.NAME: latents.builder,
     glyphs.NAME: glyphs.builder,
     glyphs.TINY_NAME: glyphs.tiny_builder,
+    subject.NAME: subject.builder,
 }
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+
+from diffusion_jax.datasets import prepare
 
 NAME = "latents"  # the `data.name` that selects a latent dataset
 METADATA_FILE = "latents.json"
@@ -75,21 +76,12 @@ def chunk_files(data_dir: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_dir, CHUNKS_DIR, f"{split}-*.npz")))
 
 
-class Latents(tfds.core.GeneratorBasedBuilder):
+class Latents(prepare.DirectoryBuilder):
     """A dataset encoded to latents; features and splits come from DIR/latents.json."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Unscaled float32 latents, label, source index (+ caption)."}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)  # see digits.SklearnDigits.code_path
-
-    def __init__(self, *, data_dir: str, **kwargs):
-        self._metadata = read_metadata(data_dir)
-        self._chunk_dir = data_dir
-        super().__init__(data_dir=data_dir, **kwargs)
+    read_metadata = staticmethod(read_metadata)
 
     def _info(self) -> tfds.core.DatasetInfo:
         m = self._metadata
@@ -116,7 +108,7 @@ class Latents(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         has_label = bool(self._metadata["num_classes"])
         has_caption = bool(self._metadata.get("captions"))
-        for path in chunk_files(self._chunk_dir, split):
+        for path in chunk_files(self._source_dir, split):
             with np.load(path) as chunk:
                 latents, labels, index = chunk["latent"], chunk["label"], chunk["index"]
                 captions = chunk["caption"] if has_caption else [None] * len(index)
@@ -142,8 +134,4 @@ def builder(data_dir: str) -> Latents:
 
 def build(data_dir: str) -> Latents:
     """Write the TFDS dataset from the encoded chunks (array_record)."""
-    dataset = Latents(data_dir=data_dir, file_format="array_record")
-    dataset.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
-    return Latents(data_dir=data_dir)
+    return Latents.build(data_dir)

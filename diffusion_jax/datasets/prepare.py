@@ -1,12 +1,16 @@
-"""Preparing a locally built TFDS dataset once, safely when several processes race."""
+"""Preparing a locally built TFDS dataset once, safely when several processes race; the
+base of builders that a metadata file in their own directory describes."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable
+from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 
 @contextlib.contextmanager
@@ -46,3 +50,31 @@ def prepare_once(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False)
             )
     return make()  # re-read the info written to disk
+
+
+class DirectoryBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder whose features and splits are described by a metadata file in its own
+    ``data_dir``, next to the arrays it is built from (latent and subject datasets). A
+    subclass defines ``read_metadata(data_dir)`` (a staticmethod that raises a clear error
+    when the directory holds none); the builder keeps it as ``self._metadata`` and the
+    directory as ``self._source_dir``."""
+
+    read_metadata: Callable[[str], dict[str, Any]]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))  # see digits.SklearnDigits.code_path
+
+    def __init__(self, *, data_dir: str, **kwargs):
+        self._metadata = self.read_metadata(data_dir)
+        self._source_dir = data_dir
+        super().__init__(data_dir=data_dir, **kwargs)
+
+    @classmethod
+    def build(cls, data_dir: str):
+        """Write the TFDS dataset (array_record) from the directory's arrays."""
+        cls(data_dir=data_dir, file_format="array_record").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+        return cls(data_dir=data_dir)
