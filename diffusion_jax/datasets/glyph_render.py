@@ -209,7 +209,7 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
-def _ink(path: str, size: int, char: str) -> np.ndarray:
+def ink_box(path: str, size: int, char: str) -> np.ndarray:
     """uint8 coverage of `char` at font size `size`, cropped to its ink bounding box."""
     font = _font(path, size)
     left, top, right, bottom = font.getbbox(char)
@@ -227,18 +227,18 @@ def _ink(path: str, size: int, char: str) -> np.ndarray:
 def _cap_ratio(path: str) -> float:
     """Ink height of "H" per unit of font size."""
     reference = 400
-    return _ink(path, reference, "H").shape[0] / reference
+    return ink_box(path, reference, "H").shape[0] / reference
 
 
 @functools.lru_cache(maxsize=4096)
 def _centred_coverage(path: str, char: str, cap_height: int) -> np.ndarray:
     """Read-only float32 [32, 32] coverage in [0, 1] of `char`, ink box centred, no jitter."""
     size = max(1, round(SCALE * cap_height / _cap_ratio(path)))
-    ink = _ink(path, size, char)
+    ink = ink_box(path, size, char)
     limit = SCALE * FIT
     while max(ink.shape) > limit:  # too wide or tall for the jitter: shrink to fit
         size = int(size * limit / max(ink.shape))
-        ink = _ink(path, size, char)
+        ink = ink_box(path, size, char)
     big = SCALE * IMAGE_SIZE
     canvas = np.zeros((big, big), np.float32)
     top, left = (big - ink.shape[0]) // 2, (big - ink.shape[1]) // 2
