@@ -4,7 +4,8 @@ A LoRA tree mirrors the base parameters, but only at the selected kernels, and h
 factors there: ``{"lora_a": [m, r], "lora_b": [r, n]}``. A kernel of any rank is seen as
 the matrix [m, n] = [prod(shape[:-1]), shape[-1]]: a Dense kernel [in, out] is itself, a
 convolution [kh, kw, in, out] becomes [kh * kw * in, out] (so A is an r-channel kh x kw
-convolution and B a 1x1 one). The adapted kernel is
+convolution and B a 1x1 one), and an embedding table [rows, D] is itself too (a class-label
+or token table: what subject tuning adapts, subject.py). The adapted kernel is
 
   W' = W + scale * (alpha / r) * reshape(A @ B, W.shape)
 
@@ -34,9 +35,9 @@ DEFAULT_TARGETS = (r"(attn\d*/(qkv|q|kv|proj)|(mlp|ff)/\w+)/kernel$",)
 
 
 def _kernels(params) -> dict:
-    """{"a/b/kernel": array} of every leaf whose name is ``kernel``."""
+    """{"a/b/kernel": array} of every leaf named ``kernel`` or ``embedding`` (a table)."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    return {path: leaf for path, leaf in flat.items() if path.endswith("kernel")}
+    return {path: leaf for path, leaf in flat.items() if path.endswith(("kernel", "embedding"))}
 
 
 def select(params, targets: Sequence[str]) -> list[str]:
