@@ -8,13 +8,14 @@
 Samples, grids and metrics are decoded by the autoencoder and scored with the Fashion
 classifier against the real 32x32 (padded) train images.
 
-Expect (measured on a 2-core AMD EPYC guest, seed 0, after the 7.6-min autoencoder and a
-95 s encode of 70k images; scale_factor measured 0.286): 2,000 steps at ~2.4 steps/s,
-13.2 min of training, 17.0 min wall with the classifier and two in-loop evaluations,
-peak RSS 1.38 GB. 1,000 samples, DDIM-50, guidance 2, seed 1234, EMA: class accuracy
-95.1% at step 1,000 and 96.6% at step 2,000 (target >= 85%); classifier-FID matched
-2.64 = 4.56x the real-vs-real floor (0.579 at N = 1,000; the autoencoder's own
-reconstructions are at 1.19x, the best these latents allow).
+Expect (measured on a 2-core AMD EPYC guest, alone, seed 0, after the L2 autoencoder of
+configs/fashion_autoencoder.py and a 95 s encode of 70k images; scale_factor measured
+0.362): 2,000 steps at 2.2-2.6 steps/s, 12.4 min of training, 16.0 min wall with the
+classifier and two in-loop evaluations, peak RSS 1.46 GB. 1,000 samples, DDIM-50,
+guidance 2, seed 1234, EMA: class accuracy 93.1% at step 1,000 and 96.5% at step 2,000
+(target >= 85%); classifier-FID matched 2.70 = 4.65x the real-vs-real floor (0.579 at
+N = 1,000; the autoencoder's own reconstructions are at 1.07x). On the earlier L1
+autoencoder's latents: 96.6%, 4.56x.
 """
 
 from configs import base

@@ -221,7 +221,7 @@ SWEEPS = {
         "configs/fashion_ldm.py",
         budget=(
             "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps, "
-            "~13 min of training and ~17 min wall each on a 2-core AMD EPYC guest), then 8 "
+            "~12.4 min of training and ~16 min wall each on a 2-core AMD EPYC guest), then 8 "
             "guided evaluations at N = 1000; DDIM-1000 (~18 min per evaluation) left out"
         ),
     ),
