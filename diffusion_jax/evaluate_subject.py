@@ -30,6 +30,7 @@ from absl import flags
 
 from diffusion_jax import cli, generate, workdir as workdir_lib
 from diffusion_jax.datasets import subject as subject_data
+from diffusion_jax.metrics import from_uint8
 
 FLAGS = flags.FlagValues()
 OWN = dict(flag_values=FLAGS)
@@ -46,8 +47,7 @@ COLUMNS = ("lora_scale", "subject_rate", "class_accuracy", "style_leak", "fid_ol
 def _fid(extractor, a, b) -> float:
     from diffusion_jax.evaluation.distances import fid_from_features
 
-    to_float = lambda x: np.asarray(x, np.float32) / 127.5 - 1.0
-    return fid_from_features(extractor.features(to_float(a)), extractor.features(to_float(b)))
+    return fid_from_features(extractor.features(a), extractor.features(b))
 
 
 def run(workdir: str, num_samples: int = 500, lora_scales=(1.0,), seed: int = 0, cache_dir=""):
@@ -76,19 +76,18 @@ def run(workdir: str, num_samples: int = 500, lora_scales=(1.0,), seed: int = 0,
     detector = subject_detector(metadata["instances"]["font"], data_dir)
     classifier = digits_classifier(cache_dir, data_dir)
     digits_cfg = {"name": "digits", "data_dir": data_dir, "image_size": 8}
-    real, _ = data.load_split_arrays(digits_cfg, "test")
-    real = np.rint((real + 1) * 127.5).astype(np.uint8)
+    real, _ = data.load_split_arrays(digits_cfg, "test")  # images in [-1, 1]
     with np.load(subject_data.split_path(config.data.data_dir, "test")) as arrays:
-        held_out = arrays["image"]
+        held_out = from_uint8(arrays["image"])
     old = generate.class_balanced_labels(k, num_samples)
     guidance = float(config.sampler.guidance_scale)
     rows = []
     for scale in lora_scales:
-        draw = lambda labels: subject.draw(
-            workdir, labels, guidance_scale=guidance, seed=seed, lora_scale=scale
+        draw = lambda labels: from_uint8(
+            subject.draw(workdir, labels, guidance_scale=guidance, seed=seed, lora_scale=scale)
         )
         ident, olds = draw(np.full(num_samples, k)), draw(old)
-        predicted = classifier.logits(np.asarray(olds, np.float32) / 127.5 - 1.0).argmax(-1)
+        predicted = classifier.logits(olds).argmax(-1)
         rows.append(
             {
                 "lora_scale": float(scale) if is_lora else None,
@@ -102,8 +101,8 @@ def run(workdir: str, num_samples: int = 500, lora_scales=(1.0,), seed: int = 0,
     fresh, _ = font_digits.render(num_samples, RENDER_SEED + 2, metadata["instances"]["font"])
     train_real, _ = data.load_split_arrays(digits_cfg, "train")
     floor = {  # the same FIDs between real sets of the same sizes
-        "fid_old": _fid(classifier, np.rint((train_real[:num_samples] + 1) * 127.5), real),
-        "fid_subject": _fid(classifier, fresh, held_out),
+        "fid_old": _fid(classifier, train_real[:num_samples], real),
+        "fid_subject": _fid(classifier, from_uint8(fresh), held_out),
     }
     return {
         "workdir": os.path.abspath(workdir),

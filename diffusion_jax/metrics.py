@@ -24,6 +24,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     )
 
 
+def from_uint8(images) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (``to_uint8``'s inverse up to rounding)."""
+    return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
 def make_grid(
     images: np.ndarray, ncols: int | None = None, pad: int = 1, upscale: int = 1
 ) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 
 from diffusion_jax.datasets import digits, font_digits
 from diffusion_jax.evaluation import small_classifier
+from diffusion_jax.metrics import from_uint8
 
 RENDER_SEED = 10_000
 RECIPE = dict(
@@ -40,15 +41,10 @@ class SubjectDetector:
     params: Any
     info: Mapping[str, Any]
 
-    def is_subject(self, images_uint8: np.ndarray) -> np.ndarray:
-        """bool [N]: which images [N, 8, 8, 1] (uint8) the detector calls the subject."""
-        x = np.asarray(images_uint8, np.float32) / 127.5 - 1.0
-        _, logits = jax.jit(self.net.apply)({"params": self.params}, x)
+    def is_subject(self, images: np.ndarray) -> np.ndarray:
+        """bool [N]: which images [N, 8, 8, 1] in [-1, 1] the detector calls the subject."""
+        _, logits = jax.jit(self.net.apply)({"params": self.params}, images)
         return np.asarray(logits).argmax(-1) == 1
-
-
-def _to_float(images_uint8) -> np.ndarray:
-    return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,14 +57,14 @@ def subject_detector(font: str, data_dir: str = "") -> SubjectDetector:
     cfg = {"name": digits.NAME, "data_dir": data_dir, "image_size": digits.IMAGE_SIZE}
     real, _ = data.load_split_arrays(cfg, "train")
     real_test, _ = data.load_split_arrays(cfg, "test")
-    renders, _ = font_digits.render(len(real), RENDER_SEED, font)
-    renders_test, _ = font_digits.render(len(real_test), RENDER_SEED + 1, font)
+    renders = from_uint8(font_digits.render(len(real), RENDER_SEED, font)[0])
+    renders_test = from_uint8(font_digits.render(len(real_test), RENDER_SEED + 1, font)[0])
     net = small_classifier.SmallConvNet(tuple(recipe["widths"]), recipe["feature_dim"], 2)
-    x = np.concatenate([real, _to_float(renders)])
+    x = np.concatenate([real, renders])
     y = np.concatenate([np.zeros(len(real)), np.ones(len(renders))]).astype(np.int32)
     params = small_classifier.train(net, x, y, recipe)
     detector = SubjectDetector(net, params, {})
-    real_as_subject = detector.is_subject(np.rint((real_test + 1) * 127.5).astype(np.uint8))
+    real_as_subject = detector.is_subject(real_test)
     info = {
         "font": font,
         "accuracy_real": float(1 - real_as_subject.mean()),
