@@ -23,6 +23,7 @@ CONFIGS = sorted(
 # Channels of each dataset the configs name (the specs of tfds datasets need their data).
 CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "glyphs": 3}
 CHANNELS["latents"] = 4  # fashion_ldm.py, imagenet256_dit_xl2.py: 4-channel latents
+CHANNELS["subject"] = 1  # digits_dreambooth.py: typeset digits next to the base's samples
 
 
 @pytest.mark.parametrize("name", CONFIGS)
