@@ -81,10 +81,11 @@ def run(workdir: str, num_samples: int = 500, lora_scales=(1.0,), seed: int = 0,
         held_out = from_uint8(arrays["image"])
     old = generate.class_balanced_labels(k, num_samples)
     guidance = float(config.sampler.guidance_scale)
+    sampler = subject.Sampler(workdir)
     rows = []
     for scale in lora_scales:
         draw = lambda labels: from_uint8(
-            subject.draw(workdir, labels, guidance_scale=guidance, seed=seed, lora_scale=scale)
+            sampler.draw(labels, guidance_scale=guidance, seed=seed, lora_scale=scale)
         )
         ident, olds = draw(np.full(num_samples, k)), draw(old)
         predicted = classifier.logits(olds).argmax(-1)

@@ -80,26 +80,39 @@ def repeats(num_instances: int, num_prior: int, prior_weight: float) -> tuple[in
     return max(1, round(1 / ratio)), 1
 
 
-def draw(workdir: str, labels, *, guidance_scale: float, seed: int, lora_scale: float = 1.0):
-    """uint8 samples [N, H, W, C] of ``workdir`` (EMA weights; a LoRA merged at
-    ``lora_scale``) for ``labels`` [N], with its config's sampler."""
-    config = workdir_lib.load_config(workdir)
-    model, spec, state = workdir_lib.load_state(workdir, config)
-    model, params = adapters.for_sampling(model, state.ema_params, lora_scale)
-    bs = min(256, len(labels))
-    sample_fn, params_of = tasks.image_sample_fn(
-        config, model, schedules.build(config.schedule), (bs, *spec.image_shape)
-    )
-    x = generate.generate_samples(
-        sample_fn,
-        params_of(params),
-        len(labels),
-        bs,
-        seed,
-        np.asarray(labels, np.int32),
-        guidance_scale=guidance_scale,
-    )
-    return metrics.to_uint8(x)
+class Sampler:
+    """The samples of a workdir (EMA weights; a LoRA merged at ``lora_scale``) with its
+    config's sampler: the checkpoint is read and the sampler built once, so drawing more
+    label groups or LoRA scales compiles nothing new (the scale is traced)."""
+
+    def __init__(self, workdir: str, batch_size: int = 256):
+        self.config = workdir_lib.load_config(workdir)
+        self.model, self.spec, self.state = workdir_lib.load_state(workdir, self.config)
+        self._batch_size = batch_size
+        self._sample_fns = {}  # batch size -> (sample_fn, params_of)
+
+    def draw(self, labels, *, guidance_scale: float, seed: int, lora_scale: float = 1.0):
+        """uint8 samples [N, H, W, C] for ``labels`` [N]."""
+        model, params = adapters.for_sampling(self.model, self.state.ema_params, lora_scale)
+        bs = min(self._batch_size, len(labels))
+        if bs not in self._sample_fns:
+            self._sample_fns[bs] = tasks.image_sample_fn(
+                self.config,
+                model,
+                schedules.build(self.config.schedule),
+                (bs, *self.spec.image_shape),
+            )
+        sample_fn, params_of = self._sample_fns[bs]
+        x = generate.generate_samples(
+            sample_fn,
+            params_of(params),
+            len(labels),
+            bs,
+            seed,
+            np.asarray(labels, np.int32),
+            guidance_scale=guidance_scale,
+        )
+        return metrics.to_uint8(x)
 
 
 def _mix(instances, identifier: int, r_inst: int, prior, prior_labels, r_prior: int) -> dict:
@@ -181,14 +194,17 @@ def prepare(
     if workdir_lib.has_checkpoints(os.path.join(out, BASE_DIR)):
         raise workdir_lib.ConfigError(f"--out={out} already holds a subject; choose a new one")
     workdir_lib.ensure_writable_dir(out, "--out")
-    _, _, state = workdir_lib.load_state(base, config)
+    sampler = Sampler(base)
+    state = sampler.state
     params = jax.device_get(state.ema_params)
     fingerprint = adapters.fingerprint(params)
     instances, _ = font_digits.render(num_instances, seed, font)
     held_out, _ = font_digits.render(num_test, seed + 1, font)
     r_inst, r_prior = repeats(num_instances, num_prior, prior_weight)
     prior_labels = generate.class_balanced_labels(k, num_prior * (r_prior > 0))
-    prior = draw(base, prior_labels, guidance_scale=guidance_scale, seed=seed) if r_prior else None
+    prior = None
+    if r_prior:
+        prior = sampler.draw(prior_labels, guidance_scale=guidance_scale, seed=seed)
     train = _mix(instances, k, r_inst, prior, prior_labels, r_prior)
     test = {
         "image": held_out,

@@ -124,8 +124,10 @@ def test_prepare_writes_the_mix_the_extended_base_and_their_record(prepared):
     )
     # the prior images are the base's own samples: the extended base draws the same
     labels10 = np.arange(20) % 10
-    ours = subject.draw(os.path.join(out, subject.BASE_DIR), labels10, guidance_scale=2.0, seed=0)
-    theirs = subject.draw(base, labels10, guidance_scale=2.0, seed=0)
+    ours = subject.Sampler(os.path.join(out, subject.BASE_DIR)).draw(
+        labels10, guidance_scale=2.0, seed=0
+    )
+    theirs = subject.Sampler(base).draw(labels10, guidance_scale=2.0, seed=0)
     np.testing.assert_array_equal(ours, theirs)
     with np.load(subject_data.split_path(out, "train")) as arrays:
         np.testing.assert_array_equal(arrays["image"][source == subject_data.PRIOR], theirs)
