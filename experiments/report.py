@@ -5,6 +5,9 @@ metrics.jsonl (training) and eval.jsonl (in-loop and evaluate.py records) only.
   python -m experiments.report --sweep=schedule_ablation [--root=runs/experiments] \
       [--out=experiments/results]
 
+Finished runs are read from their archives, ``<out>/<sweep>/records/`` (experiments.records,
+written by experiments.run), others from their workdirs under ``--root``.
+
 Runs are grouped by every axis except ``seed``. Whatever has finished is reported; a
 missing value shows as "—". Runs with in-loop metrics (``eval.metrics_every_steps``) also
 get sample quality against training minutes (the run's own clock, without sampling and
@@ -101,8 +104,10 @@ def _loss_table(buckets) -> list[str]:
     return lines + [""]
 
 
-def build(sweep, root: str, out_dir: str) -> str:
-    groups = collect(sweep, root)
+def build(sweep, root: str, out_dir: str, records: str | None = None) -> str:
+    """Write ``out_dir``/report.md and its plots from the runs' records (their archives
+    under ``records`` first, else their workdirs under ``root``); returns its path."""
+    groups = collect(sweep, root, records)
     os.makedirs(out_dir, exist_ok=True)
     specs = main_specs(sweep)
     lines = _intro(sweep, groups)
@@ -237,7 +242,7 @@ def main(argv):
     if FLAGS.sweep not in SWEEPS:
         raise app.UsageError(f"--sweep must be one of {sorted(SWEEPS)}")
     sweep = SWEEPS[FLAGS.sweep]
-    print("wrote", build(sweep, FLAGS.root, os.path.join(FLAGS.out, sweep.name)))
+    print("wrote", build(sweep, FLAGS.root, os.path.join(FLAGS.out, sweep.name), FLAGS.out))
 
 
 if __name__ == "__main__":

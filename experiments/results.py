@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from diffusion_jax.steps import NUM_LOSS_BUCKETS
+from experiments import records as archive
 from experiments.run import matches, workdir_of
 
 
@@ -37,13 +38,19 @@ def spec_label(spec: dict) -> str:
     return label + (f" ({spec['spacing']})" if "spacing" in spec else "")
 
 
-def collect(sweep, root: str) -> dict:
+def collect(sweep, root: str, records_dir: str | None = None) -> dict:
     """group name -> list of per-seed run dicts {overrides, train, inloop, evals, records,
     eval_samples}: ``evals`` are the evaluate.py records at the sweep's ``eval_samples``,
-    ``records`` all of them (specs with their own "num_samples" too)."""
+    ``records`` all of them (specs with their own "num_samples" too). A run is read from
+    its archive under ``records_dir`` (experiments.records) if it has one, else from its
+    workdir under ``root``."""
     groups = defaultdict(list)
     for overrides in sweep.runs():
-        wd = workdir_of(sweep, overrides, root)
+        wd = (
+            archive.archive_of(sweep, overrides, records_dir)
+            if archive.is_archived(sweep, overrides, records_dir)
+            else workdir_of(sweep, overrides, root)
+        )
         group = sweep.run_name(overrides, skip=("seed",))
         evals = read_jsonl(os.path.join(wd, "eval.jsonl"))
         records = [r for r in evals if "checkpoint_step" in r]

@@ -1,14 +1,16 @@
 """Run a sweep locally, one run after another; resumable.
 
   python -m experiments.run --sweep=schedule_ablation [--root=runs/experiments] [--dry_run] \
-      [--stage=all|train|eval]
+      [--stage=all|train|eval] [--records=experiments/results]
 
 Each run trains through the normal CLI (so an interrupted run resumes from its last
 checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` does not hold
 yet. Trained runs are not retrained and recorded evaluations are not rerun. ``--stage``
 splits the two: ``train`` trains every run, ``eval`` evaluates the runs trained so far
-(two processes can then share a machine). Afterwards build the report with
-experiments.report.
+(two processes can then share a machine). A run that is trained and fully evaluated is
+archived under ``--records`` (experiments.records: its metrics.jsonl and eval.jsonl, to
+commit), and a run whose archive is complete is skipped, even with no workdir: a sweep can
+go on on another machine. Afterwards build the report with experiments.report.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import records as archive
 from experiments.sweeps import SWEEPS
 
 FLAGS = flags.FLAGS
@@ -99,13 +102,43 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
 STAGES = ("all", "train", "eval")
 
 
-def _plan(sweep, root: str, stage: str, verbose: bool = True):
+def _archived_and_complete(sweep, overrides, root: str, records: str | None) -> bool:
+    """Whether a run's archive holds every evaluation the sweep asks of it while its
+    workdir holds no training of its own (then there is nothing to run)."""
+    wd = workdir_of(sweep, overrides, root)
+    return (
+        archive.is_archived(sweep, overrides, records)
+        and not os.path.exists(os.path.join(wd, "TRAINED"))
+        and not pending_evals(sweep, archive.archive_of(sweep, overrides, records), overrides)
+    )
+
+
+def archive_finished(sweep, root: str, records: str) -> list[str]:
+    """Archive every run that is trained and has no pending evaluation (experiments.records);
+    returns the archives written."""
+    written = []
+    for overrides in sweep.runs():
+        wd = workdir_of(sweep, overrides, root)
+        if not os.path.exists(os.path.join(wd, "TRAINED")) or pending_evals(sweep, wd, overrides):
+            continue
+        dest = archive.archive_of(sweep, overrides, records)
+        if archive.save(wd, dest):
+            print("[archived]", dest, flush=True)
+            written.append(dest)
+    return written
+
+
+def _plan(sweep, root: str, stage: str, verbose: bool = True, records: str | None = None):
     """(run workdirs, [(workdir, command, training or a common eval)]) of what is left:
     see ``run_sweep``."""
     workdirs, plan = [], []
     for overrides in sweep.runs():
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
+        if _archived_and_complete(sweep, overrides, root, records):
+            if verbose:
+                print(f"[skip] {wd} (archived)")
+            continue
         trained = os.path.exists(os.path.join(wd, "TRAINED"))
         commands = []
         if not trained and stage != "eval":
@@ -131,10 +164,14 @@ def _run(wd: str, cmd: list[str]) -> None:
         open(os.path.join(wd, "TRAINED"), "w").close()
 
 
-def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> list[str]:
+def run_sweep(
+    sweep, root: str, dry_run: bool = False, stage: str = "all", records: str | None = None
+) -> list[str]:
     """Train every run not trained yet, then run every evaluation not yet recorded in its
     eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
-    workdirs. The ``TRAINED`` marker is written once a run's training has finished.
+    workdirs. The ``TRAINED`` marker is written once a run's training has finished. With
+    ``records``, each run is archived there as soon as it is finished, and runs whose
+    archive is complete are skipped.
 
     ``stage="train"`` only trains. ``stage="eval"`` only evaluates runs already trained,
     cheapest tier first and re-planned after every evaluation: while any trained run lacks
@@ -143,18 +180,24 @@ def run_sweep(sweep, root: str, dry_run: bool = False, stage: str = "all") -> li
     trained is left to evaluate; run it again as more runs finish training."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    workdirs, plan = _plan(sweep, root, stage)
+    workdirs, plan = _plan(sweep, root, stage, records=records)
+
+    def execute(wd, cmd):
+        _run(wd, cmd)
+        if records:
+            archive_finished(sweep, root, records)
+
     if dry_run or stage != "eval":
         for wd, cmd, _ in plan:
             if dry_run:
                 print("[run]", " ".join(cmd[1:]), flush=True)
             else:
-                _run(wd, cmd)
+                execute(wd, cmd)
         return workdirs
     while plan:
         wd, cmd, _ = plan[0]
-        _run(wd, cmd)
-        _, plan = _plan(sweep, root, stage, verbose=False)
+        execute(wd, cmd)
+        _, plan = _plan(sweep, root, stage, verbose=False, records=records)
         if plan and plan[0][1] == cmd:
             raise RuntimeError(
                 f"{' '.join(cmd[1:])} ran but left no matching record in {wd}/eval.jsonl"
@@ -166,7 +209,10 @@ def main(argv):
     del argv
     if FLAGS.sweep not in SWEEPS:
         raise app.UsageError(f"--sweep must be one of {sorted(SWEEPS)}")
-    run_sweep(SWEEPS[FLAGS.sweep], FLAGS.root, FLAGS.dry_run, FLAGS.stage)
+    sweep = SWEEPS[FLAGS.sweep]
+    if FLAGS.records and not FLAGS.dry_run:
+        archive_finished(sweep, FLAGS.root, FLAGS.records)  # runs finished before
+    run_sweep(sweep, FLAGS.root, FLAGS.dry_run, FLAGS.stage, FLAGS.records or None)
 
 
 if __name__ == "__main__":
@@ -175,4 +221,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("root", "runs/experiments", "Where run workdirs go.")
     flags.DEFINE_bool("dry_run", False, "Print the commands only.")
     flags.DEFINE_enum("stage", "all", STAGES, "all | train (no evaluation) | eval (trained runs).")
+    flags.DEFINE_string(
+        "records",
+        "experiments/results",
+        "Where finished runs are archived (<records>/<sweep>/records/<run>; '' = nowhere).",
+    )
     app.run(main)

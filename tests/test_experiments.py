@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 
@@ -283,3 +284,56 @@ def test_eval_stage_replans_after_every_evaluation(tmp_path, monkeypatch):
     os.remove(os.path.join(wd1, "eval.jsonl"))
     with pytest.raises(RuntimeError, match="left no matching record"):
         run.run_sweep(sweep, root, stage="eval")
+
+
+def test_finished_runs_are_archived_and_a_sweep_goes_on_without_its_workdirs(
+    tmp_path, monkeypatch, capsys
+):
+    """A run is archived once trained and fully evaluated, never before; archived runs
+    are skipped with no workdir left and the report reads them; an evaluation added later
+    retrains an archived run whose workdir is gone and replaces its archive."""
+    common, costly = TIERED_EVALS
+    sweep = _tiered_sweep()
+    root, recs = str(tmp_path / "runs"), str(tmp_path / "results")
+    calls = []
+
+    def fake_run(wd, cmd):  # what main.py / evaluate.py would leave in the workdir
+        calls.append(cmd[2])
+        os.makedirs(wd, exist_ok=True)
+        if cmd[2] == "diffusion_jax.main":
+            with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+            open(os.path.join(wd, "TRAINED"), "w").close()
+            return
+        steps = int(next(a for a in cmd if "num_steps=" in a).split("=")[1])
+        rec = {"checkpoint_step": 1, "num_samples": 8, "sampler": "ddim", "num_steps": steps}
+        with open(os.path.join(wd, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({**rec, "fid": float(steps)}) + "\n")
+
+    monkeypatch.setattr(run, "_run", fake_run)
+    run.run_sweep(sweep, root, stage="train", records=recs)
+    assert not os.path.exists(os.path.join(recs, "s"))  # trained, not evaluated: no archive
+    run.run_sweep(sweep, root, records=recs)
+    for overrides in sweep.runs():
+        dest = run.archive.archive_of(sweep, overrides, recs)
+        wd = run.workdir_of(sweep, overrides, root)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            assert open(os.path.join(dest, name)).read() == open(os.path.join(wd, name)).read()
+    assert not run.archive.save(wd, dest)  # up to date: nothing rewritten
+
+    shutil.rmtree(root)  # another machine: the workdirs are gone, the archives committed
+    calls.clear()
+    capsys.readouterr()
+    run.run_sweep(sweep, root, records=recs)
+    assert calls == [] and capsys.readouterr().out.count("(archived)") == 2
+    groups = results.collect(sweep, root, recs)
+    (runs_,) = groups.values()
+    assert [results.eval_value(r, costly, "fid") for r in runs_] == [99.0, None]
+    assert all(r["train"] == [{"step": 1, "loss": 0.5}] for r in runs_)
+
+    grown = dataclasses.replace(sweep, evals=sweep.evals + ({"sampler": "ddim", "num_steps": 5},))
+    run.run_sweep(grown, root, records=recs)
+    assert calls.count("diffusion_jax.main") == 2  # no checkpoint left: retrained
+    first = run.archive.archive_of(grown, grown.runs()[0], recs)
+    specs = [json.loads(line)["num_steps"] for line in open(os.path.join(first, "eval.jsonl"))]
+    assert sorted(specs) == [3, 5, 99]  # one training's records, all of them

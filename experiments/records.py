@@ -1,0 +1,55 @@
+"""A sweep's finished runs, kept in the repository: ``<records>/<sweep>/records/<run name>/``
+holds a copy of the run's metrics.jsonl (training log) and eval.jsonl (in-loop and
+evaluate.py records), written once the run is trained and every evaluation the sweep asks
+of it is recorded.
+
+A sweep costs hours of CPU, more than one working session, and run workdirs (checkpoints
+included) do not outlive the machine they were made on. The records are what the report
+needs and they are small (a few kB per run): committed, they let a sweep go on on another
+machine (experiments.run skips archived runs) and let the report be rebuilt from results
+alone. A run is archived whole or not at all, so its records always come from one
+training; if the sweep later gains an evaluation, an archived run without its workdir is
+retrained and evaluated afresh, and its archive replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+# What a run's archive holds: the files experiments.results reads.
+FILES = ("metrics.jsonl", "eval.jsonl")
+
+
+def archive_of(sweep, overrides: dict, records: str) -> str:
+    return os.path.join(records, sweep.name, "records", sweep.run_name(overrides))
+
+
+def is_archived(sweep, overrides: dict, records: str | None) -> bool:
+    return bool(records) and os.path.exists(
+        os.path.join(archive_of(sweep, overrides, records), "eval.jsonl")
+    )
+
+
+def save(wd: str, dest: str) -> bool:
+    """Copy a finished run's records from its workdir ``wd`` to its archive ``dest``,
+    whole or not at all; False (nothing written) when the archive already holds them."""
+    if _up_to_date(wd, dest):
+        return False
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in FILES:
+        if os.path.exists(os.path.join(wd, name)):
+            shutil.copy2(os.path.join(wd, name), os.path.join(tmp, name))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return True
+
+
+def _up_to_date(wd: str, dest: str) -> bool:
+    def read(d, name):
+        path = os.path.join(d, name)
+        return open(path, "rb").read() if os.path.exists(path) else None
+
+    return os.path.isdir(dest) and all(read(wd, n) == read(dest, n) for n in FILES)
