@@ -1,6 +1,6 @@
 """A sweep's finished runs, kept in the repository: ``<records>/<sweep>/records/<run name>/``
-holds a copy of the run's metrics.jsonl (training log) and eval.jsonl (in-loop and
-evaluate.py records), written once the run is trained and every evaluation the sweep asks
+holds a copy of the run's metrics.jsonl (training log), eval.jsonl (in-loop and
+evaluate.py records) and config.json (what it was trained with), written once the run is trained and every evaluation the sweep asks
 of it is recorded.
 
 A sweep costs hours of CPU, more than one working session, and run workdirs (checkpoints
@@ -9,16 +9,21 @@ needs and they are small (a few kB per run): committed, they let a sweep go on o
 machine (experiments.run skips archived runs) and let the report be rebuilt from results
 alone. A run is archived whole or not at all, so its records always come from one
 training; if the sweep later gains an evaluation, an archived run without its workdir is
-retrained and evaluated afresh, and its archive replaced.
+retrained and evaluated afresh, and its archive replaced; so is a run whose archived
+config differs from the one the sweep gives it now (a stale archive).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
-# What a run's archive holds: the files experiments.results reads.
-FILES = ("metrics.jsonl", "eval.jsonl")
+from diffusion_jax.workdir import CONFIG_FILE, flatten
+
+# What a run's archive holds: the files experiments.results reads, and the config the run
+# was trained with (an archive made with another config than the sweep's is stale).
+FILES = ("metrics.jsonl", "eval.jsonl", CONFIG_FILE)
 
 
 def archive_of(sweep, overrides: dict, records: str) -> str:
@@ -29,6 +34,20 @@ def is_archived(sweep, overrides: dict, records: str | None) -> bool:
     return bool(records) and os.path.exists(
         os.path.join(archive_of(sweep, overrides, records), "eval.jsonl")
     )
+
+
+def stale_keys(config, dest: str) -> list[str]:
+    """The keys whose value in the archive's config.json differs from ``config`` (the
+    config the sweep would train the run with now); keys one side lacks are not compared
+    (a key added to configs/base.py later keeps its default). An archive without a
+    config.json is stale as a whole: ``["config.json"]``."""
+    path = os.path.join(dest, CONFIG_FILE)
+    if not os.path.exists(path):
+        return [CONFIG_FILE]
+    with open(path) as f:
+        old = flatten(json.load(f))
+    new = flatten(json.loads(config.to_json_best_effort()))
+    return [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
 
 
 def save(wd: str, dest: str) -> bool:

@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags
 
+from diffusion_jax import cli
 from experiments import records as archive
 from experiments.sweeps import SWEEPS
 
@@ -102,15 +103,30 @@ def eval_command(spec: dict, workdir: str, num_samples: int) -> list[str]:
 STAGES = ("all", "train", "eval")
 
 
+def train_config(sweep, overrides):
+    """The config a run trains with: its config file and its overrides, as main.py builds
+    it from ``train_command``'s flags."""
+    config = cli.load_config_file(sweep.config_of(overrides))
+    cli.apply_overrides(config, {k: str(v) for k, v in sweep.train_overrides(overrides).items()})
+    return config
+
+
 def _archived_and_complete(sweep, overrides, root: str, records: str | None) -> bool:
-    """Whether a run's archive holds every evaluation the sweep asks of it while its
-    workdir holds no training of its own (then there is nothing to run)."""
+    """Whether a run's archive holds every evaluation the sweep asks of it, was trained
+    with the config the sweep gives the run now, and the workdir holds no training of its
+    own (then there is nothing to run). A stale archive is reported; it is replaced once
+    the run is retrained and evaluated."""
     wd = workdir_of(sweep, overrides, root)
-    return (
-        archive.is_archived(sweep, overrides, records)
-        and not os.path.exists(os.path.join(wd, "TRAINED"))
-        and not pending_evals(sweep, archive.archive_of(sweep, overrides, records), overrides)
-    )
+    if not archive.is_archived(sweep, overrides, records) or os.path.exists(
+        os.path.join(wd, "TRAINED")
+    ):
+        return False
+    dest = archive.archive_of(sweep, overrides, records)
+    stale = archive.stale_keys(train_config(sweep, overrides), dest)
+    if stale:
+        print(f"[stale] {dest}: trained with another config ({', '.join(stale[:6])}); retraining")
+        return False
+    return not pending_evals(sweep, dest, overrides)
 
 
 def archive_finished(sweep, root: str, records: str) -> list[str]:

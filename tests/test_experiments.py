@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from diffusion_jax import cli
 from experiments import report, results, run
 from experiments.sweeps import SWEEPS, Sweep
 
@@ -303,6 +304,12 @@ def test_finished_runs_are_archived_and_a_sweep_goes_on_without_its_workdirs(
         if cmd[2] == "diffusion_jax.main":
             with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
                 f.write(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+            flags = dict(a[2:].split("=", 1) for a in cmd[3:])
+            config = cli.load_config_file(flags.pop("config"))
+            overrides = {k[7:]: v for k, v in flags.items() if k.startswith("config.")}
+            cli.apply_overrides(config, overrides)
+            with open(os.path.join(wd, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort())
             open(os.path.join(wd, "TRAINED"), "w").close()
             return
         steps = int(next(a for a in cmd if "num_steps=" in a).split("=")[1])
@@ -337,3 +344,15 @@ def test_finished_runs_are_archived_and_a_sweep_goes_on_without_its_workdirs(
     first = run.archive.archive_of(grown, grown.runs()[0], recs)
     specs = [json.loads(line)["num_steps"] for line in open(os.path.join(first, "eval.jsonl"))]
     assert sorted(specs) == [3, 5, 99]  # one training's records, all of them
+
+    # an archive trained with another config than the sweep's now is stale: retrained
+    shutil.rmtree(root)
+    calls.clear()
+    changed = dataclasses.replace(grown, fixed={"train.num_steps": 7})
+    run.run_sweep(changed, root, records=recs)
+    assert calls.count("diffusion_jax.main") == 2
+    assert "[stale]" in capsys.readouterr().out
+    assert run.archive.stale_keys(run.train_config(changed, changed.runs()[0]), first) == []
+    assert run.archive.stale_keys(run.train_config(grown, grown.runs()[0]), first) == [
+        "train.num_steps"
+    ]
