@@ -12,10 +12,10 @@ the L2 loss reaches it sooner than LDM's usual L1 (--config.objective.recon_l1_w
 --config.objective.recon_l2_weight=0 trains that one). Evaluated in the loop on 1,000 test
 images: PSNR, SSIM, reconstruction FID with the Fashion classifier's features.
 
-Expect (measured on a 2-core AMD EPYC guest, seed 0): 1,400 steps at batch 32, 617 s of
-training measured with other jobs on the cores (2.1-2.3 steps/s; 1,400 steps at the
-undisturbed 2.5 steps/s are 9.3 min; the Fashion classifier, 44 s, is trained once before
-the first step). Held-out (first 1,000 test images, EMA): PSNR 28.3 dB, SSIM 0.907,
+Expect (measured on a 2-core AMD EPYC guest, seed 0, alone): 1,400 steps at batch 32, 568 s
+(9.5 min) of training at 2.4-2.8 steps/s, 9.96 min wall, 1.39 GB peak RSS (the Fashion
+classifier, 44 s, is trained once before the first step). Held-out (first 1,000 test
+images, EMA): PSNR 28.3 dB, SSIM 0.906-0.907 (two runs),
 reconstruction FID 0.348 (matched 0.621 = 1.07x the real-vs-real floor 0.579 at N =
 1,000), classifier accuracy on reconstructions 89.6% (90.9% on real test images). The L1
 loss gave 26.0 dB (SSIM 0.873, 1.19x) at 1,100 steps (README, "latent diffusion on
