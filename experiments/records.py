@@ -1,7 +1,7 @@
 """A sweep's finished runs, kept in the repository: ``<records>/<sweep>/records/<run name>/``
 holds a copy of the run's metrics.jsonl (training log), eval.jsonl (in-loop and
-evaluate.py records) and config.json (what it was trained with), written once the run is trained and every evaluation the sweep asks
-of it is recorded.
+evaluate.py records) and config.json (what it was trained with), written once the run is
+trained and every evaluation the sweep asks of it is recorded.
 
 A sweep costs hours of CPU, more than one working session, and run workdirs (checkpoints
 included) do not outlive the machine they were made on. The records are what the report

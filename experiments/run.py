@@ -8,9 +8,9 @@ checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` doe
 yet. Trained runs are not retrained and recorded evaluations are not rerun. ``--stage``
 splits the two: ``train`` trains every run, ``eval`` evaluates the runs trained so far
 (two processes can then share a machine). A run that is trained and fully evaluated is
-archived under ``--records`` (experiments.records: its metrics.jsonl and eval.jsonl, to
-commit), and a run whose archive is complete is skipped, even with no workdir: a sweep can
-go on on another machine. Afterwards build the report with experiments.report.
+archived under ``--records`` (experiments.records: its metrics.jsonl, eval.jsonl and
+config.json, to commit), and a run whose archive is complete and not stale is skipped, even
+with no workdir: a sweep can go on on another machine. Afterwards build the report with experiments.report.
 """
 
 from __future__ import annotations
