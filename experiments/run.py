@@ -10,7 +10,8 @@ splits the two: ``train`` trains every run, ``eval`` evaluates the runs trained 
 (two processes can then share a machine). A run that is trained and fully evaluated is
 archived under ``--records`` (experiments.records: its metrics.jsonl, eval.jsonl and
 config.json, to commit), and a run whose archive is complete and not stale is skipped, even
-with no workdir: a sweep can go on on another machine. Afterwards build the report with experiments.report.
+with no workdir: a sweep can go on on another machine. Afterwards build the report with
+experiments.report.
 """
 
 from __future__ import annotations
