@@ -31,26 +31,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
 CONFIGS = ("digits_unet", "digits_dit", "cifar10_ddpm", "dit_s2")
+# Rows run on request (--configs; benchmarks/bench_latent.py runs them): the latent DiT of
+# configs/fashion_ldm.py on its 8x8x4 latents, and the same network on the 32x32x1 pixels
+# those latents encode (patch 2: 256 tokens instead of 16), what the latent space buys.
+LATENT_CONFIGS = ("fashion_ldm", "fashion_ldm_pixels")
 DEFAULT_BATCH = {"digits_unet": 128, "digits_dit": 128, "cifar10_ddpm": 8, "dit_s2": 8}
+DEFAULT_BATCH.update(fashion_ldm=128, fashion_ldm_pixels=128)
 # image shape (H, W, C) each config is benchmarked at
 SHAPES = {
     "digits_unet": (8, 8, 1),
     "digits_dit": (8, 8, 1),
     "cifar10_ddpm": (32, 32, 3),
     "dit_s2": (32, 32, 4),
+    "fashion_ldm": (8, 8, 4),
+    "fashion_ldm_pixels": (32, 32, 1),
 }
 DESCRIPTION = {
     "digits_unet": "UNet digits preset (configs/digits_unet.py), uncond.",
     "digits_dit": "DiT digits (configs/digits_dit.py), 4.2M, 10 classes, 16 tokens",
     "cifar10_ddpm": "UNet DDPM CIFAR-10 (configs/cifar10_ddpm.py), 35.7M, uncond.",
     "dit_s2": "DiT-S/2 (configs/base.py, model.name=dit), 1000 classes, 32x32x4",
+    "fashion_ldm": "latent DiT (configs/fashion_ldm.py), 10 classes, 8x8x4 latents",
+    "fashion_ldm_pixels": "the same DiT on 32x32x1 Fashion pixels (256 tokens)",
 }
 
 
 def get_config(name: str):
     """The config a row benchmarks, built from configs/ (never a copy of their values)."""
-    from configs import base, cifar10_ddpm, digits_dit, digits_unet
+    from configs import base, cifar10_ddpm, digits_dit, digits_unet, fashion_ldm
 
+    if name in LATENT_CONFIGS:
+        return fashion_ldm.get_config()  # the shape (SHAPES) tells the two rows apart
     if name == "digits_unet":
         return digits_unet.get_config()
     if name == "digits_dit":
@@ -65,7 +76,7 @@ def get_config(name: str):
         c.model.num_classes = 1000
         c.model.dit.update(dict(patch_size=2, hidden_size=384, depth=12, num_heads=6))
         return c
-    raise ValueError(f"unknown config {name!r}; valid: {list(CONFIGS)}")
+    raise ValueError(f"unknown config {name!r}; valid: {list(CONFIGS + LATENT_CONFIGS)}")
 
 
 # --------------------------------------------------------------------------- child
@@ -177,9 +188,10 @@ def parse_batches(spec: str) -> dict:
     batches = dict(DEFAULT_BATCH)
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in CONFIGS or not value:
+        if key not in DEFAULT_BATCH or not value:
             raise SystemExit(
-                f"--batch wants NAME=INT[,NAME=INT] with NAME in {CONFIGS}; got {item!r}"
+                f"--batch wants NAME=INT[,NAME=INT] with NAME in {list(DEFAULT_BATCH)}; "
+                f"got {item!r}"
             )
         batches[key] = int(value)
     return batches
@@ -242,7 +254,7 @@ def main():
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),
-        help=f"comma-separated subset of {','.join(CONFIGS)}",
+        help=f"comma-separated subset of {','.join(CONFIGS + LATENT_CONFIGS)}",
     )
     p.add_argument(
         "--batch",
@@ -294,8 +306,8 @@ def main():
     batches = parse_batches(args.batch)
     names = [n for n in args.configs.split(",") if n]
     for n in names:
-        if n not in CONFIGS:
-            raise SystemExit(f"unknown config {n!r}; valid: {list(CONFIGS)}")
+        if n not in DEFAULT_BATCH:
+            raise SystemExit(f"unknown config {n!r}; valid: {list(DEFAULT_BATCH)}")
 
     if args.child:
         r = run_one(
