@@ -122,6 +122,21 @@ SCHEDULE_ARMS = {
         "sampler.spacing": "trailing",
     },
 }
+# Issue 20's candidates for a faster main job: the digits UNet at 32 and 48 base channels
+# (0.70M / 1.57M parameters; 8 norm groups, as 48 is not divisible by 32) on the cosine
+# schedule, the smallest also at a higher learning rate and without dropout.
+_SMALL = {"schedule.name": "cosine", "model.unet.norm_groups": 8}
+MAIN_JOB_ARMS = {
+    "ch32": {**_SMALL, "model.unet.base_channels": 32},
+    "ch32_lr5e-4": {**_SMALL, "model.unet.base_channels": 32, "optim.learning_rate": 5e-4},
+    "ch32_lr5e-4_drop0": {
+        **_SMALL,
+        "model.unet.base_channels": 32,
+        "optim.learning_rate": 5e-4,
+        "model.unet.dropout": 0.0,
+    },
+    "ch48": {**_SMALL, "model.unet.base_channels": 48},
+}
 # Each arm samples with its own spacing (DDIM) and with log-SNR spacing (DPM-Solver++).
 ARM_EVALS = tuple(
     {"sampler": "ddim", "num_steps": n, "eta": eta} for eta in (0.0, 1.0) for n in (10, 20, 50)
@@ -225,6 +240,27 @@ SWEEPS = {
             "~12.4 min of training and ~16 min wall each on a 2-core AMD EPYC guest), then 8 "
             "guided evaluations at N = 1000; on seed 0 DDIM-1000 at eta 0 and 1 at N = 500 "
             "(~9 min each)"
+        ),
+    ),
+    # Issue 20: a main job that ends in <= 10 min on the 2-core CI guest, install included,
+    # with the quality of today's. Smaller UNets on the cosine schedule (which reached the
+    # 2.8M UNet's step-1200 FID by step 800 in schedule_arms), FID every 200 steps; each
+    # arm's wall time is its step count times its quiet step time (benchmarks/).
+    "main_job_budget": Sweep(
+        name="main_job_budget",
+        config="configs/digits_unet.py",
+        axes={"seed": (0, 1), ARM_AXIS: tuple(MAIN_JOB_ARMS)},
+        arms=MAIN_JOB_ARMS,
+        fixed={
+            "train.quiet": True,
+            "eval.every_steps": 400,
+            "eval.metrics_every_steps": 200,
+            "eval.metrics_num_samples": 300,
+        },
+        budget=(
+            "8 runs (4 arms x 2 training seeds) of 1,200 steps at batch 128, 0.7-1.6M "
+            "parameters: 3.5-6 min of training each alone on the 2-core Intel Xeon guest, "
+            "plus 6 in-loop FIDs at N = 300"
         ),
     ),
     # A seconds-long sweep for the launcher's own tests.
