@@ -1,19 +1,25 @@
-"""GroupNorm + SiLU: flax's ``nn.GroupNorm`` against group statistics taken with matmuls,
-at the feature-map shapes of the DDPM CIFAR-10 UNet and the digits UNet.
+"""Layer variants measured against the shipped layers, alone and in the whole train step
+(ideas measured, not integrated: benchmarks/README.md says what each would buy).
 
-    .venv/bin/python benchmarks/bench_groupnorm.py          # ~10 s
-    .venv/bin/python benchmarks/bench_groupnorm.py --steps digits_unet,cifar10_ddpm  # ~3 min
+    .venv/bin/python benchmarks/bench_variants.py          # GroupNorm alone, ~10 s
+    .venv/bin/python benchmarks/bench_variants.py --steps digits_unet,cifar10_ddpm  # ~3 min
+    .venv/bin/python benchmarks/bench_variants.py --variant attention_no_transpose \
+        --steps digits_dit,dit_s2
 
-The matmul variant sums each channel over H*W with a ones-vector contraction (a dot, which
+Variants: ``groupnorm_matmul`` (GroupNorm + SiLU, flax's ``nn.GroupNorm`` against group
+statistics taken with matmuls) and ``attention_no_transpose`` (the DiT's self-attention
+with heads split by reshapes, einsums on [B, N, H, D], no einops transposes).
+
+The GroupNorm variant sums each channel over H*W with a ones-vector contraction (a dot, which
 XLA:CPU gives to YNNPACK) and pools channels into groups with a [C, G] one-hot matmul,
 for the mean and the mean square; the normalised output is then one fused elementwise
 pass. Both run under the CLIs' XLA flag (``runtime.CPU_XLA_FLAGS``, which already sends
 reductions to YNNPACK). Each row: max |difference| of the outputs, and the median of 30
-calls of the jitted forward loss and of its gradient (w.r.t. input and parameters).
+calls of the jitted forward loss and of its gradient (w.r.t. input and parameters), at
+the feature-map shapes of the DDPM CIFAR-10 UNet and the digits UNet.
 ``--steps``: the whole train step of bench_train.py's configs, compiled twice in one
-process, with flax's GroupNorm and with a drop-in module (same parameters) on the matmul
-statistics, timed interleaved (--repeats each, median).
-An idea measured, not integrated: benchmarks/README.md says what it would buy.
+process, as shipped and with --variant's drop-in module (same parameters, same first
+loss) swapped in, timed interleaved (--repeats each after a warmup round, median).
 """
 
 from __future__ import annotations
@@ -75,20 +81,62 @@ def matmul_group_norm_module():
     return MatmulGroupNorm
 
 
-def whole_steps(names, repeats: int) -> None:
-    """The train step of each bench_train config with each GroupNorm, interleaved."""
-    import bench_train
+def no_transpose_attention_module():
+    """A drop-in for the DiT's ``layers.MultiHeadSelfAttention`` (same "qkv"/"proj") that
+    splits heads with reshapes only and lets the attention einsums read [B, N, H, D]
+    directly (no einops transposes to [B, H, N, D] and back)."""
     import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax.models import layers
+
+    class NoTransposeAttention(layers.MultiHeadSelfAttention):
+        @nn.compact
+        def __call__(self, x, key_mask=None):
+            b, n, c = x.shape
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, name="qkv", **kw)(x)
+            qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
+            q, k, v = qkv[:, :, 0] * (c // self.num_heads) ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
+            logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32)
+            if key_mask is not None:
+                logits = jnp.where(key_mask[:, None, None, :], logits, -1e9)
+            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, c)
+            out_init = layers.zeros if self.zero_init_out else self.kernel_init
+            return nn.Dense(c, kernel_init=out_init, name="proj", **kw)(out)
+
+    return NoTransposeAttention
+
+
+# variant -> (module holding the name the models look up, that name, the replacement)
+def variants():
+    import flax.linen as nn
+
+    from diffusion_jax.models import dit
+
+    return {
+        "groupnorm_matmul": (nn, "GroupNorm", matmul_group_norm_module()),
+        "attention_no_transpose": (dit, "MultiHeadSelfAttention", no_transpose_attention_module()),
+    }
+
+
+def whole_steps(variant: str, names, repeats: int) -> None:
+    """The train step of each bench_train config as shipped and with ``variant`` swapped
+    in (the models look the name up when traced), compiled in one process, interleaved."""
+    import bench_train
     import jax
 
     from diffusion_jax import parallel, schedules, steps as steps_lib
     from diffusion_jax.models import build_model
     from diffusion_jax.state import create_train_state, make_optimizer
 
-    flax_gn = nn.GroupNorm
+    module, attr, replacement = variants()[variant]
+    shipped = getattr(module, attr)
 
-    def build(name, group_norm):
-        nn.GroupNorm = group_norm  # the models look it up when traced
+    def build(name, swap_in):
+        setattr(module, attr, swap_in)
         try:
             cfg = bench_train.get_config(name)
             shape, b = bench_train.SHAPES[name], bench_train.DEFAULT_BATCH[name]
@@ -103,32 +151,40 @@ def whole_steps(names, repeats: int) -> None:
             make = lambda axis: steps_lib.make_train_step(model, tx, schedule, cfg, axis_name=axis)
             step = dp.compile(make, 1).lower(state, batch).compile()
         finally:
-            nn.GroupNorm = flax_gn
+            setattr(module, attr, shipped)
         return step, state, batch
 
     rows = []
     for name in names:
-        runs = {"flax": build(name, flax_gn), "matmul": build(name, matmul_group_norm_module())}
+        runs = {"shipped": build(name, shipped), variant: build(name, replacement)}
         times = {k: [] for k in runs}
+        losses = {}
         for i in range(repeats + 1):  # the first round warms up
             for k, (step, state, batch) in runs.items():
                 t0 = time.perf_counter()
-                state, _ = step(state, batch)
+                state, metrics = step(state, batch)
                 jax.block_until_ready(state)
                 runs[k] = (step, state, batch)
                 if i:
                     times[k].append(time.perf_counter() - t0)
-        a, b = (1e3 * common.median(times[k]) for k in ("flax", "matmul"))
-        rows.append(
-            [name, bench_train.DEFAULT_BATCH[name], f"{a:.0f}", f"{b:.0f}", f"{b / a - 1:+.1%}"]
+                else:
+                    losses[k] = float(np.asarray(metrics["loss"]).mean())
+        a, b = (1e3 * common.median(times[k]) for k in runs)
+        same = "yes" if np.isclose(*losses.values(), rtol=1e-5) else "NO"
+        rows.append([name, bench_train.DEFAULT_BATCH[name], f"{a:.0f}", f"{b:.0f}"])
+        rows[-1] += [f"{b / a - 1:+.1%}", same]
+    print(
+        common.format_table(
+            ["config", "batch", "shipped ms", f"{variant} ms", "change", "same first loss"], rows
         )
-    print(common.format_table(["config", "batch", "flax GN ms", "matmul GN ms", "change"], rows))
+    )
 
 
 def main():
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="groupnorm_matmul", help="what --steps swaps in")
     p.add_argument("--steps", default="", help="bench_train configs whose whole step to A/B")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant")
     args = p.parse_args()
@@ -140,9 +196,9 @@ def main():
     import jax.numpy as jnp
 
     common.disable_compilation_cache()
-    print(f"# bench_groupnorm: {common.describe_machine()}", flush=True)
+    print(f"# bench_variants: {common.describe_machine()}", flush=True)
     if args.steps:
-        whole_steps(args.steps.split(","), args.repeats)
+        whole_steps(args.variant, args.steps.split(","), args.repeats)
         return
     rows = []
     for label, shape in SHAPES.items():
