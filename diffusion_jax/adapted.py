@@ -25,6 +25,7 @@ import numpy as np
 from diffusion_jax import controls, lora
 from diffusion_jax.models import abstract_inputs
 from diffusion_jax.models.controlnet import copy_encoder
+from diffusion_jax.models.text import TextConditional
 
 
 class Adapted:
@@ -80,7 +81,8 @@ def _merge(base_params, lora_params, alpha: float, scale):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ControlledModel(Adapted):
-    """The base UNet steered by a ControlNet (models/controlnet.py). Its condition is
+    """The base UNet (or caption-conditioned UNet) steered by a ControlNet
+    (models/controlnet.py). Its condition is
     ``{"y": the base's condition, "hint": control image [B, H, W, 1][, "scale": [B]]}``
     (conditioning.py passes it through guidance and dropout; the control is never
     dropped). ``init`` copies the base's encoder into a fresh ControlNet; ``apply`` adds
@@ -99,9 +101,24 @@ class ControlledModel(Adapted):
         hint = jax.ShapeDtypeStruct((batch_size, *self.hint_shape), np.float32)
         return x, t, {"y": y, "hint": hint}
 
+    @property
+    def captioned(self) -> bool:
+        """Whether the base reads captions (a TextConditional over a UNet): then the
+        ControlNet copies its UNet and reads the caption as the base's encoder gives it."""
+        return isinstance(self.model, TextConditional)
+
+    def _net_inputs(self, base, y):
+        """(the ControlNet's y, its caption keyword arguments) for the condition ``y``."""
+        if not self.captioned:
+            return y["y"], {}
+        # the frozen base's text encoder (a ControlNet trains none of its own)
+        return None, self.model.apply({"params": base}, y["y"], method=TextConditional.text_inputs)
+
     def init(self, rngs, x, t, y, train: bool = False):
-        fresh = self.controlnet.init(rngs, x, t, y["y"], train, hint=y["hint"])["params"]
-        return {"params": copy_encoder(fresh, self.base_params)}
+        net_y, text = self._net_inputs(self.base_params, y)
+        fresh = self.controlnet.init(rngs, x, t, net_y, train, hint=y["hint"], **text)
+        unet = self.base_params["backbone"] if self.captioned else self.base_params
+        return {"params": copy_encoder(fresh["params"], unet)}
 
     def apply(self, variables, x, t, y, train: bool = False, **kwargs):
         params = variables["params"]
@@ -109,8 +126,9 @@ class ControlledModel(Adapted):
             base, net = params["base"], params["control"]
         else:
             base, net = self.base_params, params
+        net_y, text = self._net_inputs(base, y)
         residuals = self.controlnet.apply(
-            {"params": net}, x, t, y["y"], train, hint=y["hint"], **kwargs
+            {"params": net}, x, t, net_y, train, hint=y["hint"], **text, **kwargs
         )
         scale = y.get("scale")
         if scale is not None:

@@ -40,6 +40,7 @@ from diffusion_jax import controls, lora
 from diffusion_jax.adapted import Adapted, ControlledModel, LoraModel
 from diffusion_jax.models import build_model
 from diffusion_jax.models.controlnet import ControlNet
+from diffusion_jax.models.text import TextConditional
 from diffusion_jax.models.unet import UNet
 
 KINDS = ("", "full", "lora", "controlnet")
@@ -203,13 +204,14 @@ def build(config, run_dir: Optional[str] = None):
     a = config.adapter
     base = base_of(config, run_dir)
     if k == "controlnet":
-        if not isinstance(model, UNet):
+        unet = model.backbone if isinstance(model, TextConditional) else model
+        if not isinstance(unet, UNet):
             raise ConfigError(
-                f"adapter.kind=controlnet needs a UNet base without text (model.name=unet, "
-                f"model.text.vocab_size=0); {a.base} holds a {type(model).__name__}"
+                f"adapter.kind=controlnet needs a UNet base (model.name=unet, with or without "
+                f"captions); {a.base} holds a {type(unet).__name__}"
             )
         size = int(config.data.image_size)
-        net = ControlNet.of(model, a.hint_channels)
+        net = ControlNet.of(unet, a.hint_channels)
         return ControlledModel(model, base.params, net, a.control, (size, size, 1))
     try:
         lora.select(base.params, a.targets)  # a pattern that matches nothing: say so now
@@ -245,14 +247,19 @@ def adapter_train_step(train_step_of):
 
 def control_conditions(config, n: int):
     """(conditions, labels) of a ControlNet run's grids and metrics: the first n test
-    images (cycled) give the controls, and their labels the base's condition."""
+    images (cycled) give the controls, and their labels (or captions) the base's
+    condition."""
     from diffusion_jax import conditioning, data
 
     images, labels = data.load_split_arrays(config.data, "test")  # in [-1, 1]
     idx = np.arange(n) % len(images)
-    images = images[idx]
-    labels = labels[idx] if conditioning.kind(config.model) == "label" else None
+    images, labels = images[idx], labels[idx]
     hint = np.asarray(controls.extract(config.adapter.control, images))
+    k = conditioning.kind(config.model)
+    if k == "caption":  # stored order, wrapping around like idx
+        captions, _ = data.load_split_captions(config.data, "test", n)
+        return {"y": conditioning.tokenizer(config).encode_batch(captions), "hint": hint}, labels
+    labels = labels if k == "label" else None
     return {"y": labels, "hint": hint}, labels
 
 
@@ -261,15 +268,15 @@ def controlled_condition(
 ) -> dict:
     """The condition of n ControlNet samples: ``{"y", "hint", "scale"}``. The controls
     come from ``images`` [N, H, W, C] in [-1, 1] (cycled), else from the first n test
-    images, whose labels replace ``labels`` when ``test_labels``."""
+    images, whose labels (or caption tokens) replace ``labels`` when ``test_labels``."""
     if images is not None:
         images = np.resize(images, (n, *images.shape[1:]))
         hint = np.asarray(controls.extract(model.control, images))
     else:
-        default, default_labels = control_conditions(config, n)
+        default, _ = control_conditions(config, n)
         hint = default["hint"]
         if labels is not None and test_labels:
-            labels = default_labels
+            labels = default["y"]
     return {"y": labels, "hint": hint, "scale": np.full(n, scale, np.float32)}
 
 

@@ -285,7 +285,13 @@ def setup(overrides: dict):
         if FLAGS.control:
             images = load_images(FLAGS.control, pixel_shape)[0].astype(np.float32) / 127.5 - 1
         labels = adapters.controlled_condition(
-            config, model, n, labels, images, FLAGS.control_scale, test_labels=not FLAGS.labels
+            config,
+            model,
+            n,
+            labels,
+            images,
+            FLAGS.control_scale,
+            test_labels=not (FLAGS.labels or FLAGS.prompt or FLAGS.prompts_file),
         )
         inputs["control"] = labels["hint"]
     elif FLAGS.control or FLAGS["control_scale"].present:

@@ -12,7 +12,7 @@ from diffusion_jax.adapted import ControlledModel
 from diffusion_jax.models import build_model
 from diffusion_jax.models.controlnet import ControlNet, copy_encoder, own_parameter
 
-from helpers import cli, perturb_params, tiny_config, tiny_model_cfg
+from helpers import UNET_TINY, cli, perturb_params, tiny_config, tiny_model_cfg
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,52 @@ def test_a_fresh_controlnet_leaves_the_unet_exactly_unchanged(unet):
         net.apply({"params": moved}, x, t, y, hint=jnp.zeros((4, 24, 24, 1)))
     with pytest.raises(ValueError, match="this UNet takes 5"):
         model.apply({"params": params}, x, t, y, control=residuals[:4])
+
+
+@pytest.mark.parametrize("kind", ["cross", "pooled"])
+def test_a_caption_controlnet_starts_as_its_base_and_reads_the_caption(kind):
+    """Over a caption-conditioned UNet (models/text.py's TextConditional), the ControlNet
+    copies the UNet's encoder, never the text encoder, and reads the caption through the
+    base's frozen text encoder: a fresh one leaves the base's output bit for bit; a moved
+    one changes it, its residuals depend on the caption, and the sampling view (one
+    {"base", "control"} tree) gives the training view's output exactly."""
+    cfg = {
+        "name": "unet",
+        "num_classes": 0,
+        "unet": dict(UNET_TINY, dropout=0.0),
+        "text": dict(vocab_size=12, max_length=6, width=16, depth=1, num_heads=2),
+    }
+    cfg["text"]["conditioning"] = kind
+    model = build_model(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t, tokens = jnp.array([10, 900]), jnp.array([[3, 4, 5, 0, 0, 0], [6, 7, 0, 0, 0, 0]])
+    params = jax.jit(model.init)(jax.random.key(1), x, t, tokens)["params"]
+    params = perturb_params(params, scale=0.1)
+    net = ControlNet.of(model.backbone)
+    controlled = ControlledModel(model, params, net, "mask", (8, 8, 1))
+    cond = {"y": tokens, "hint": (jax.random.uniform(jax.random.key(2), x.shape) > 0.5) * 1.0}
+    fresh = jax.jit(controlled.init)(jax.random.key(3), x, t, cond)["params"]
+    shared = [k for k in fresh if not own_parameter(k)]
+    assert "conv_in" in shared and "encoder" not in fresh and "encoder" in params
+    for key in shared:
+        for a, b in zip(jax.tree.leaves(fresh[key]), jax.tree.leaves(params["backbone"][key])):
+            np.testing.assert_array_equal(a, b)
+    base_out = model.apply({"params": params}, x, t, tokens)
+    np.testing.assert_array_equal(controlled.apply({"params": fresh}, x, t, cond), base_out)
+
+    moved = perturb_params(fresh, seed=4, scale=0.05)
+    out = controlled.apply({"params": moved}, x, t, cond)
+    assert float(jnp.abs(out - base_out).max()) > 1e-3
+    joint = controlled.sampling_params(moved)
+    np.testing.assert_array_equal(controlled.apply({"params": joint}, x, t, cond), out)
+
+    def residuals(caption):
+        text = model.apply({"params": params}, caption, method="text_inputs")
+        return net.apply({"params": moved}, x, t, None, hint=cond["hint"], **text)
+
+    other = tokens.at[:, 0].set(8)
+    changed = [float(jnp.abs(a - b).max()) for a, b in zip(residuals(tokens), residuals(other))]
+    assert max(changed) > 1e-4, changed
 
 
 def test_controls_on_hand_made_images():

@@ -93,20 +93,29 @@ class TextConditional(nn.Module):
     def max_length(self) -> int:
         return self.encoder.max_length
 
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False):
+    def __call__(
+        self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False, **kwargs
+    ):
         """``y``: token ids [B, L]; for a backbone with ``guidance_input``
-        {"y": tokens, "w": scales [B]}, w passed on to the backbone."""
+        {"y": tokens, "w": scales [B]}, w passed on to the backbone. ``kwargs`` go to the
+        backbone too (a ControlNet's ``control`` residuals for a UNet)."""
         tokens, w = guidance_input.split(y, getattr(self.backbone, "guidance_input", False))
+        inner = None if w is None else {"y": None, "w": w}
+        return self.backbone(x, t, inner, train, **self.text_inputs(tokens), **kwargs)
+
+    def text_inputs(self, tokens: jnp.ndarray) -> dict:
+        """What the backbone reads of a caption, as keyword arguments: ``context`` and
+        ``context_mask`` (cross) or ``pooled``. A ControlNet over this model gets the same
+        (``apply(..., method="text_inputs")``)."""
         if tokens is None or jnp.ndim(tokens) != 2:
             raise ValueError(
                 "a text-conditioned model takes token ids [B, L] as y (tokenizer.py); got "
                 f"{None if tokens is None else jnp.shape(tokens)}"
             )
         context, mask = self.encoder(tokens)
-        inner = None if w is None else {"y": None, "w": w}
         if self.conditioning == "cross":
-            return self.backbone(x, t, inner, train, context=context, context_mask=mask)
-        return self.backbone(x, t, inner, train, pooled=pooled_embedding(context, mask))
+            return {"context": context, "context_mask": mask}
+        return {"pooled": pooled_embedding(context, mask)}
 
 
 __all__ = ("TextEncoder", "TextConditional", "CONDITIONINGS", "pooled_embedding")
