@@ -91,14 +91,17 @@ def run_one(
     xla_options: dict,
     matmul_n: int,
     conv_impl: str = "",
+    malloc_trim: bool = True,
 ) -> dict:
     import jax
 
     common.disable_compilation_cache()
-    from diffusion_jax import parallel, schedules, steps as steps_lib
+    from diffusion_jax import parallel, runtime, schedules, steps as steps_lib
     from diffusion_jax.models import build_model, count_params
     from diffusion_jax.state import create_train_state, make_optimizer
 
+    # where the peak RSS comes from: (current, peak) MB after each stage
+    memory = {"runtime": (common.rss_mb(), common.peak_rss_mb())}
     cfg = get_config(name)
     cfg.train.batch_size = batch_size
     cfg.train.steps_per_dispatch = k
@@ -116,6 +119,8 @@ def run_one(
     dp = parallel.DataParallel("jit", parallel.make_mesh(jax.devices()[:1]))
     state = create_train_state(model, tx, shape, cfg.seed, out_sharding=dp.state_sharding)
     n_params = count_params(state.params)
+    jax.block_until_ready(state)
+    memory["state"] = (common.rss_mb(), common.peak_rss_mb())
 
     rng = np.random.default_rng(0)
     lead = (k, batch_size) if k > 1 else (batch_size,)
@@ -133,6 +138,9 @@ def run_one(
     t1 = time.perf_counter()
     compiled = lowered.compile(compiler_options=xla_options or None)
     t2 = time.perf_counter()
+    memory["compiled"] = (common.rss_mb(), common.peak_rss_mb())
+    if malloc_trim:
+        runtime.release_freed_memory()  # as train.py does once the step is compiled
     # XLA counts a while-loop body once, so with k > 1 this is already per step.
     flops_per_step = common.cost_flops(compiled)
 
@@ -146,6 +154,7 @@ def run_one(
         state, metrics = compiled(state, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t)
+    memory["steps"] = (common.rss_mb(), common.peak_rss_mb())
     peak_after = common.measure_matmul_peak(matmul_n)
     loss = float(np.asarray(metrics["loss"]).mean())
     assert np.isfinite(loss), f"{name}: non-finite loss {loss}"
@@ -174,6 +183,7 @@ def run_one(
         lower_s=t1 - t0,
         compile_s=t2 - t1,
         peak_rss_mb=common.peak_rss_mb(),
+        memory_by_stage=memory,
         loss=loss,
         load_end=common.load_average()[0],
     )
@@ -243,6 +253,18 @@ def print_table(results, header_line):
             rows,
         )
     )
+    print("\nRSS MB, current / peak so far, after each stage of the benchmark process:")
+    stages = ("runtime", "state", "compiled", "steps")
+    print(
+        common.format_table(
+            ["config", "XLA options", *stages],
+            [
+                [r["config"], r.get("xla_preset", "default")]
+                + ["{:.0f} / {:.0f}".format(*r["memory_by_stage"][s]) for s in stages]
+                for r in results
+            ],
+        )
+    )
 
 
 def main():
@@ -287,6 +309,11 @@ def main():
         "default: the config's",
     )
     p.add_argument(
+        "--no_malloc_trim",
+        action="store_true",
+        help="skip runtime.release_freed_memory() after compiling (what train.py does)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="also print the results as one machine-readable line"
     )
     p.add_argument(
@@ -319,6 +346,7 @@ def main():
             common.xla_options_from_arg(option_sets[0]),
             args.matmul_n,
             args.conv_impl,
+            not args.no_malloc_trim,
         )
         r["xla_preset"] = option_sets[0]
         common.emit_json(r)
@@ -340,27 +368,32 @@ def main():
                     common.xla_options_from_arg(opt),
                     args.matmul_n,
                     args.conv_impl,
+                    not args.no_malloc_trim,
                 )
                 r["xla_preset"] = opt
             else:
-                argv = common.self_argv(__file__) + [
-                    "--child",
-                    name,
-                    "--batch",
-                    f"{name}={batches[name]}",
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--steps_per_dispatch",
-                    str(args.steps_per_dispatch),
-                    "--xla_options",
-                    opt,
-                    "--matmul_n",
-                    str(args.matmul_n),
-                    "--conv_impl",
-                    args.conv_impl,
-                ]
+                argv = (
+                    common.self_argv(__file__)
+                    + [
+                        "--child",
+                        name,
+                        "--batch",
+                        f"{name}={batches[name]}",
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--steps_per_dispatch",
+                        str(args.steps_per_dispatch),
+                        "--xla_options",
+                        opt,
+                        "--matmul_n",
+                        str(args.matmul_n),
+                        "--conv_impl",
+                        args.conv_impl,
+                    ]
+                    + (["--no_malloc_trim"] if args.no_malloc_trim else [])
+                )
                 r = common.run_child(argv)
             results.append(r)
             print(

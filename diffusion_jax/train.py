@@ -189,6 +189,7 @@ def _train(config, workdir_path: str, spec: data.DatasetSpec):
             batch = dp.put_batch(batch, k)
             if not compiled:
                 parallel.precompile_and_sync(train_step, dstate, batch, name="train_step")
+                runtime.release_freed_memory()  # the compiler's, before the step allocates
                 compiled = True
             dstate, m = train_step(dstate, batch)
             pending.append(m)
