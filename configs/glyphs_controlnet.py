@@ -23,7 +23,7 @@ def get_config():
     c.adapter.control = "mask"
     c.optim.learning_rate = 2e-4
     c.optim.decay = "constant"
-    c.train.num_steps = 600
-    c.eval.every_steps = 300
-    c.ckpt.every_steps = 300
+    c.train.num_steps = 400
+    c.eval.every_steps = 200
+    c.ckpt.every_steps = 200
     return c
