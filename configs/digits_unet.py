@@ -1,4 +1,6 @@
-"""Default main job: unconditional UNet on the bundled 8x8 handwritten digits (CPU-friendly).
+"""The 2.8M-parameter unconditional UNet on the bundled 8x8 handwritten digits: the main job
+until issue 20 (now configs/digits_unet_small.py), and the model of the schedule ablations
+(experiments/sweeps.py), so its values stay as they are.
 
 Run:  python -m diffusion_jax.main --config=configs/digits_unet.py --workdir=runs/digits
 Expect: ~10 min on a 2-core Intel Xeon, ~20 min on a 2-core AMD EPYC guest (README); loss

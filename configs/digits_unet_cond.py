@@ -1,5 +1,5 @@
 """Class-conditional UNet on the bundled 8x8 digits with classifier-free guidance: the
-default main job (configs/digits_unet.py) plus 10 classes, label dropout 0.1 and guidance
+2.8M digits UNet (configs/digits_unet.py) plus 10 classes, label dropout 0.1 and guidance
 scale 2 for its samples.
 
 Run:  python -m diffusion_jax.main --config=configs/digits_unet_cond.py --workdir=runs/digits_cond

@@ -1,6 +1,6 @@
 r"""Train a diffusion model from a config file.
 
-  python -m diffusion_jax.main --config=configs/digits_unet.py --workdir=runs/digits \
+  python -m diffusion_jax.main --config=configs/digits_unet_small.py --workdir=runs/digits \
       [--config.schedule.name=cosine ...] [--verbosity=0]
 
 The workdir holds config.json, checkpoints/, tensorboard/, samples/ and metrics.jsonl;

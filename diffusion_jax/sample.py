@@ -284,16 +284,13 @@ def setup(overrides: dict):
         images = None
         if FLAGS.control:
             images = load_images(FLAGS.control, pixel_shape)[0].astype(np.float32) / 127.5 - 1
+        test_conditions = not (FLAGS.labels or FLAGS.prompt or FLAGS.prompts_file)
         labels = adapters.controlled_condition(
-            config,
-            model,
-            n,
-            labels,
-            images,
-            FLAGS.control_scale,
-            test_labels=not (FLAGS.labels or FLAGS.prompt or FLAGS.prompts_file),
+            config, model, n, labels, images, FLAGS.control_scale, test_labels=test_conditions
         )
         inputs["control"] = labels["hint"]
+        if test_conditions and images is None:  # each sample has its test image's caption:
+            inputs.pop("prompts", None)  # no rows of one prompt to title the grid with
     elif FLAGS.control or FLAGS["control_scale"].present:
         raise ConfigError("--control/--control_scale need a ControlNet workdir")
     return config, model, spec, params, step, n, labels, inputs
