@@ -337,3 +337,17 @@ def test_worker_processes_give_the_same_batches(digits_dir):
         it.close()
     assert_batches_equal(got, want)
     assert type(got[0]["image"]) is np.ndarray  # plain arrays, not shared-memory views
+
+
+def test_a_data_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    """``datasets.open_split`` with ``data.DEFAULT_DATA_DIR``'s "~/..." spelling reads and
+    builds under the home directory, never in a directory literally named "~" under the
+    working directory (glyph_net.real_split_accuracy passes that spelling)."""
+    from diffusion_jax import datasets
+    from diffusion_jax.datasets import digits
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    builder, source = datasets.open_split(digits.NAME, os.path.join("~", "tfds"), "test")
+    assert str(builder.data_dir).startswith(str(tmp_path / "home" / "tfds")), builder.data_dir
+    assert len(source) > 0 and not (tmp_path / "~").exists()

@@ -30,6 +30,7 @@ once, under a file lock), added to ``BUILDERS``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,8 +113,9 @@ def builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """The TFDS builder of dataset `name` in `data_dir` (bundled ones are built if needed).
 
     For a name outside ``BUILDERS`` this does not check that the dataset is prepared;
-    ``open_split`` does.
+    ``open_split`` does. ``data_dir`` may start with "~" (``data.DEFAULT_DATA_DIR`` does).
     """
+    data_dir = os.path.expanduser(data_dir)
     if name in BUILDERS:
         return BUILDERS[name](data_dir)
     try:
