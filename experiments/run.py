@@ -1,7 +1,7 @@
 """Run a sweep locally, one run after another; resumable.
 
   python -m experiments.run --sweep=schedule_ablation [--root=runs/experiments] [--dry_run] \
-      [--stage=all|train|eval] [--records=experiments/results]
+      [--stage=all|train|eval] [--records=experiments/results] [--only=seed=1,arm=cosine]
 
 Each run trains through the normal CLI (so an interrupted run resumes from its last
 checkpoint), then runs every evaluation of the sweep that its ``eval.jsonl`` does not hold
@@ -10,8 +10,9 @@ splits the two: ``train`` trains every run, ``eval`` evaluates the runs trained 
 (two processes can then share a machine). A run that is trained and fully evaluated is
 archived under ``--records`` (experiments.records: its metrics.jsonl, eval.jsonl and
 config.json, to commit), and a run whose archive is complete and not stale is skipped, even
-with no workdir: a sweep can go on on another machine. Afterwards build the report with
-experiments.report.
+with no workdir: a sweep can go on on another machine. ``--only`` restricts the plan to
+the runs whose axes take the given values (e.g. the short runs first, or one seed per
+machine). Afterwards build the report with experiments.report.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from absl import app, flags
 
 from diffusion_jax import cli
 from experiments import records as archive
-from experiments.sweeps import SWEEPS
+from experiments.sweeps import SWEEPS, value_name
 
 FLAGS = flags.FLAGS
 
@@ -112,6 +113,31 @@ def train_config(sweep, overrides):
     return config
 
 
+def parse_only(sweep, only: str) -> dict[str, str]:
+    """``--only``'s "axis=value,..." as a dict, checked against the sweep's axes and values
+    (a typo would otherwise select no run and silently do nothing)."""
+    selected = {}
+    for item in filter(None, only.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in sweep.axes:
+            raise ValueError(
+                f"--only={only!r}: {item!r} is not axis=value; sweep {sweep.name!r} has axes "
+                f"{sorted(sweep.axes)}"
+            )
+        names = [value_name(key, v) for v in sweep.axes[key]]
+        if value not in names:
+            raise ValueError(f"--only={only!r}: axis {key!r} takes one of {names}, not {value!r}")
+        selected[key] = value
+    return selected
+
+
+def selected_runs(sweep, only: dict[str, str] | None = None) -> list[dict]:
+    """The sweep's runs whose axes take the values in ``only`` (all runs without it)."""
+    return [
+        o for o in sweep.runs() if all(value_name(k, o[k]) == v for k, v in (only or {}).items())
+    ]
+
+
 def _archived_and_complete(sweep, overrides, root: str, records: str | None) -> bool:
     """Whether a run's archive holds every evaluation the sweep asks of it, was trained
     with the config the sweep gives the run now, and the workdir holds no training of its
@@ -145,11 +171,18 @@ def archive_finished(sweep, root: str, records: str) -> list[str]:
     return written
 
 
-def _plan(sweep, root: str, stage: str, verbose: bool = True, records: str | None = None):
+def _plan(
+    sweep,
+    root: str,
+    stage: str,
+    verbose: bool = True,
+    records: str | None = None,
+    only: dict[str, str] | None = None,
+):
     """(run workdirs, [(workdir, command, training or a common eval)]) of what is left:
     see ``run_sweep``."""
     workdirs, plan = [], []
-    for overrides in sweep.runs():
+    for overrides in selected_runs(sweep, only):
         wd = workdir_of(sweep, overrides, root)
         workdirs.append(wd)
         if _archived_and_complete(sweep, overrides, root, records):
@@ -182,7 +215,12 @@ def _run(wd: str, cmd: list[str]) -> None:
 
 
 def run_sweep(
-    sweep, root: str, dry_run: bool = False, stage: str = "all", records: str | None = None
+    sweep,
+    root: str,
+    dry_run: bool = False,
+    stage: str = "all",
+    records: str | None = None,
+    only: dict[str, str] | None = None,
 ) -> list[str]:
     """Train every run not trained yet, then run every evaluation not yet recorded in its
     eval.jsonl (so adding an evaluation to a sweep runs just that one); returns the run
@@ -194,10 +232,11 @@ def run_sweep(
     cheapest tier first and re-planned after every evaluation: while any trained run lacks
     one of the sweep's ``evals``, those run (a run that finishes training meanwhile gets
     its turn before any costly one), then the ``limited_evals``. It returns when nothing
-    trained is left to evaluate; run it again as more runs finish training."""
+    trained is left to evaluate; run it again as more runs finish training. ``only``
+    (``parse_only``) restricts all of this to the selected runs."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    workdirs, plan = _plan(sweep, root, stage, records=records)
+    workdirs, plan = _plan(sweep, root, stage, records=records, only=only)
 
     def execute(wd, cmd):
         _run(wd, cmd)
@@ -214,7 +253,7 @@ def run_sweep(
     while plan:
         wd, cmd, _ = plan[0]
         execute(wd, cmd)
-        _, plan = _plan(sweep, root, stage, verbose=False, records=records)
+        _, plan = _plan(sweep, root, stage, verbose=False, records=records, only=only)
         if plan and plan[0][1] == cmd:
             raise RuntimeError(
                 f"{' '.join(cmd[1:])} ran but left no matching record in {wd}/eval.jsonl"
@@ -229,7 +268,11 @@ def main(argv):
     sweep = SWEEPS[FLAGS.sweep]
     if FLAGS.records and not FLAGS.dry_run:
         archive_finished(sweep, FLAGS.root, FLAGS.records)  # runs finished before
-    run_sweep(sweep, FLAGS.root, FLAGS.dry_run, FLAGS.stage, FLAGS.records or None)
+    try:
+        only = parse_only(sweep, FLAGS.only)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    run_sweep(sweep, FLAGS.root, FLAGS.dry_run, FLAGS.stage, FLAGS.records or None, only)
 
 
 if __name__ == "__main__":
@@ -242,5 +285,8 @@ if __name__ == "__main__":
         "records",
         "experiments/results",
         "Where finished runs are archived (<records>/<sweep>/records/<run>; '' = nowhere).",
+    )
+    flags.DEFINE_string(
+        "only", "", "Runs to plan, by axis values: 'seed=1' or 'seed=1,arm=cosine'."
     )
     app.run(main)

@@ -80,7 +80,7 @@ class Sweep:
 
     def run_name(self, overrides: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
         """``key=value,...`` over the axes (but ``skip``: e.g. the seed, for group names)."""
-        return ",".join(f"{k}={_value_name(k, overrides[k])}" for k in self.axes if k not in skip)
+        return ",".join(f"{k}={value_name(k, overrides[k])}" for k in self.axes if k not in skip)
 
 
 # The axis key that picks the config file instead of overriding a config key.
@@ -89,7 +89,7 @@ CONFIG_AXIS = "config"
 ARM_AXIS = "arm"
 
 
-def _value_name(key: str, value: Any) -> str:
+def value_name(key: str, value: Any) -> str:
     """How a value appears in run and group names (a config file by its stem: no "/")."""
     return os.path.splitext(os.path.basename(value))[0] if key == CONFIG_AXIS else str(value)
 

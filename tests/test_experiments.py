@@ -222,6 +222,21 @@ def test_stages_split_training_from_evaluation(tmp_path, capsys):
     assert out.count("diffusion_jax.evaluate") == 1 and "diffusion_jax.main" not in out
 
 
+def test_only_plans_the_selected_runs_and_rejects_unknown_axes_and_values(tmp_path, capsys):
+    sweep = SWEEPS["schedule_arms"]
+    root = str(tmp_path / "runs")
+    only = run.parse_only(sweep, "seed=1,arm=cosine")
+    assert only == {"seed": "1", "arm": "cosine"}
+    assert [sweep.run_name(o) for o in run.selected_runs(sweep, only)] == ["seed=1,arm=cosine"]
+    run.run_sweep(sweep, root, dry_run=True, stage="train", only=run.parse_only(sweep, "seed=2"))
+    trains = [line for line in capsys.readouterr().out.splitlines() if "diffusion_jax.main" in line]
+    assert len(trains) == len(sweep.axes["arm"]) and all("seed=2," in t for t in trains)
+    with pytest.raises(ValueError, match="has axes"):
+        run.parse_only(sweep, "sed=1")
+    with pytest.raises(ValueError, match="takes one of"):
+        run.parse_only(sweep, "seed=7")
+
+
 TIERED_EVALS = ({"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99})
 
 
