@@ -61,9 +61,29 @@ def save(wd: str, dest: str) -> bool:
     for name in FILES:
         if os.path.exists(os.path.join(wd, name)):
             shutil.copy2(os.path.join(wd, name), os.path.join(tmp, name))
+    latents_metadata = _latents_metadata(wd)
+    if latents_metadata:
+        shutil.copy2(latents_metadata, os.path.join(tmp, os.path.basename(latents_metadata)))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return True
+
+
+def _latents_metadata(wd: str) -> str | None:
+    """The metadata file of the latent dataset the run in ``wd`` trained on, if it did
+    (the autoencoder and its step, the measured scale_factor). It is archived with the
+    run: an autoencoder is remade on each machine, and this says which one a run used."""
+    path = os.path.join(wd, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        data = json.load(f).get("data", {})
+    if data.get("name") != "latents":
+        return None
+    from diffusion_jax.datasets import latents  # imports tensorflow_datasets: only here
+
+    meta = latents.metadata_path(os.path.expanduser(data.get("data_dir", "")))
+    return meta if os.path.exists(meta) else None
 
 
 def _up_to_date(wd: str, dest: str) -> bool:

@@ -207,6 +207,24 @@ def _plan(
     return workdirs, plan
 
 
+PREPARED = "PREPARED"
+
+
+def prepare(sweep, dry_run: bool = False) -> None:
+    """Make what the sweep's runs need (``Sweep.prepare``), each step whose workdir lacks
+    the PREPARED marker; the marker is written once its command has succeeded."""
+    for wd, args in sweep.prepare:
+        path = os.path.join(REPO, wd)
+        if os.path.exists(os.path.join(path, PREPARED)):
+            continue
+        cmd = [sys.executable, "-m", *args]
+        print("[prepare]", " ".join(args), flush=True)
+        if not dry_run:
+            subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, PREPARED), "w").close()
+
+
 def _run(wd: str, cmd: list[str]) -> None:
     print("[run]", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
@@ -233,10 +251,13 @@ def run_sweep(
     one of the sweep's ``evals``, those run (a run that finishes training meanwhile gets
     its turn before any costly one), then the ``limited_evals``. It returns when nothing
     trained is left to evaluate; run it again as more runs finish training. ``only``
-    (``parse_only``) restricts all of this to the selected runs."""
+    (``parse_only``) restricts all of this to the selected runs. Anything is run only
+    after ``prepare``."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     workdirs, plan = _plan(sweep, root, stage, records=records, only=only)
+    if plan:
+        prepare(sweep, dry_run)
 
     def execute(wd, cmd):
         _run(wd, cmd)

@@ -32,6 +32,10 @@ class Sweep:
     # evaluations too costly for every run: (where, spec) runs spec on the runs whose
     # overrides contain every item of ``where`` (e.g. {"seed": 0})
     limited_evals: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = ()
+    # what the runs need made once before them (e.g. the autoencoder and latent dataset a
+    # latent config trains on): (workdir, ``python -m`` arguments), in order;
+    # experiments.run runs each whose workdir lacks the PREPARED marker (they resume)
+    prepare: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
         unknown = set(self.axes.get(ARM_AXIS, ())) - set(self.arms)
@@ -151,7 +155,9 @@ ARM_EVALS_SEED0 = (
 )
 
 
-def _arms_sweep(name: str, config: str, *, budget: str, fixed=None, limited_evals=()) -> Sweep:
+def _arms_sweep(
+    name: str, config: str, *, budget: str, fixed=None, limited_evals=(), prepare=()
+) -> Sweep:
     """The schedule arms x three training seeds on ``config``, scored at N = 1000."""
     return Sweep(
         name=name,
@@ -163,6 +169,7 @@ def _arms_sweep(name: str, config: str, *, budget: str, fixed=None, limited_eval
         limited_evals=limited_evals,
         eval_samples=1000,
         budget=budget,
+        prepare=prepare,
     )
 
 
@@ -228,11 +235,29 @@ SWEEPS = {
         ),
     ),
     # Issue 22 on a real 28x28 dataset: the same arms for the class-conditional latent DiT
-    # on Fashion-MNIST (needs runs/fashion_ae and runs/fashion_latents: see the config).
+    # on Fashion-MNIST, on the latents of runs/fashion_ae (made first: see the config).
     "schedule_arms_fashion": _arms_sweep(
         "schedule_arms_fashion",
         "configs/fashion_ldm.py",
         limited_evals=tuple(({"seed": 0}, spec) for spec in ARM_EVALS_SEED0[:2]),
+        prepare=(
+            (
+                "runs/fashion_ae",
+                (
+                    "diffusion_jax.main",
+                    "--config=configs/fashion_autoencoder.py",
+                    "--workdir=runs/fashion_ae",
+                ),
+            ),
+            (
+                "runs/fashion_latents",
+                (
+                    "diffusion_jax.encode",
+                    "--autoencoder=runs/fashion_ae",
+                    "--out=runs/fashion_latents",
+                ),
+            ),
+        ),
         budget=(
             "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps, "
             "~12.4 min of training and ~16 min wall each on a 2-core AMD EPYC guest), then 8 "

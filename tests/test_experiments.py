@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -235,6 +236,45 @@ def test_only_plans_the_selected_runs_and_rejects_unknown_axes_and_values(tmp_pa
         run.parse_only(sweep, "sed=1")
     with pytest.raises(ValueError, match="takes one of"):
         run.parse_only(sweep, "seed=7")
+
+
+def test_prepare_steps_run_once_before_the_runs_and_a_failed_one_is_not_marked(
+    tmp_path, monkeypatch
+):
+    made, broken = str(tmp_path / "made"), str(tmp_path / "broken")
+    os.makedirs(made)
+    # a step that appends to a file, so running it twice would show; commands run from
+    # run.REPO, here the test's directory holding the probe module
+    (tmp_path / "prepare_probe.py").write_text(
+        f"open({os.path.join(made, 'log')!r}, 'a').write('x')"
+    )
+    monkeypatch.setattr(run, "REPO", str(tmp_path))
+    sweep = dataclasses.replace(SWEEPS["smoke"], prepare=((made, ("prepare_probe",)),))
+    run.prepare(sweep)
+    run.prepare(sweep)  # marked: not run again
+    assert open(os.path.join(made, "log")).read() == "x"
+    assert os.path.exists(os.path.join(made, run.PREPARED))
+    failing = dataclasses.replace(sweep, prepare=((broken, ("no_such_module_xyz",)),))
+    with pytest.raises(subprocess.CalledProcessError):
+        run.prepare(failing)
+    assert not os.path.exists(os.path.join(broken, run.PREPARED))
+
+
+def test_a_latent_runs_archive_names_its_latent_dataset(tmp_path):
+    latents_dir, wd = tmp_path / "latents", tmp_path / "run"
+    latents_dir.mkdir()
+    wd.mkdir()
+    meta = {"autoencoder": "runs/fashion_ae", "autoencoder_step": 9000, "scale_factor": 0.36}
+    (latents_dir / "latents.json").write_text(json.dumps(meta))
+    config = {"data": {"name": "latents", "data_dir": str(latents_dir)}}
+    (wd / "config.json").write_text(json.dumps(config))
+    (wd / "eval.jsonl").write_text("{}\n")
+    assert run.archive.save(str(wd), str(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "latents.json").read_text()) == meta
+    config["data"]["name"] = "digits"  # a pixel run: nothing more than its own files
+    (wd / "config.json").write_text(json.dumps(config))
+    assert run.archive.save(str(wd), str(tmp_path / "b"))
+    assert sorted(os.listdir(tmp_path / "b")) == ["config.json", "eval.jsonl"]
 
 
 TIERED_EVALS = ({"sampler": "ddim", "num_steps": 3}, {"sampler": "ddim", "num_steps": 99})
