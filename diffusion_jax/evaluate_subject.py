@@ -32,14 +32,45 @@ from diffusion_jax import cli, generate, workdir as workdir_lib
 from diffusion_jax.datasets import subject as subject_data
 from diffusion_jax.metrics import from_uint8
 
+
+def define_flags(values: flags.FlagValues, workdir_help: str) -> None:
+    """The flags of both subject judges (this one and evaluate_glyph_subject.py)."""
+    own = dict(flag_values=values)
+    flags.DEFINE_string("workdir", None, workdir_help, **own)
+    flags.DEFINE_integer("num_samples", 500, "Samples per group (identifier, old ones).", **own)
+    flags.DEFINE_list("lora_scales", ["1"], "LoRA scales to judge (a LoRA run only).", **own)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", **own)
+    flags.DEFINE_string("cache_dir", "", "Feature-net cache (default: the usual one).", **own)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+
+
+def run_cli(name: str, values: flags.FlagValues, run_fn, markdown_fn, overrides: dict) -> dict:
+    """A subject judge's main: ``run_fn`` on the flags, errors as one line, the result
+    appended to WORKDIR/subject_eval.jsonl and printed."""
+    from diffusion_jax import runtime
+
+    if overrides:
+        cli.fail(f"{name} takes no --config overrides")
+    runtime.configure_cpu_xla_flags()
+    try:
+        scales = tuple(float(s) for s in values.lora_scales)
+    except ValueError:
+        cli.fail(f"--lora_scales must be numbers, got {values.lora_scales}")
+    try:
+        result = run_fn(values.workdir, values.num_samples, scales, values.seed, values.cache_dir)
+    except (workdir_lib.ConfigError, FileNotFoundError, ValueError) as e:
+        cli.fail(str(e))
+    with open(os.path.join(values.workdir, "subject_eval.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"detector held-out accuracy: {result['detector']}")
+    print(markdown_fn(result), flush=True)
+    floor = ", ".join(f"{k} {v:.3g}" for k, v in result["floor"].items())
+    print(f"real-vs-real floor: {floor}")
+    return result
+
+
 FLAGS = flags.FlagValues()
-OWN = dict(flag_values=FLAGS)
-flags.DEFINE_string("workdir", None, "A subject-tuning run (or its extended base).", **OWN)
-flags.DEFINE_integer("num_samples", 500, "Samples per group (identifier, old labels).", **OWN)
-flags.DEFINE_list("lora_scales", ["1"], "LoRA scales to judge (a LoRA run only).", **OWN)
-flags.DEFINE_integer("seed", 0, "Sampling seed.", **OWN)
-flags.DEFINE_string("cache_dir", "", "Feature-net cache (default: the usual one).", **OWN)
-flags.mark_flag_as_required("workdir", flag_values=FLAGS)
+define_flags(FLAGS, "A subject-tuning run (or its extended base).")
 
 COLUMNS = ("lora_scale", "subject_rate", "class_accuracy", "style_leak", "fid_old", "fid_subject")
 
@@ -130,28 +161,7 @@ def markdown(result: dict) -> str:
 
 
 def main(overrides: dict) -> dict:
-    from diffusion_jax import runtime
-
-    if overrides:
-        cli.fail("evaluate_subject takes no --config overrides")
-    runtime.configure_cpu_xla_flags()
-    try:
-        scales = tuple(float(s) for s in FLAGS.lora_scales)
-    except ValueError:
-        cli.fail(f"--lora_scales must be numbers, got {FLAGS.lora_scales}")
-    try:
-        result = run(FLAGS.workdir, FLAGS.num_samples, scales, FLAGS.seed, FLAGS.cache_dir)
-    except (workdir_lib.ConfigError, FileNotFoundError, ValueError) as e:
-        cli.fail(str(e))
-    with open(os.path.join(FLAGS.workdir, "subject_eval.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"detector held-out accuracy: {result['detector']}")
-    print(markdown(result), flush=True)
-    floor = result["floor"]
-    print(
-        f"real-vs-real floor: fid_old {floor['fid_old']:.3g}, fid_subject {floor['fid_subject']:.3g}"
-    )
-    return result
+    return run_cli("evaluate_subject", FLAGS, run, markdown, overrides)
 
 
 if __name__ == "__main__":

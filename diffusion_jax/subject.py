@@ -115,19 +115,19 @@ class Sampler:
         return metrics.to_uint8(x)
 
 
-def _mix(instances, identifier: int, r_inst: int, prior, prior_labels, r_prior: int) -> dict:
-    """The train split's arrays: the instances (labelled ``identifier``) repeated
-    ``r_inst`` times, then the prior images (their own labels) ``r_prior`` times."""
-    parts = [(instances, np.full(len(instances), identifier), r_inst, subject_data.INSTANCE)]
+def mix(instances: dict, r_inst: int, prior: dict | None, r_prior: int) -> dict:
+    """The train split's arrays: the instances' arrays (``image``, ``label``, and any
+    other per-example field) repeated ``r_inst`` times, then the prior's ``r_prior``
+    times, with each example's ``source``."""
+    parts = [(instances, r_inst, subject_data.INSTANCE)]
     if r_prior:
-        parts.append((prior, prior_labels, r_prior, subject_data.PRIOR))
-    return {
-        "image": np.concatenate([np.tile(x, (r, 1, 1, 1)) for x, _, r, _ in parts]),
-        "label": np.concatenate([np.tile(y, r) for _, y, r, _ in parts]).astype(np.int32),
-        "source": np.concatenate([np.full(len(y) * r, src) for _, y, r, src in parts]).astype(
-            np.int32
-        ),
-    }
+        parts.append((prior, r_prior, subject_data.PRIOR))
+    out = {k: np.concatenate([p[k] for p, r, _ in parts for _ in range(r)]) for k in instances}
+    out["label"] = out["label"].astype(np.int32)
+    out["source"] = np.concatenate(
+        [np.full(len(p["label"]) * r, src, np.int32) for p, r, src in parts]
+    )
+    return out
 
 
 def _check_base(base: str):
@@ -148,17 +148,22 @@ def _check_base(base: str):
 
 
 def _write_extended_base(base: str, config, params, out: str, shape) -> str:
-    """DIR/base: the base (its EMA ``params``) with the identifier's label row, as a
-    step-0 workdir."""
+    """DIR/base: the base (its EMA ``params``) with the identifier's label row."""
+    k = int(config.model.num_classes)
+    config = config.copy_and_resolve_references()
+    config.model.num_classes = k + 1
+    return write_base(base, config, add_identifier(params, k), out, shape, k + 1)
+
+
+def write_base(base: str, config, params, out: str, shape, num_classes: int) -> str:
+    """DIR/base: the extended ``base`` (``params`` under its ``config``, both already
+    given the identifier) as a step-0 workdir that trains on the subject data in ``out``."""
     from diffusion_jax.data import DatasetSpec
     from diffusion_jax.state import make_optimizer, state_from_params
 
-    k = int(config.model.num_classes)
-    params = add_identifier(params, k)
     config = config.copy_and_resolve_references()
-    config.model.num_classes = k + 1
     config.data.name, config.data.data_dir = subject_data.NAME, out
-    spec = DatasetSpec(subject_data.NAME, tuple(shape), k + 1, 0)
+    spec = DatasetSpec(subject_data.NAME, tuple(shape), num_classes, 0)
     path = os.path.join(out, BASE_DIR)
     workdir_lib.check_config(config, spec, training=False)
     workdir_lib.ensure_writable_dir(path, "the extended base")
@@ -168,6 +173,29 @@ def _write_extended_base(base: str, config, params, out: str, shape) -> str:
     with workdir_lib.checkpointer(path, config) as ckpt:
         ckpt.save(0, state, extra={"subject_of": os.path.abspath(base)})
     return path
+
+
+def check_counts(num_instances: int, num_prior: int, prior_weight: float, num_test: int, out):
+    """ConfigError naming the fix for impossible counts or an ``out`` already used."""
+    if num_instances < 1 or num_test < 1 or num_prior < 0 or prior_weight < 0:
+        raise workdir_lib.ConfigError(
+            "need num_instances >= 1, num_test >= 1, num_prior >= 0 and prior_weight >= 0"
+        )
+    if prior_weight > 0 and num_prior == 0:
+        raise workdir_lib.ConfigError("prior_weight > 0 needs prior images: set num_prior > 0")
+    if workdir_lib.has_checkpoints(os.path.join(out, BASE_DIR)):
+        raise workdir_lib.ConfigError(f"--out={out} already holds a subject; choose a new one")
+
+
+def summary(m: dict, out: str) -> str:
+    """One line on a prepared subject (its metadata ``m``)."""
+    return (
+        f"subject in {out}: identifier {m['identifier']!r}, train split "
+        f"{m['splits']['train']} ({m['instances']['count']} instances x "
+        f"{m['repeats']['instance']}, {m['prior']['count']} prior x {m['repeats']['prior']}: "
+        f"lambda {m['realised_prior_weight']:.2f}), test {m['splits']['test']}; extended "
+        f"base {os.path.join(out, BASE_DIR)}"
+    )
 
 
 def prepare(
@@ -185,14 +213,7 @@ def prepare(
     """Write the subject dataset and the extended base into ``out``; returns the
     dataset's metadata."""
     config, k = _check_base(base)
-    if num_instances < 1 or num_test < 1 or num_prior < 0 or prior_weight < 0:
-        raise workdir_lib.ConfigError(
-            "need num_instances >= 1, num_test >= 1, num_prior >= 0 and prior_weight >= 0"
-        )
-    if prior_weight > 0 and num_prior == 0:
-        raise workdir_lib.ConfigError("prior_weight > 0 needs prior images: set num_prior > 0")
-    if workdir_lib.has_checkpoints(os.path.join(out, BASE_DIR)):
-        raise workdir_lib.ConfigError(f"--out={out} already holds a subject; choose a new one")
+    check_counts(num_instances, num_prior, prior_weight, num_test, out)
     workdir_lib.ensure_writable_dir(out, "--out")
     sampler = Sampler(base)
     state = sampler.state
@@ -205,7 +226,12 @@ def prepare(
     prior = None
     if r_prior:
         prior = sampler.draw(prior_labels, guidance_scale=guidance_scale, seed=seed)
-    train = _mix(instances, k, r_inst, prior, prior_labels, r_prior)
+    train = mix(
+        {"image": instances, "label": np.full(num_instances, k)},
+        r_inst,
+        {"image": prior, "label": prior_labels},
+        r_prior,
+    )
     test = {
         "image": held_out,
         "label": np.full(num_test, k, np.int32),
@@ -232,49 +258,50 @@ def prepare(
     return subject_data.read_metadata(out)
 
 
-FLAGS = flags.FlagValues()
-OWN = dict(flag_values=FLAGS)
-flags.DEFINE_string("base", None, "The class-conditional base workdir.", **OWN)
-flags.DEFINE_string("out", None, "Directory for the subject data and extended base.", **OWN)
-flags.DEFINE_string("font", font_digits.DEFAULT_FONT, "The subject's font (file or name).", **OWN)
-flags.DEFINE_integer("num_instances", 100, "Instance renders of the subject.", **OWN)
-flags.DEFINE_integer("num_prior", 1000, "Prior images the base draws (0: none).", **OWN)
-flags.DEFINE_float("prior_weight", 1.0, "Lambda of the prior-preservation loss.", **OWN)
-flags.DEFINE_float("guidance_scale", 2.0, "Classifier-free guidance of the prior images.", **OWN)
-flags.DEFINE_integer("num_test", 500, "Held-out instance renders (the test split).", **OWN)
-flags.DEFINE_integer("seed", 0, "Render and sampling seed.", **OWN)
-flags.mark_flags_as_required(["base", "out"], flag_values=FLAGS)
+# The flags both subject CLIs take (this one and glyph_subject.py), with the subject's own.
+COMMON_FLAGS = ("num_instances", "num_prior", "prior_weight", "guidance_scale", "num_test", "seed")
 
 
-def main(overrides: dict) -> dict:
+def define_flags(values: flags.FlagValues, base_help: str) -> None:
+    """Define the subject CLIs' shared flags in ``values`` (base and out required)."""
+    own = dict(flag_values=values)
+    flags.DEFINE_string("base", None, base_help, **own)
+    flags.DEFINE_string("out", None, "Directory for the subject data and extended base.", **own)
+    flags.DEFINE_integer("num_instances", 100, "Instance renders of the subject.", **own)
+    flags.DEFINE_integer("num_prior", 1000, "Prior images the base draws (0: none).", **own)
+    flags.DEFINE_float("prior_weight", 1.0, "Lambda of the prior-preservation loss.", **own)
+    flags.DEFINE_float("guidance_scale", 2.0, "Classifier-free guidance of the prior.", **own)
+    flags.DEFINE_integer("num_test", 500, "Held-out instance renders (the test split).", **own)
+    flags.DEFINE_integer("seed", 0, "Render and sampling seed.", **own)
+    flags.mark_flags_as_required(["base", "out"], flag_values=values)
+
+
+def run_cli(name: str, values: flags.FlagValues, prepare_fn, overrides: dict, **own) -> dict:
+    """A subject CLI's main: ``prepare_fn(base, out, **common flags, **own)``, errors as
+    one line, the summary printed."""
     from diffusion_jax import runtime
 
     if overrides:
-        cli.fail("subject takes no --config overrides")
+        cli.fail(f"{name} takes no --config overrides")
     runtime.configure_cpu_xla_flags()
+    common = {k: values[k].value for k in COMMON_FLAGS}
     try:
-        m = prepare(
-            FLAGS.base,
-            FLAGS.out,
-            font=FLAGS.font,
-            num_instances=FLAGS.num_instances,
-            num_prior=FLAGS.num_prior,
-            prior_weight=FLAGS.prior_weight,
-            guidance_scale=FLAGS.guidance_scale,
-            num_test=FLAGS.num_test,
-            seed=FLAGS.seed,
-        )
+        m = prepare_fn(values.base, values.out, **common, **own)
     except (workdir_lib.ConfigError, FileNotFoundError, ValueError) as e:
         cli.fail(str(e))
-    print(
-        f"subject in {FLAGS.out}: identifier label {m['identifier']}, train split "
-        f"{m['splits']['train']} ({m['instances']['count']} instances x "
-        f"{m['repeats']['instance']}, {m['prior']['count']} prior x {m['repeats']['prior']}: "
-        f"lambda {m['realised_prior_weight']:.2f}), test {m['splits']['test']}; extended "
-        f"base {os.path.join(FLAGS.out, BASE_DIR)}",
-        flush=True,
-    )
+    print(summary(m, values.out), flush=True)
     return m
+
+
+FLAGS = flags.FlagValues()
+define_flags(FLAGS, "The class-conditional base workdir.")
+flags.DEFINE_string(
+    "font", font_digits.DEFAULT_FONT, "The subject's font (file or name).", flag_values=FLAGS
+)
+
+
+def main(overrides: dict) -> dict:
+    return run_cli("subject", FLAGS, prepare, overrides, font=FLAGS.font)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,20 @@ def digits_data_cfg(data_dir, **overrides):
 
 def take(iterator, num_batches):
     return [next(iterator) for _ in range(num_batches)]
+
+
+def tiny_glyph_judge(monkeypatch):
+    """Make the glyphs attribute judge (evaluation/glyph_net.py) train with a tiny recipe:
+    the real one trains for minutes."""
+    from diffusion_jax.evaluation import glyph_net
+
+    tiny = dict(
+        glyph_net._GLYPH_RECIPE,
+        widths=(8, 16, 32),
+        feature_dim=32,
+        num_renders=2_000,
+        epochs=1,
+        batch_size=32,
+        num_eval=200,
+    )
+    monkeypatch.setattr(glyph_net, "_GLYPH_RECIPE", tiny)

@@ -24,6 +24,7 @@ CONFIGS = sorted(
 CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "glyphs": 3}
 CHANNELS["latents"] = 4  # fashion_ldm.py, imagenet256_dit_xl2.py: 4-channel latents
 CHANNELS["subject"] = 1  # digits_dreambooth.py: typeset digits next to the base's samples
+TEXT_CHANNELS = {"subject": 3}  # glyphs_dreambooth.py: glyphs in a new face
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -40,9 +41,15 @@ def test_config_is_valid_and_its_model_builds(name, monkeypatch):
     # and a latent text config reads its vocabulary from the encoded dataset's source
     if config.data.name == "latents" and config.model.text.vocab_size:
         monkeypatch.setattr(conditioning, "vocabulary", lambda d: glyph_render.VOCABULARY)
+    # and a glyph subject config its subject dataset's vocabulary (the identifier added)
+    if config.data.name == "subject" and config.model.text.vocab_size:
+        words = (*glyph_render.VOCABULARY, "zxq")
+        monkeypatch.setattr(conditioning, "vocabulary", lambda d: words)
     size = config.data.image_size
     classes = max(config.model.num_classes, 10)
-    shape = (size, size, CHANNELS[config.data.name])
+    text = bool(config.model.text.vocab_size)
+    channels = (TEXT_CHANNELS if text else {}).get(config.data.name, CHANNELS[config.data.name])
+    shape = (size, size, channels)
     spec = data.DatasetSpec(config.data.name, shape, classes, 1000)
     workdir.check_config(config, spec)  # raises ConfigError naming the problem
     shapes = abstract_params(build_model(config.model), spec.image_shape)

@@ -28,7 +28,7 @@ from diffusion_jax.datasets import glyph_render, latents
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS
 from diffusion_jax.tokenizer import SPECIAL_TOKENS
 
-from helpers import cli, tiny_config
+from helpers import cli, tiny_config, tiny_glyph_judge
 
 VOCAB_SIZE = len(glyph_render.VOCABULARY) + len(SPECIAL_TOKENS)
 
@@ -192,18 +192,8 @@ def test_evaluate_text_judges_seen_and_heldout_prompts(text_model, guide, tmp_pa
     """evaluate_text end to end on the tiny text model, judged by a tiny-recipe attribute
     classifier (the real one trains for minutes): for cfg and for the guide."""
     from diffusion_jax import evaluate_text
-    from diffusion_jax.evaluation import glyph_net
 
-    tiny = dict(
-        glyph_net._GLYPH_RECIPE,
-        widths=(8, 16, 32),
-        feature_dim=32,
-        num_renders=2_000,
-        epochs=1,
-        batch_size=32,
-        num_eval=200,
-    )
-    monkeypatch.setattr(glyph_net, "_GLYPH_RECIPE", tiny)
+    tiny_glyph_judge(monkeypatch)
     kind, guide_dir = guide
     cache = str(tmp_path / "cache")
     for guidance, extra in (("cfg", {}), (kind, {"guide": guide_dir})):

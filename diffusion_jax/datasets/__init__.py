@@ -62,8 +62,18 @@ CAPTION_PARSERS: dict[str, Callable[[str], dict[str, int]]] = {
 
 
 def caption_source(name: str, data_dir: str = "") -> str:
-    """The captioned dataset whose captions ``name`` holds: itself, or for a latent
-    dataset in ``data_dir`` its source; ValueError naming the fix for uncaptioned ones."""
+    """The captioned dataset whose captions ``name`` holds: itself, or for a latent or
+    subject dataset in ``data_dir`` its source; ValueError naming the fix for uncaptioned
+    ones."""
+    if name == subject.NAME:
+        metadata = subject.read_metadata(data_dir)
+        if not subject.has_captions(metadata):
+            raise ValueError(
+                f"the subject dataset in {data_dir!r} names its identifier as a class label, "
+                "not a word: it has no captions (make it from a text model's workdir with "
+                "python -m diffusion_jax.glyph_subject)"
+            )
+        return metadata["caption_source"]
     if name == latents.NAME:
         metadata = latents.read_metadata(data_dir)
         if not metadata.get("captions"):
@@ -82,8 +92,12 @@ def caption_source(name: str, data_dir: str = "") -> str:
 
 
 def vocabulary(name: str, data_dir: str = "") -> tuple[str, ...]:
-    """The caption vocabulary of dataset ``name`` (``caption_source``)."""
-    return VOCABULARIES[caption_source(name, data_dir)]
+    """The caption vocabulary of dataset ``name`` (``caption_source``'s; a subject
+    dataset's own: its source's words and the identifier)."""
+    source = caption_source(name, data_dir)
+    if name == subject.NAME:
+        return tuple(subject.read_metadata(data_dir)["vocabulary"])
+    return VOCABULARIES[source]
 
 
 def caption_parser(name: str, data_dir: str = "") -> Callable[[str], dict[str, int]]:

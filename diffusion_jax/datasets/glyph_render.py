@@ -289,9 +289,10 @@ HELDOUT_TEMPLATE = 5  # used only in the test split
 _FIELD_VALUES = {**ATTRIBUTES, "kind": ("letter", "digit")}
 
 
-def caption(attrs: Attributes, template: int) -> str:
-    """`attrs` described by ``TEMPLATES[template]``."""
-    return TEMPLATES[template].format(**attrs.names(), kind=attrs.kind)
+def caption(attrs: Attributes, template: int, **words_for: str) -> str:
+    """`attrs` described by ``TEMPLATES[template]``; ``words_for`` puts other words in
+    named slots (subject tuning's identifier in the family slot: ``family="zxq"``)."""
+    return TEMPLATES[template].format(**{**attrs.names(), "kind": attrs.kind, **words_for})
 
 
 def _template_words(template: str) -> list[tuple[str, bool]]:

@@ -8,10 +8,14 @@ A run reads one with ``data.name = "subject"`` and ``data.data_dir = DIR``. DIR 
                  the prior-preservation weight and how it was realised (repeats), the
                  splits and their sizes;
   train.npz, test.npz   ``image`` uint8 [N, H, W, C], ``label`` int32 [N], ``source``
-                 (0 = an instance of the subject, 1 = a prior image drawn by the base);
+                 (0 = an instance of the subject, 1 = a prior image drawn by the base),
+                 and for a caption-conditioned base ``caption`` str [N];
   subject/1.0.0/ the TFDS dataset built from them (array_record).
 The train split mixes instances (labelled with the identifier) and prior images (labelled
 with the class they were drawn for); the test split holds held-out instances only.
+A caption-conditioned subject (glyph_subject.py) names its identifier as a word in the
+captions instead: its subject.json holds the extended ``vocabulary`` and the dataset
+the captions come from (``caption_source``), and its examples carry a "caption".
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ def read_metadata(data_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def has_captions(metadata: dict[str, Any]) -> bool:
+    """Whether the subject is caption-conditioned (its identifier a word, not a label)."""
+    return "vocabulary" in metadata
+
+
 def split_path(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, f"{split}.npz")
 
@@ -65,10 +74,12 @@ class Subject(prepare.DirectoryBuilder):
             "source": tfds.features.Scalar(dtype=np.int32),
             "index": tfds.features.Scalar(dtype=np.int32),
         }
+        if has_captions(m):
+            features["caption"] = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
-            description=f"subject data for {m['base']['workdir']}: identifier label "
-            f"{m['identifier']}, prior weight {m['prior_weight']}.",
+            description=f"subject data for {m['base']['workdir']}: identifier "
+            f"{m['identifier']!r}, prior weight {m['prior_weight']}.",
             features=tfds.features.FeaturesDict(features),
             disable_shuffling=True,  # the written order within each split
         )
@@ -80,8 +91,12 @@ class Subject(prepare.DirectoryBuilder):
     def _generate_examples(self, split: str):
         with np.load(split_path(self._source_dir, split)) as arrays:
             images, labels, source = arrays["image"], arrays["label"], arrays["source"]
+            captions = arrays["caption"] if has_captions(self._metadata) else None
         for i, (x, y, s) in enumerate(zip(images, labels, source)):
-            yield i, {"image": x, "label": int(y), "source": int(s), "index": i}
+            example = {"image": x, "label": int(y), "source": int(s), "index": i}
+            if captions is not None:
+                example["caption"] = str(captions[i])
+            yield i, example
 
 
 def write(data_dir: str, metadata: dict[str, Any], splits: dict[str, dict[str, np.ndarray]]):
@@ -116,6 +131,7 @@ __all__ = (
     "Subject",
     "SubjectDatasetError",
     "builder",
+    "has_captions",
     "read_metadata",
     "write",
 )

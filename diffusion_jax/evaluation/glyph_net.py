@@ -123,6 +123,7 @@ class GlyphNet(nn.Module):
 
     widths: tuple = (32, 64, 128)
     feature_dim: int = 128
+    heads: tuple = tuple(NUM_CLASSES.items())  # (name, classes) per head
 
     @nn.compact
     def __call__(self, x):  # [B, 32, 32, 3] in [-1, 1]
@@ -131,9 +132,7 @@ class GlyphNet(nn.Module):
             x = nn.silu(nn.Dense(width, name=f"conv{i}")(_patches_3x3(x)))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         feats = nn.silu(nn.Dense(self.feature_dim, name="features")(x.reshape(x.shape[0], -1)))
-        return feats, {
-            name: nn.Dense(k, name=f"head_{name}")(feats) for name, k in NUM_CLASSES.items()
-        }
+        return feats, {name: nn.Dense(k, name=f"head_{name}")(feats) for name, k in self.heads}
 
 
 def _net(recipe: Mapping[str, Any]) -> GlyphNet:
