@@ -4,14 +4,20 @@ Computer Modern Roman (never in the glyphs dataset) from 100 renders captioned w
 the family slot, while the base's own samples under training captions preserve what it
 knew (prior weight 1). Full fine-tuning; the LoRA variant is one override.
 
-  python -m diffusion_jax.glyph_subject --base=runs/glyphs_unet --out=runs/glyphs_subject
+  python -m diffusion_jax.glyph_subject --base=runs/glyphs_unet --out=runs/glyphs_subject \
+      --num_prior=200
   python -m diffusion_jax.main --config=configs/glyphs_dreambooth.py --workdir=runs/glyphs_db
   python -m diffusion_jax.evaluate_glyph_subject --workdir=runs/glyphs_db
   python -m diffusion_jax.sample --workdir=runs/glyphs_db \
       --prompt="a large regular upright red zxq letter A on the blue background"
 
 LoRA (rank 4 on the attention projections, the residual convolutions and the token
-table, so the identifier's row can move): --config.adapter.kind=lora.
+table, so the identifier's row can move): --config.adapter.kind=lora
+--config.optim.learning_rate=1e-3.
+
+Measured (README, "Subject tuning on the glyphs"; 2-core Intel Xeon, alone): 7.4 min full,
+6.9 min LoRA; Computer Modern is recognised in 11.5% / 9.0% of identifier samples (target
+80% missed: the base draws no glyph shapes from captions), drift -1.4 / -1.6 points.
 """
 
 from configs import glyphs_unet_text
