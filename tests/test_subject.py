@@ -190,3 +190,23 @@ def test_subject_runs_train_on_the_mix_and_are_judged(prepared, tmp_path, kind, 
     with pytest.raises(workdir.ConfigError, match="not a subject-tuning run"):
         evaluate_subject.run(base, num_samples=4)
     json.dumps(result)  # what the CLI appends to subject_eval.jsonl
+
+
+def test_detector_compiles_its_net_once_per_input_shape():
+    """Judging many rows calls ``is_subject`` again and again: it must reuse one compiled
+    apply (a fresh ``jax.jit`` per call would recompile every time), and the cached apply
+    must give the same answer as the plain one."""
+    from diffusion_jax.evaluation import small_classifier, subject_net
+
+    net = small_classifier.SmallConvNet((4, 8), 8, 2)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1), minval=-1, maxval=1)
+    params = net.init(jax.random.PRNGKey(1), x)["params"]
+    det = subject_net.SubjectDetector(net, perturb_params(params), {})
+    first = det.is_subject(np.asarray(x))
+    second = det.is_subject(np.asarray(x))
+    np.testing.assert_array_equal(first, second)
+    applied = subject_net._jitted_apply(small_classifier.SmallConvNet((4, 8), 8, 2))
+    assert applied is subject_net._jitted_apply(net)  # equal nets share one compiled apply
+    assert applied._cache_size() == 1
+    _, logits = net.apply({"params": det.params}, x)
+    np.testing.assert_array_equal(first, np.asarray(logits).argmax(-1) == 1)

@@ -45,8 +45,14 @@ class SubjectDetector:
 
     def is_subject(self, images: np.ndarray) -> np.ndarray:
         """bool [N]: which images [N, H, W, C] in [-1, 1] the detector calls the subject."""
-        _, logits = jax.jit(self.net.apply)({"params": self.params}, images)
+        _, logits = _jitted_apply(self.net)({"params": self.params}, images)
         return np.asarray(logits).argmax(-1) == 1
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(net: nn.Module):
+    """One compiled ``net.apply`` per (hashable) net, so repeated calls reuse it."""
+    return jax.jit(net.apply)
 
 
 @functools.lru_cache(maxsize=4)
