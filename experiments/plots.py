@@ -37,8 +37,17 @@ def save(fig, path: str) -> None:
 def _plain_log_ticks(axis) -> None:
     """Ticks at 1, 2, 3, 5 x 10^k written as plain numbers on a log axis."""
     axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
-    axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _log_bottom(ax, values) -> None:
+    """Set a log y axis' bottom just below the smallest positive of ``values`` (the means
+    and interval ends): an interval that reaches 0 or below (a t-interval over two seeds
+    can) runs off the bottom of the plot instead of stretching the axis down by decades."""
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0])
+    if v.size:
+        ax.set_ylim(bottom=v.min() / 1.25)
 
 
 def _legend_outside(ax, **kw):
@@ -68,6 +77,7 @@ def plot_inloop(groups):
     """In-loop FID vs training step, mean over seeds with its 95% t-interval."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     any_data = False
+    shown = []  # means and interval ends, for the axis' bottom
     for i, (g, runs) in enumerate(groups.items()):
         by_step = inloop_by_step(runs)
         if by_step:
@@ -78,6 +88,7 @@ def plot_inloop(groups):
             err = np.array(
                 [[0.0, 0.0] if iv.n < 2 else [iv.mean - iv.low, iv.high - iv.mean] for iv in ivs]
             ).T
+            shown += [*means, *(means - err[0])]
             ax.errorbar(
                 steps_,
                 means,
@@ -93,6 +104,8 @@ def plot_inloop(groups):
         yscale="log",
         title="Sample quality during training (DDIM-50, EMA)",
     )
+    _log_bottom(ax, shown)
+    _plain_log_ticks(ax.yaxis)
     if any_data:
         _legend_outside(ax, fontsize=7)
     return fig if any_data else None
@@ -179,6 +192,7 @@ def plot_steps(groups, sweep):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     k = len(groups)
+    shown = []  # means and interval ends, for the axis' bottom
     for i, (g, runs) in enumerate(groups.items()):
         nudge = 1.0 + 0.04 * (i - (k - 1) / 2)
         for marker, specs in zip(MARKERS, families.values()):
@@ -189,6 +203,7 @@ def plot_steps(groups, sweep):
             xs = [x for x, _ in pts]
             ys = np.array([p[0] for _, p in pts])
             err = np.array([[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]])
+            shown += [v for _, p in pts for v in p]
             ax.errorbar(
                 xs,
                 ys,
@@ -203,6 +218,7 @@ def plot_steps(groups, sweep):
     if floor is not None:
         rel = 1.96 * floor[1] / floor[0]  # the floor's spread over its reference splits
         ax.axhspan(max(1 - rel, 1e-3), 1 + rel, color="0.85", zorder=0)
+        shown.append(1 - rel)
         ax.axhline(1.0, color="0.5", lw=1, ls="--", zorder=0)
     ax.set(
         xscale="log",
@@ -214,6 +230,7 @@ def plot_steps(groups, sweep):
     steps = sorted({s.get("num_steps", 1000) for f in families.values() for s in f})
     ax.set_xticks(steps, [str(n) for n in steps])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _log_bottom(ax, shown)
     _plain_log_ticks(ax.yaxis)
     handles = [Line2D([], [], color=f"C{i}", lw=2, label=g) for i, g in enumerate(groups)]
     handles += [

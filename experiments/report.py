@@ -78,7 +78,8 @@ def _intro(sweep, groups) -> list[str]:
         "",
         "Cells: mean over training seeds [95% Student-t interval] (n = finished runs; one "
         "run: the bare value). Comparisons: paired over training seeds; `*` marks a "
-        "difference whose 95% interval excludes 0, `n.s.` one that does not.",
+        "difference whose 95% interval excludes 0, `n.s.` one that does not. In the plots, "
+        "an interval that runs off the bottom of a log axis reaches 0 or below.",
         "",
     ]
 
@@ -114,6 +115,7 @@ def build(sweep, root: str, out_dir: str, records: str | None = None) -> str:
     for key, title, digits in METRICS:
         if any(eval_by_seed(runs, s, key) for runs in groups.values() for s in specs):
             lines += [f"## {title}", "", *significance.metric_table(groups, specs, key, digits)]
+    lines += cost_table(groups)
     if len(groups) > 1:
         lines += [
             "## Paired differences between arms (classifier-FID)",
@@ -199,6 +201,62 @@ def build(sweep, root: str, out_dir: str, records: str | None = None) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _median_rate(train: list[dict]) -> float | None:
+    """The median of a run's logged training steps/s (a pause or a shared core distorts
+    a few logs only); None without any."""
+    rates = [r["train/steps_per_sec"] for r in train if "train/steps_per_sec" in r]
+    return float(np.median(rates)) if rates else None
+
+
+def cost_table(groups) -> list[str]:
+    """Markdown: what each arm's finished runs cost, measured, as mean [min-max] over
+    them: training speed (``_median_rate``) and the minutes it implies for the run's
+    steps; the run's own training clock (wall time, so pauses count); the minutes of its
+    evaluate.py records."""
+
+    def cell(values, digits=1):
+        if not values:
+            return "—"
+        spread = f" [{min(values):.{digits}f}-{max(values):.{digits}f}]" if len(values) > 1 else ""
+        return f"{np.mean(values):.{digits}f}{spread}"
+
+    rows = []
+    for g, runs in groups.items():
+        runs = [run for run in runs if run["records"]]  # finished: evaluated at least once
+        speeds = [
+            (run["train"][-1]["step"], _median_rate(run["train"]))
+            for run in runs
+            if _median_rate(run["train"])
+        ]
+        clocks = [recs[-1]["train_seconds"] / 60 for recs in map(timed_inloop, runs) if recs]
+        evals = [
+            sum(r.get("sample_seconds", 0) + r.get("metric_seconds", 0) for r in run["records"])
+            / 60
+            for run in runs
+        ]
+        if runs:
+            rows.append(
+                f"| {g} | {len(runs)} | {cell([v for _, v in speeds], 2)} "
+                f"| {cell([n / v / 60 for n, v in speeds])} | {cell(clocks)} | {cell(evals)} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Measured cost",
+        "",
+        "Per run, mean [min-max] over its training seeds, on the 2-core CPU guest each ran "
+        "on. Steps/s: the median of the run's logged rates; training: its steps at that rate. "
+        "Clock: the run's own training clock (compilation, steps, checkpoints; not in-loop "
+        "sampling), wall time, so a run paused or sharing its cores reads longer. "
+        "Evaluations: sampling and metric time of all its evaluate.py records.",
+        "",
+        "| arm | runs | steps/s | training (min) | clock (min) | evaluations (min) |",
+        "|---|--:|--:|--:|--:|--:|",
+        *rows,
+        "",
+    ]
 
 
 def quality_vs_time_table(groups) -> list[str]:

@@ -411,3 +411,58 @@ def test_finished_runs_are_archived_and_a_sweep_goes_on_without_its_workdirs(
     assert run.archive.stale_keys(run.train_config(grown, grown.runs()[0]), first) == [
         "train.num_steps"
     ]
+
+
+def test_an_interval_through_zero_does_not_stretch_the_log_axis(tmp_path):
+    """Two seeds far apart give a t-interval whose low end is negative: the plot's log
+    axis must stop just below the smallest positive mean or interval end (here the floor
+    band's low edge, 1 - 1.96 * 0.02 / 0.5 = 0.9216), not decades lower."""
+    from experiments import plots
+
+    specs = ({"sampler": "ddim", "num_steps": 10}, {"sampler": "ddim", "num_steps": 50})
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1), "arm": ("a", "b")},
+        arms={k: {"schedule.name": "linear"} for k in "ab"},
+        evals=specs,
+        eval_samples=30,
+    )
+    # ratios (fid / 0.5): a 1.2, 6.0 -> 3.6 +- 30.5; b 1.4, 1.42 -> its low end 1.283
+    fids = {"a": {0: 0.6, 1: 3.0}, "b": {0: 0.7, 1: 0.71}}
+    for overrides in sweep.runs():
+        wd = run.workdir_of(sweep, overrides, str(tmp_path / "runs"))
+        os.makedirs(wd)
+        fid = fids[overrides["arm"]][overrides["seed"]]
+        with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(_record(fid, **s)) + "\n" for s in specs)
+    fig = plots.plot_steps(results.collect(sweep, str(tmp_path / "runs"), None), sweep)
+    bottom = fig.axes[0].get_ylim()[0]
+    assert bottom == pytest.approx(0.9216 / 1.25, rel=1e-6)
+    plots.save(fig, str(tmp_path / "steps.png"))
+
+
+def test_cost_table_uses_the_median_rate_and_only_finished_runs():
+    """Arm a: two finished runs at median 2.0 and 1.0 steps/s over 120 steps (1 and 2
+    min), one of them paused (its clock reads 30 min, its rate logs barely move), and an
+    unfinished run (no evaluate.py record) that must not count. Arm b: nothing finished."""
+
+    def finished(rates, clock_min, eval_seconds, step=120):
+        return {
+            "train": [{"step": step, "train/steps_per_sec": r} for r in rates],
+            "inloop": [{"step": step, "train_seconds": 60 * clock_min, "fid_matched_ratio": 1}],
+            "records": [{"sample_seconds": eval_seconds, "metric_seconds": 30}],
+        }
+
+    groups = {
+        "a": [
+            finished([2.0, 2.1, 1.9], 1.0, 90),
+            finished([1.0, 0.01, 1.0, 1.1], 30.0, 30),
+            {"train": [{"step": 40, "train/steps_per_sec": 9.0}], "inloop": [], "records": []},
+        ],
+        "b": [{"train": [], "inloop": [], "records": []}],
+    }
+    rows = [line for line in report.cost_table(groups) if line.startswith("| ")]
+    assert rows[1:] == [
+        "| a | 2 | 1.50 [1.00-2.00] | 1.5 [1.0-2.0] | 15.5 [1.0-30.0] | 1.5 [1.0-2.0] |"
+    ]
