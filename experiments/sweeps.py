@@ -239,7 +239,7 @@ SWEEPS = {
     "schedule_arms_fashion": _arms_sweep(
         "schedule_arms_fashion",
         "configs/fashion_ldm.py",
-        limited_evals=tuple(({"seed": 0}, spec) for spec in ARM_EVALS_SEED0[:2]),
+        limited_evals=tuple(({"seed": 0}, spec) for spec in ARM_EVALS_SEED0),
         prepare=(
             (
                 "runs/fashion_ae",
@@ -262,7 +262,7 @@ SWEEPS = {
             "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps, "
             "~12.4 min of training and ~16 min wall each on a 2-core AMD EPYC guest), then 8 "
             "guided evaluations at N = 1000; on seed 0 DDIM-1000 at eta 0 and 1 at N = 500 "
-            "(~9 min each)"
+            "(~9 min each) and 6 more DDIM-50 evaluations (sampling seeds, N)"
         ),
     ),
     # Issue 20: a main job that ends in <= 10 min on the 2-core CI guest, install included,
