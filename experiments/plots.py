@@ -74,15 +74,18 @@ def plot_buckets(buckets):
 
 
 def plot_inloop(groups):
-    """In-loop FID vs training step, mean over seeds with its 95% t-interval."""
+    """In-loop FID vs training step, mean over seeds with its 95% t-interval, arms nudged
+    apart along x, the in-loop real-vs-real floor as a band."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     any_data = False
     shown = []  # means and interval ends, for the axis' bottom
+    k = len(groups)
     for i, (g, runs) in enumerate(groups.items()):
         by_step = inloop_by_step(runs)
         if by_step:
             any_data = True
             steps_ = sorted(by_step)
+            nudge = 1.0 + 0.012 * (i - (k - 1) / 2)
             ivs = [intervals.t_interval(by_step[s]) for s in steps_]
             means = np.array([iv.mean for iv in ivs])
             err = np.array(
@@ -90,7 +93,7 @@ def plot_inloop(groups):
             ).T
             shown += [*means, *(means - err[0])]
             ax.errorbar(
-                steps_,
+                np.array(steps_) * nudge,
                 means,
                 yerr=np.minimum(err, [means * 0.999, np.inf * means]),  # log axis: stay > 0
                 marker="o",
@@ -104,6 +107,9 @@ def plot_inloop(groups):
         yscale="log",
         title="Sample quality during training (DDIM-50, EMA)",
     )
+    floor = _floor(groups, "inloop")
+    if floor is not None:
+        shown.append(_floor_band(ax, floor[0], 1.96 * floor[1]))
     _log_bottom(ax, shown)
     _plain_log_ticks(ax.yaxis)
     if any_data:
@@ -171,14 +177,24 @@ def _point(runs, spec):
     )
 
 
-def _floor(groups):
-    """(fid_floor, fid_floor_std) of the first evaluation at the sweep's N with one."""
+def _floor(groups, kind: str = "evals"):
+    """(fid_floor, fid_floor_std) of the first record with one: of an evaluation at the
+    sweep's N (``kind`` "evals") or of an in-loop one ("inloop")."""
     for runs in groups.values():
         for run in runs:
-            for r in run["evals"]:
+            for r in run[kind]:
                 if "fid_floor" in r:
                     return r["fid_floor"], r.get("fid_floor_std", 0.0)
     return None
+
+
+def _floor_band(ax, center: float, half: float) -> float:
+    """Draw the real-vs-real floor, ``center`` +- ``half`` (its spread over reference
+    splits), as a grey band with a dashed centre line; returns the band's low edge."""
+    low = max(center - half, 1e-3 * center)
+    ax.axhspan(low, center + half, color="0.85", zorder=0, label="real-vs-real floor")
+    ax.axhline(center, color="0.5", lw=1, ls="--", zorder=0)
+    return low
 
 
 def plot_steps(groups, sweep):
