@@ -1,0 +1,150 @@
+"""The report builder and its plots (experiments.report, experiments.plots), from
+synthetic records with known answers."""
+
+import json
+import os
+
+import pytest
+
+from experiments import plots, report, results, run
+from experiments.sweeps import Sweep
+
+
+def _write_runs(sweep, root, fid_of, specs):
+    """One evaluate.py record per spec in each run's workdir, at FID ``fid_of(arm, seed)``."""
+    for overrides in sweep.runs():
+        wd = run.workdir_of(sweep, overrides, str(root))
+        os.makedirs(wd)
+        fid = fid_of(overrides["arm"], overrides["seed"])
+        with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(_record(fid, **s)) + "\n" for s in specs)
+
+
+def _inloop(step, minutes, accuracy, ratio):
+    return {
+        "step": step,
+        "train_seconds": 60 * minutes,
+        "class_accuracy": accuracy,
+        "fid_matched": ratio * 0.5,
+        "fid_matched_ratio": ratio,
+    }
+
+
+def test_quality_vs_time_table_and_plot(tmp_path):
+    """Minutes to each target come from the first in-loop record that meets it (the
+    accuracy and FID targets may be met at different records)."""
+    sweep = Sweep("s", "configs/tiny.py", axes={"config": ("configs/u.py", "configs/d.py")})
+    records = {
+        "config=u": [_inloop(100, 1.0, 0.5, 3.0), _inloop(200, 2.0, 0.96, 2.5)]
+        + [_inloop(300, 3.0, 0.97, 1.5)],
+        "config=d": [_inloop(100, 1.5, 0.2, 1.9), _inloop(200, 3.5, 0.9, 1.8)],
+    }
+    for name, recs in records.items():
+        os.makedirs(tmp_path / "runs" / "s" / name)
+        with open(tmp_path / "runs" / "s" / name / "eval.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    text = open(report.build(sweep, str(tmp_path / "runs"), str(tmp_path / "out"))).read()
+    rows = {
+        line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| config=")
+    }
+    assert rows["| config=u"].startswith("| config=u | 0 | 2.0 | 3.0 | 3.0 | 300 | 3.0 | 97.0%")
+    assert rows["| config=d"].startswith("| config=d | 0 | not reached | 1.5 | not reached | 200")
+    assert os.path.exists(tmp_path / "out" / "quality_vs_train_minutes.png")
+
+
+def _record(fid, **spec):
+    return {
+        "checkpoint_step": 10,
+        "num_samples": 30,
+        "fid_matched": fid,
+        "fid_matched_low": fid - 0.1,
+        "fid_matched_high": fid + 0.1,
+        "fid_floor": 0.5,
+        "fid_floor_std": 0.02,
+        "fid_matched_ratio": fid / 0.5,
+        **spec,
+    }
+
+
+def test_report_intervals_and_significance_from_known_records(tmp_path):
+    """Three arms x three training seeds with known FIDs: arm b is lower than a by
+    exactly 0.2 on every seed (a shared seed effect on top), c equals a up to +-0.05
+    noise. The report must print the t-intervals and mark b-vs-a significant, c-vs-a not."""
+    spec = {"sampler": "ddim", "num_steps": 10}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1, 2), "arm": ("a", "b", "c")},
+        arms={k: {"schedule.name": "linear"} for k in "abc"},
+        evals=(spec,),
+        eval_samples=30,
+    )
+    seed_effect = {0: 1.0, 1: 1.5, 2: 1.2}
+    noise = {0: 0.05, 1: -0.05, 2: 0.0}
+    fids = {
+        "a": seed_effect,
+        "b": {s: v - 0.2 for s, v in seed_effect.items()},
+        "c": {s: v + noise[s] for s, v in seed_effect.items()},
+    }
+    _write_runs(sweep, tmp_path / "runs", lambda arm, seed: fids[arm][seed], [spec])
+    text = open(report.build(sweep, str(tmp_path / "runs"), str(tmp_path / "out"))).read()
+    # arm a: mean 1.233, s = 0.2517, t_{0.975,2} = 4.3027: half-width 0.625
+    row = next(line for line in text.splitlines() if line.startswith("| DDIM-10 | 1.233"))
+    assert "1.233 [0.608, 1.858]" in row
+    cmp = next(line for line in text.splitlines() if line.startswith("| DDIM-10 | -16%"))
+    b_vs_a, c_vs_a, c_vs_b = cmp.split(" | ")[1:4]
+    assert b_vs_a.startswith("-16%") and b_vs_a.endswith("*")  # -0.2 / 1.233
+    assert c_vs_a.endswith("n.s.")
+    # bootstrap: mean over the 9 runs of 0.1 / fid = 0.0888 -> "±9%"; seeds: mean over
+    # arms of half-width / mean = (0.625 / 1.233 + 0.625 / 1.033 + 0.502 / 1.233) / 3
+    # = 0.506 -> "±51%"
+    assert "| DDIM-10 | ±9% | ±51% |" in text
+    assert os.path.exists(tmp_path / "out" / "fid_vs_sampler_steps.png") is False  # one N
+
+
+def test_an_interval_through_zero_does_not_stretch_the_log_axis(tmp_path):
+    """Two seeds far apart give a t-interval whose low end is negative: the plot's log
+    axis must stop just below the smallest positive mean or interval end (here the floor
+    band's low edge, 1 - 1.96 * 0.02 / 0.5 = 0.9216), not decades lower."""
+    specs = ({"sampler": "ddim", "num_steps": 10}, {"sampler": "ddim", "num_steps": 50})
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1), "arm": ("a", "b")},
+        arms={k: {"schedule.name": "linear"} for k in "ab"},
+        evals=specs,
+        eval_samples=30,
+    )
+    # ratios (fid / 0.5): a 1.2, 6.0 -> 3.6 +- 30.5; b 1.4, 1.42 -> its low end 1.283
+    fids = {"a": {0: 0.6, 1: 3.0}, "b": {0: 0.7, 1: 0.71}}
+    _write_runs(sweep, tmp_path / "runs", lambda arm, seed: fids[arm][seed], specs)
+    fig = plots.plot_steps(results.collect(sweep, str(tmp_path / "runs"), None), sweep)
+    bottom = fig.axes[0].get_ylim()[0]
+    assert bottom == pytest.approx(0.9216 / 1.25, rel=1e-6)
+    plots.save(fig, str(tmp_path / "steps.png"))
+
+
+def test_cost_table_uses_the_median_rate_and_only_finished_runs():
+    """Arm a: two finished runs at median 2.0 and 1.0 steps/s over 120 steps (1 and 2
+    min), one of them paused (its clock reads 30 min, its rate logs barely move), and an
+    unfinished run (no evaluate.py record) that must not count. Arm b: nothing finished."""
+
+    def finished(rates, clock_min, eval_seconds, step=120):
+        return {
+            "train": [{"step": step, "train/steps_per_sec": r} for r in rates],
+            "inloop": [{"step": step, "train_seconds": 60 * clock_min, "fid_matched_ratio": 1}],
+            "records": [{"sample_seconds": eval_seconds, "metric_seconds": 30}],
+        }
+
+    groups = {
+        "a": [
+            finished([2.0, 2.1, 1.9], 1.0, 90),
+            finished([1.0, 0.01, 1.0, 1.1], 30.0, 30),
+            {"train": [{"step": 40, "train/steps_per_sec": 9.0}], "inloop": [], "records": []},
+        ],
+        "b": [{"train": [], "inloop": [], "records": []}],
+    }
+    rows = [line for line in report.cost_table(groups) if line.startswith("| ")]
+    assert rows[1:] == [
+        "| a | 2 | 1.50 [1.00-2.00] | 1.5 [1.0-2.0] | 15.5 [1.0-30.0] | 1.5 [1.0-2.0] |"
+    ]
