@@ -118,6 +118,12 @@ def build(sweep, root: str, out_dir: str, records: str | None = None) -> str:
     lines += cost_table(groups)
     if len(groups) > 1:
         lines += [
+            "## Which arm to train with (classifier-FID)",
+            "",
+            "Per sampler: the arm with the lowest mean over training seeds, the arms it beats "
+            "in a paired comparison whose 95% interval excludes 0, and those it does not.",
+            "",
+            *significance.best_arm_table(groups, specs, "fid_matched"),
             "## Paired differences between arms (classifier-FID)",
             "",
             "Mean of (b - a) over training seeds relative to a's mean, with its 95% interval "

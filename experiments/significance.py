@@ -61,19 +61,52 @@ def comparison_cell(cmp: intervals.Comparison | None, base_mean: float) -> str:
     return f"{d.mean * pct:+.0f}% [{d.low * pct:+.0f}, {d.high * pct:+.0f}] {mark}"
 
 
+def _paired(groups, a: str, b: str, spec: dict, key: str):
+    """(the paired comparison of b against a over their common training seeds, a's mean
+    over those seeds); (None, 1) without a common seed."""
+    va, vb = eval_by_seed(groups[a], spec, key), eval_by_seed(groups[b], spec, key)
+    seeds = sorted(set(va) & set(vb))
+    cmp = intervals.paired_difference([vb[s] for s in seeds], [va[s] for s in seeds])
+    return cmp, (np.mean([va[s] for s in seeds]) if seeds else 1)
+
+
 def comparison_table(groups, specs, key: str) -> list[str]:
     """Every pair of arms (b vs a, a listed first), paired by training seed: the
     difference b - a of ``key`` relative to a's mean. Negative = b scores lower."""
     pairs = list(itertools.combinations(groups, 2))
     lines = _header("sampler", [f"{b} vs {a}" for a, b in pairs])
     for spec in specs:
-        cells = []
-        for a, b in pairs:
-            va, vb = eval_by_seed(groups[a], spec, key), eval_by_seed(groups[b], spec, key)
-            seeds = sorted(set(va) & set(vb))
-            cmp = intervals.paired_difference([vb[s] for s in seeds], [va[s] for s in seeds])
-            cells.append(comparison_cell(cmp, np.mean([va[s] for s in seeds]) if seeds else 1))
+        cells = [comparison_cell(*_paired(groups, a, b, spec, key)) for a, b in pairs]
         lines.append(f"| {spec_label(spec)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def best_arm_table(groups, specs, key: str) -> list[str]:
+    """Per sampler, the answer a reader wants first: the arm with the lowest mean ``key``
+    over training seeds, the arms it beats significantly (paired, 95%), and those it
+    cannot be told from; a pair needs two common training seeds, so an arm with fewer is
+    listed apart, as untested."""
+    lines = _header(
+        "sampler", ["best (mean)", "significantly worse", "not distinguishable", "untested"]
+    )
+    for spec in specs:
+        means = {
+            g: np.mean(list(v.values()))
+            for g, runs in groups.items()
+            if (v := eval_by_seed(runs, spec, key))
+        }
+        if not means:
+            continue
+        best = min(means, key=means.get)
+        worse, same, untested = [], [], []
+        for g in means:
+            if g != best:
+                cmp, _ = _paired(groups, best, g, spec, key)
+                (untested if cmp is None else worse if cmp.significant else same).append(g)
+        cells = [", ".join(arms) or "—" for arms in (worse, same, untested)]
+        lines.append(
+            f"| {spec_label(spec)} | {best} ({means[best]:.3f}) | " + " | ".join(cells) + " |"
+        )
     return lines + [""]
 
 

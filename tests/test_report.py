@@ -6,16 +6,19 @@ import os
 
 import pytest
 
-from experiments import plots, report, results, run
+from experiments import plots, report, results, run, significance
 from experiments.sweeps import Sweep
 
 
 def _write_runs(sweep, root, fid_of, specs):
-    """One evaluate.py record per spec in each run's workdir, at FID ``fid_of(arm, seed)``."""
+    """One evaluate.py record per spec in each run's workdir, at FID ``fid_of(arm, seed)``
+    (None: the run has not finished, no record)."""
     for overrides in sweep.runs():
+        fid = fid_of(overrides["arm"], overrides["seed"])
+        if fid is None:
+            continue
         wd = run.workdir_of(sweep, overrides, str(root))
         os.makedirs(wd)
-        fid = fid_of(overrides["arm"], overrides["seed"])
         with open(os.path.join(wd, "eval.jsonl"), "w") as f:
             f.writelines(json.dumps(_record(fid, **s)) + "\n" for s in specs)
 
@@ -148,3 +151,29 @@ def test_cost_table_uses_the_median_rate_and_only_finished_runs():
     assert rows[1:] == [
         "| a | 2 | 1.50 [1.00-2.00] | 1.5 [1.0-2.0] | 15.5 [1.0-30.0] | 1.5 [1.0-2.0] |"
     ]
+
+
+def test_best_arm_table_splits_the_others_by_paired_significance(tmp_path):
+    """b is lowest; a is b + 0.2 on every seed under a shared seed effect (significant);
+    c is b plus zero-mean noise (not distinguishable); d finished one seed (untested)."""
+    spec = {"sampler": "ddim", "num_steps": 10}
+    sweep = Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": (0, 1, 2), "arm": tuple("abcd")},
+        arms={k: {"schedule.name": "linear"} for k in "abcd"},
+        evals=(spec,),
+        eval_samples=30,
+    )
+    seed_effect = {0: 1.0, 1: 1.5, 2: 1.2}
+    noise = {0: 0.05, 1: -0.06, 2: 0.02}
+    fids = {
+        "a": {s: v + 0.2 for s, v in seed_effect.items()},
+        "b": seed_effect,
+        "c": {s: v + noise[s] for s, v in seed_effect.items()},
+        "d": {0: 3.0},
+    }
+    _write_runs(sweep, tmp_path / "runs", lambda arm, seed: fids[arm].get(seed), [spec])
+    groups = results.collect(sweep, str(tmp_path / "runs"), None)
+    rows = significance.best_arm_table(groups, [spec], "fid_matched")
+    assert rows[2] == "| DDIM-10 | arm=b (1.233) | arm=a | arm=c | arm=d |"
