@@ -10,6 +10,19 @@ from experiments import plots, report, results, run, significance
 from experiments.sweeps import Sweep
 
 
+def _arm_sweep(arms: str, seeds, specs) -> Sweep:
+    """A sweep of the given one-letter arms (all the linear schedule) x training seeds,
+    scored by ``specs`` at N = 30."""
+    return Sweep(
+        "s",
+        "configs/tiny.py",
+        axes={"seed": tuple(seeds), "arm": tuple(arms)},
+        arms={k: {"schedule.name": "linear"} for k in arms},
+        evals=tuple(specs),
+        eval_samples=30,
+    )
+
+
 def _write_runs(sweep, root, fid_of, specs):
     """One evaluate.py record per spec in each run's workdir, at FID ``fid_of(arm, seed)``
     (None: the run has not finished, no record)."""
@@ -74,14 +87,7 @@ def test_report_intervals_and_significance_from_known_records(tmp_path):
     exactly 0.2 on every seed (a shared seed effect on top), c equals a up to +-0.05
     noise. The report must print the t-intervals and mark b-vs-a significant, c-vs-a not."""
     spec = {"sampler": "ddim", "num_steps": 10}
-    sweep = Sweep(
-        "s",
-        "configs/tiny.py",
-        axes={"seed": (0, 1, 2), "arm": ("a", "b", "c")},
-        arms={k: {"schedule.name": "linear"} for k in "abc"},
-        evals=(spec,),
-        eval_samples=30,
-    )
+    sweep = _arm_sweep("abc", (0, 1, 2), [spec])
     seed_effect = {0: 1.0, 1: 1.5, 2: 1.2}
     noise = {0: 0.05, 1: -0.05, 2: 0.0}
     fids = {
@@ -110,14 +116,7 @@ def test_an_interval_through_zero_does_not_stretch_the_log_axis(tmp_path):
     axis must stop just below the smallest positive mean or interval end (here the floor
     band's low edge, 1 - 1.96 * 0.02 / 0.5 = 0.9216), not decades lower."""
     specs = ({"sampler": "ddim", "num_steps": 10}, {"sampler": "ddim", "num_steps": 50})
-    sweep = Sweep(
-        "s",
-        "configs/tiny.py",
-        axes={"seed": (0, 1), "arm": ("a", "b")},
-        arms={k: {"schedule.name": "linear"} for k in "ab"},
-        evals=specs,
-        eval_samples=30,
-    )
+    sweep = _arm_sweep("ab", (0, 1), specs)
     # ratios (fid / 0.5): a 1.2, 6.0 -> 3.6 +- 30.5; b 1.4, 1.42 -> its low end 1.283
     fids = {"a": {0: 0.6, 1: 3.0}, "b": {0: 0.7, 1: 0.71}}
     _write_runs(sweep, tmp_path / "runs", lambda arm, seed: fids[arm][seed], specs)
@@ -157,14 +156,7 @@ def test_best_arm_table_splits_the_others_by_paired_significance(tmp_path):
     """b is lowest; a is b + 0.2 on every seed under a shared seed effect (significant);
     c is b plus zero-mean noise (not distinguishable); d finished one seed (untested)."""
     spec = {"sampler": "ddim", "num_steps": 10}
-    sweep = Sweep(
-        "s",
-        "configs/tiny.py",
-        axes={"seed": (0, 1, 2), "arm": tuple("abcd")},
-        arms={k: {"schedule.name": "linear"} for k in "abcd"},
-        evals=(spec,),
-        eval_samples=30,
-    )
+    sweep = _arm_sweep("abcd", (0, 1, 2), [spec])
     seed_effect = {0: 1.0, 1: 1.5, 2: 1.2}
     noise = {0: 0.05, 1: -0.06, 2: 0.02}
     fids = {
