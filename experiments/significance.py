@@ -81,28 +81,43 @@ def comparison_table(groups, specs, key: str) -> list[str]:
     return lines + [""]
 
 
+def _shared_seeds(by_arm: dict[str, dict]) -> tuple[list[int], list[str]]:
+    """(the training seeds every arm with two or more seeds has, the other arms): one seed
+    set on which to rank and compare the arms, so that a sweep still in progress, whose
+    arms have finished different seeds, cannot rank an arm on seeds the others lack."""
+    tested = [g for g, v in by_arm.items() if len(v) >= 2]
+    seeds = set.intersection(*(set(by_arm[g]) for g in tested)) if tested else set()
+    return sorted(seeds), [g for g in by_arm if g not in tested]
+
+
 def best_arm_table(groups, specs, key: str) -> list[str]:
-    """Per sampler, the answer a reader wants first: the arm with the lowest mean ``key``
-    over training seeds, the arms it beats significantly (paired, 95%), and those it
-    cannot be told from; a pair needs two common training seeds, so an arm with fewer is
-    listed apart, as untested."""
+    """Per sampler, the answer a reader wants first: the arm with the lowest mean ``key``,
+    the arms it beats significantly (paired, 95%), and those it cannot be told from. Arms
+    are ranked and compared on the training seeds they all share (``_shared_seeds``);
+    an arm with fewer than two seeds, or every arm but the best when fewer than two seeds
+    are shared, is listed apart, as untested."""
     lines = _header(
         "sampler", ["best (mean)", "significantly worse", "not distinguishable", "untested"]
     )
     for spec in specs:
-        means = {
-            g: np.mean(list(v.values()))
-            for g, runs in groups.items()
-            if (v := eval_by_seed(runs, spec, key))
-        }
-        if not means:
+        by_arm = {g: v for g, runs in groups.items() if (v := eval_by_seed(runs, spec, key))}
+        if not by_arm:
             continue
-        best = min(means, key=means.get)
-        worse, same, untested = [], [], []
-        for g in means:
-            if g != best:
-                cmp, _ = _paired(groups, best, g, spec, key)
-                (untested if cmp is None else worse if cmp.significant else same).append(g)
+        seeds, untested = _shared_seeds(by_arm)
+        if len(seeds) < 2:  # nothing to compare on: rank on each arm's own seeds
+            means = {g: np.mean(list(v.values())) for g, v in by_arm.items()}
+            best = min(means, key=means.get)
+            worse, same, untested = [], [], [g for g in by_arm if g != best]
+        else:
+            means = {g: np.mean([by_arm[g][s] for s in seeds]) for g in by_arm if g not in untested}
+            best = min(means, key=means.get)
+            worse, same = [], []
+            for g in means:
+                if g != best:
+                    cmp = intervals.paired_difference(
+                        [by_arm[g][s] for s in seeds], [by_arm[best][s] for s in seeds]
+                    )
+                    (untested if cmp is None else worse if cmp.significant else same).append(g)
         cells = [", ".join(arms) or "—" for arms in (worse, same, untested)]
         lines.append(
             f"| {spec_label(spec)} | {best} ({means[best]:.3f}) | " + " | ".join(cells) + " |"

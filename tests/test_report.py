@@ -169,3 +169,16 @@ def test_best_arm_table_splits_the_others_by_paired_significance(tmp_path):
     groups = results.collect(sweep, str(tmp_path / "runs"), None)
     rows = significance.best_arm_table(groups, [spec], "fid_matched")
     assert rows[2] == "| DDIM-10 | arm=b (1.233) | arm=a | arm=c | arm=d |"
+
+
+def test_best_arm_table_ranks_a_sweep_in_progress_on_the_seeds_all_arms_share(tmp_path):
+    """Mid-sweep, b has a third seed with a low FID that a lacks: over its own seeds b's
+    mean (1.0) is the lowest, but on the shared seeds 0 and 1 a is 0.2 lower every time,
+    so a is the best and b significantly worse; c (one seed) is untested."""
+    spec = {"sampler": "ddim", "num_steps": 10}
+    sweep = _arm_sweep("abc", (0, 1, 2), [spec])
+    fids = {"a": {0: 1.0, 1: 1.5}, "b": {0: 1.2, 1: 1.7, 2: 0.1}, "c": {0: 0.5}}
+    _write_runs(sweep, tmp_path / "runs", lambda arm, seed: fids[arm].get(seed), [spec])
+    groups = results.collect(sweep, str(tmp_path / "runs"), None)
+    rows = significance.best_arm_table(groups, [spec], "fid_matched")
+    assert rows[2] == "| DDIM-10 | arm=a (1.250) | arm=b | — | arm=c |"
