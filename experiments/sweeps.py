@@ -229,9 +229,11 @@ SWEEPS = {
         limited_evals=tuple(({"seed": 0}, spec) for spec in ARM_EVALS_SEED0),
         budget=(
             "12 runs (4 arms x 3 training seeds) of the README main job's config "
-            "(1,200 steps at batch 128), each ~14 min of training on a 2-core AMD EPYC "
-            "guest, then 8 evaluations at N = 1000 (~7 min); on seed 0 also DDIM-1000 at "
-            "eta 0 and 1 at N = 500 (~10 min each) and 6 more DDIM-50 evaluations"
+            "(1,200 steps at batch 128), each 8-10 min of training alone on a 2-core Intel "
+            "Xeon guest (2.0-2.2 steps/s; ~14 min on a 2-core AMD EPYC guest), then 8 "
+            "evaluations at N = 1000 (~3 min); on seed 0 also DDIM-1000 at eta 0 and 1 at "
+            "N = 500 (~5 min each) and 6 more DDIM-50 evaluations (17-18 min per arm in "
+            "all); measured, ~6 CPU hours for the sweep"
         ),
     ),
     # Issue 22 on a real 28x28 dataset: the same arms for the class-conditional latent DiT
