@@ -232,9 +232,7 @@ def cost_table(groups) -> list[str]:
     for g, runs in groups.items():
         runs = [run for run in runs if run["records"]]  # finished: evaluated at least once
         speeds = [
-            (run["train"][-1]["step"], _median_rate(run["train"]))
-            for run in runs
-            if _median_rate(run["train"])
+            (run["train"][-1]["step"], rate) for run in runs if (rate := _median_rate(run["train"]))
         ]
         clocks = [recs[-1]["train_seconds"] / 60 for recs in map(timed_inloop, runs) if recs]
         evals = [
