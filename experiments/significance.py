@@ -104,20 +104,21 @@ def best_arm_table(groups, specs, key: str) -> list[str]:
         if not by_arm:
             continue
         seeds, untested = _shared_seeds(by_arm)
-        if len(seeds) < 2:  # nothing to compare on: rank on each arm's own seeds
-            means = {g: np.mean(list(v.values())) for g, v in by_arm.items()}
-            best = min(means, key=means.get)
-            worse, same, untested = [], [], [g for g in by_arm if g != best]
-        else:
-            means = {g: np.mean([by_arm[g][s] for s in seeds]) for g in by_arm if g not in untested}
-            best = min(means, key=means.get)
-            worse, same = [], []
-            for g in means:
-                if g != best:
-                    cmp = intervals.paired_difference(
-                        [by_arm[g][s] for s in seeds], [by_arm[best][s] for s in seeds]
-                    )
-                    (untested if cmp is None else worse if cmp.significant else same).append(g)
+        paired = len(seeds) >= 2  # else nothing to compare on: rank on each arm's own seeds
+        means = {
+            g: np.mean([v[s] for s in seeds] if paired else list(v.values()))
+            for g, v in by_arm.items()
+            if not (paired and g in untested)
+        }
+        best = min(means, key=means.get)
+        worse, same = [], []
+        if not paired:
+            untested = [g for g in by_arm if g != best]
+        for g in (g for g in means if paired and g != best):
+            cmp = intervals.paired_difference(
+                [by_arm[g][s] for s in seeds], [by_arm[best][s] for s in seeds]
+            )
+            (untested if cmp is None else worse if cmp.significant else same).append(g)
         cells = [", ".join(arms) or "—" for arms in (worse, same, untested)]
         lines.append(
             f"| {spec_label(spec)} | {best} ({means[best]:.3f}) | " + " | ".join(cells) + " |"
