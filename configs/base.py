@@ -131,6 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler.respacing = 0
     c.sampler.eta = 0.0
     c.sampler.spacing = "leading"  # leading | trailing | linspace | logsnr
+    # logsnr only: the grid starts where lambda = log(alpha / sigma) >= lambda_min, not at
+    # a cosine/sigmoid schedule's clipped last step (lambda -9.9 / -7.5), where an eps
+    # model's x0 amplifies its error 2e4x (timesteps.LAMBDA_MIN); -inf: the whole range
+    c.sampler.lambda_min = -5.1
     # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde) | learned (objective.learn_sigma)
     c.sampler.variance = "fixedlarge"
     c.sampler.clip_x0 = True

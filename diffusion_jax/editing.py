@@ -23,7 +23,7 @@ from diffusion_jax import samplers
 from diffusion_jax.objectives import PREDICTIONS, check_choice, q_sample, x0_eps_from_prediction
 from diffusion_jax.samplers import ModelFn
 from diffusion_jax.schedules import NoiseSchedule
-from diffusion_jax.timesteps import ddim_timesteps, repaint_timesteps
+from diffusion_jax.timesteps import LAMBDA_MIN, ddim_timesteps, repaint_timesteps
 
 
 @functools.partial(jax.jit, static_argnames=("prediction",))
@@ -54,6 +54,7 @@ def ddim_invert(
     num_steps: int,
     prediction: str = "eps",
     spacing: str = "leading",
+    lambda_min: float = LAMBDA_MIN,
 ) -> jnp.ndarray:
     """x_T that deterministic DDIM (same num_steps and spacing) maps back to about x0.
 
@@ -64,7 +65,8 @@ def ddim_invert(
     is first order in the step size and vanishes as num_steps grows.
     """
     check_choice("prediction", prediction, PREDICTIONS)
-    ts_to = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, schedule.log_snr)[::-1]
+    T = schedule.num_timesteps
+    ts_to = ddim_timesteps(T, num_steps, spacing, schedule.log_snr, lambda_min)[::-1]
     ts_from = np.append(-1, ts_to[:-1]).astype(np.int32)
     return _scan_invert(
         samplers.as_pytree_fn(model_fn),
@@ -85,6 +87,7 @@ def ddim_edit(
     num_steps: int,
     prediction: str = "eps",
     spacing: str = "leading",
+    lambda_min: float = LAMBDA_MIN,
     clip_x0: bool = False,
 ):
     """DDIM-inversion editing -> (edited x0, x_T).
@@ -97,20 +100,19 @@ def ddim_edit(
     inversion does not clip, so clipping would break the round trip.
     """
     x0 = jnp.asarray(x0)
-    x_T = ddim_invert(
-        source_model_fn, schedule, x0, num_steps=num_steps, prediction=prediction, spacing=spacing
-    )
+    grid = dict(num_steps=num_steps, spacing=spacing, lambda_min=lambda_min)
+    x_T = ddim_invert(source_model_fn, schedule, x0, prediction=prediction, **grid)
     # eta = 0 and x_T given: the rng is not used.
-    x = samplers.ddim_sample(
+    x = samplers.sample(
         target_model_fn,
         schedule,
         jax.random.PRNGKey(0),
         x0.shape,
-        num_steps=num_steps,
+        sampler="ddim",
         prediction=prediction,
-        spacing=spacing,
         clip_x0=clip_x0,
         x_T=x_T,
+        **grid,
     )
     return x, x_T
 
@@ -128,6 +130,7 @@ def img2img(
     spacing: str = "leading",
     variance: str = "fixedlarge",
     respacing: int = 0,
+    lambda_min: float = LAMBDA_MIN,
     prediction: str = "eps",
     clip_x0: bool = False,
 ):
@@ -142,7 +145,9 @@ def img2img(
     """
     if not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
+    ts, update = samplers.plan(
+        sampler, schedule, num_steps, spacing, variance, eta, respacing, lambda_min
+    )
     x0 = jnp.asarray(x0)
     n = len(ts)
     k = int(round(strength * n))
@@ -179,6 +184,7 @@ def inpaint(
     spacing: str = "leading",
     variance: str = "fixedlarge",
     respacing: int = 0,
+    lambda_min: float = LAMBDA_MIN,
     prediction: str = "eps",
     clip_x0: bool = False,
     jump_length: int = 10,
@@ -204,7 +210,9 @@ def inpaint(
             f"mask of shape {jnp.shape(mask)} does not broadcast to the "
             f"images' shape {x_known.shape}"
         ) from None
-    ts, update = samplers.plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
+    ts, update = samplers.plan(
+        sampler, schedule, num_steps, spacing, variance, eta, respacing, lambda_min
+    )
     ts_prev, renoise = None, jump_n_sample != 1
     if renoise:
         ts, ts_prev = repaint_timesteps(ts, jump_length, jump_n_sample)

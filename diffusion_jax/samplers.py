@@ -53,7 +53,7 @@ from diffusion_jax import step_rules
 from diffusion_jax.objectives import PREDICTIONS, check_choice
 from diffusion_jax.schedules import NoiseSchedule
 from diffusion_jax.step_rules import RULES, normal, ratio_var, sqrt_alpha_bar
-from diffusion_jax.timesteps import ddim_timesteps
+from diffusion_jax.timesteps import LAMBDA_MIN, ddim_timesteps
 from diffusion_jax.variance import FIXED, LEARNED
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "consistency")
@@ -86,6 +86,7 @@ def sampler_timesteps(
     spacing: str = "leading",
     log_snr=None,
     respacing: int = 0,
+    lambda_min: float = LAMBDA_MIN,
 ) -> np.ndarray:
     """The descending indices ``sampler`` visits: for ddpm all T, or with ``respacing``
     the ``ddim_timesteps`` grid of that many steps; for the others ddim_timesteps."""
@@ -94,8 +95,8 @@ def sampler_timesteps(
         n = ddpm_num_steps(num_timesteps, respacing)
         if n == num_timesteps:
             return np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
-        return ddim_timesteps(num_timesteps, n, spacing, log_snr)
-    return ddim_timesteps(num_timesteps, num_steps, spacing, log_snr)
+        return ddim_timesteps(num_timesteps, n, spacing, log_snr, lambda_min)
+    return ddim_timesteps(num_timesteps, num_steps, spacing, log_snr, lambda_min)
 
 
 def num_function_evals(sampler: str, num_steps: int, num_timesteps: int, respacing: int = 0) -> int:
@@ -218,16 +219,18 @@ def plan(
     variance: str,
     eta,
     respacing: int = 0,
+    lambda_min: float = LAMBDA_MIN,
 ):
     """(descending timesteps, rule name for ``run``'s update) of a sampler, with its options
-    checked (``respacing``: ddpm only, see ``sampler_timesteps``)."""
+    checked (``respacing``: ddpm only, see ``sampler_timesteps``; ``lambda_min``: where a
+    "logsnr" grid starts, see timesteps.LAMBDA_MIN)."""
     check_choice("sampler", sampler, SAMPLERS)
     if sampler == "ddpm":
         check_choice("variance", variance, DDPM_VARIANCES)
     if sampler == "ddim" and isinstance(eta, numbers.Real) and not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     ts = sampler_timesteps(
-        sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr, respacing
+        sampler, schedule.num_timesteps, num_steps, spacing, schedule.log_snr, respacing, lambda_min
     )
     return ts, (variance if sampler == "ddpm" else sampler)
 
@@ -298,6 +301,7 @@ def sample(
     spacing: str = "leading",
     variance: str = "fixedlarge",
     respacing: int = 0,
+    lambda_min: float = LAMBDA_MIN,
     prediction: str = "eps",
     clip_x0: bool = False,
     x_T: Optional[jnp.ndarray] = None,
@@ -312,7 +316,7 @@ def sample(
     stochastic with the reverse SDE's own noise (eta unused). With return_every = k > 0
     returns (x0, traj), traj[i] = x after (i + 1) * k steps.
     """
-    ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta, respacing)
+    ts, update = plan(sampler, schedule, num_steps, spacing, variance, eta, respacing, lambda_min)
     x_T, keys = start(rng, shape, x_T, len(ts))
     return run(
         model_fn,

@@ -184,6 +184,7 @@ def sampler_options(config) -> dict:
         spacing=s_cfg.spacing,
         variance=s_cfg.variance,
         respacing=s_cfg.respacing,
+        lambda_min=s_cfg.lambda_min,
         prediction=config.objective.prediction,
         clip_x0=s_cfg.clip_x0,
     )
@@ -303,6 +304,7 @@ def make_sample_fn(
             num_steps=s_cfg.num_steps,
             prediction=prediction,
             spacing=s_cfg.spacing,
+            lambda_min=s_cfg.lambda_min,
         )[0]
 
     return sample

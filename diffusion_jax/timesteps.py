@@ -20,9 +20,23 @@ from diffusion_jax.objectives import check_choice
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 
+# Where the "logsnr" grid starts: lambda = log(alpha / sigma) >= LAMBDA_MIN. The cosine and
+# sigmoid schedules clip their last beta to 0.999, so index T-1 alone sits far below its
+# neighbour (T = 1000, cosine: lambda -9.9 at 999, -6.5 at 998, -5.1 at 995; sigmoid: -7.5
+# at 999, -4.1 at 998; linear: -5.06 at 999, so it is unaffected). An eps-prediction model's
+# data prediction x0 = (x - sigma eps) / alpha multiplies its eps error by sigma / alpha
+# (2e4 at lambda -9.9, 160 at -5.1), and DPM-Solver++'s multistep update carries that x0
+# into the next steps. -5.1 is the clip diffusers calls lambda_min_clipped for cosine
+# models; DPM-Solver (Lu et al. 2022) likewise stops its cosine schedule short of t = 1.
+LAMBDA_MIN = -5.1
+
 
 def ddim_timesteps(
-    num_timesteps: int, num_steps: int, spacing: str = "leading", log_snr=None
+    num_timesteps: int,
+    num_steps: int,
+    spacing: str = "leading",
+    log_snr=None,
+    lambda_min: float = LAMBDA_MIN,
 ) -> np.ndarray:
     """The schedule indices a ``num_steps`` DDIM sampler visits, strictly descending, int32.
 
@@ -30,8 +44,12 @@ def ddim_timesteps(
       leading:  arange(0, T, T // n)[:n], reversed          (DDIM paper code, diffusers)
       trailing: round(T - arange(n) * T / n) - 1            (Lin et al. 2024)
       linspace: round(linspace(0, T - 1, n)), reversed
-      logsnr:   uniform in lambda = log_snr / 2 from index T-1 to 0 (Lu et al. 2022,
-                DPM-Solver's "logSNR" steps); needs the schedule's ``log_snr`` table
+      logsnr:   uniform in lambda = log_snr / 2 from max(lambda(T-1), lambda_min) to
+                lambda(0) (Lu et al. 2022, DPM-Solver's "logSNR" steps); needs the
+                schedule's ``log_snr`` table. It starts at the largest index with
+                lambda >= lambda_min (x_T ~ N(0, I) stands for x there; see LAMBDA_MIN),
+                or at T-1 where lambda(T-1) = -inf (zero terminal SNR, where x_T is
+                exact). lambda_min = -inf gives the whole range.
     (round is numpy's, half to even). After the last (smallest) index the sampler steps to
     alpha_bar = 1, i.e. clean x0, for every spacing.
 
@@ -60,16 +78,16 @@ def ddim_timesteps(
     elif spacing == "linspace":
         ts = np.round(np.linspace(0, T - 1, n))[::-1]
     else:
-        ts = _logsnr_timesteps(log_snr, T, n)
+        ts = _logsnr_timesteps(log_snr, T, n, lambda_min)
     return np.ascontiguousarray(ts, dtype=np.int32)
 
 
-def _logsnr_timesteps(log_snr, T: int, n: int) -> np.ndarray:
+def _logsnr_timesteps(log_snr, T: int, n: int, lambda_min: float) -> np.ndarray:
     """The (rounded) indices at which lambda, linear between indices, takes n values
-    uniform from lambda(T-1) to lambda(0), made strictly descending: near index 0 lambda
-    changes by ~0.3 per index (linear schedule), so for large n several targets round to
-    one index; they are pushed apart by one index at a time, first upwards from 0, then
-    downwards from T-1 (both possible as n <= T)."""
+    uniform from the start's lambda to lambda(0), made strictly descending: near index 0
+    lambda changes by ~0.3 per index (linear schedule), so for large n several targets
+    round to one index; they are pushed apart by one index at a time, first upwards from
+    0, then downwards from the start (possible while n <= start + 1)."""
     if log_snr is None:
         raise ValueError('spacing "logsnr" needs the schedule\'s log_snr table')
     try:
@@ -78,15 +96,27 @@ def _logsnr_timesteps(log_snr, T: int, n: int) -> np.ndarray:
         raise ValueError('spacing "logsnr" needs a concrete (not traced) schedule') from None
     if lam.shape != (T,):
         raise ValueError(f"log_snr has shape {lam.shape}, expected ({T},)")
-    # Only finite lambdas: a zero-terminal-SNR step (lambda = -inf) is visited first anyway.
-    finite = np.isfinite(lam)
-    lam_f, idx_f = lam[finite], np.arange(T)[finite]  # lambda descending in the index
-    targets = np.linspace(lam_f[-1], lam_f[0], n)
-    ts = np.round(np.interp(targets, lam_f[::-1], idx_f[::-1])).astype(np.int64)
-    ts[0] = T - 1
+    if np.isnan(lambda_min) or lambda_min > lam[0]:
+        raise ValueError(
+            f"sampler.lambda_min={lambda_min} leaves no step: the schedule's largest lambda "
+            f"is {lam[0]:.3f}; lower it (-inf keeps the whole range)"
+        )
+    # Only lambdas >= lambda_min (finite ones): a zero-terminal-SNR step (lambda = -inf)
+    # is visited first anyway.
+    kept = np.isfinite(lam) & (lam >= lambda_min)
+    lam_k, idx_k = lam[kept], np.arange(T)[kept]  # lambda descending in the index
+    start = T - 1 if lam[-1] == -np.inf else int(idx_k[-1])
+    if n > start + 1:
+        raise ValueError(
+            f"num_steps={n} needs {n} indices, but only {start + 1} have lambda >= "
+            f"sampler.lambda_min={lambda_min}; use fewer steps or a lower lambda_min"
+        )
+    targets = np.linspace(lam_k[-1], lam_k[0], n)
+    ts = np.round(np.interp(targets, lam_k[::-1], idx_k[::-1])).astype(np.int64)
+    ts[0] = start
     for i in range(n - 2, -1, -1):
         ts[i] = max(ts[i], ts[i + 1] + 1)
-    ts[0] = min(ts[0], T - 1)
+    ts[0] = min(ts[0], start)
     for i in range(1, n):
         ts[i] = min(ts[i], ts[i - 1] - 1)
     return ts

@@ -176,6 +176,15 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             f"sampler.num_steps={c.sampler.num_steps} must be in "
             f"1..schedule.num_timesteps={c.schedule.num_timesteps}"
         )
+    if c.sampler.spacing == "logsnr":  # lambda_min must leave num_steps indices
+        schedule = schedules.build(c.schedule)
+        timesteps.ddim_timesteps(
+            schedule.num_timesteps,
+            c.sampler.num_steps,
+            "logsnr",
+            schedule.log_snr,
+            c.sampler.lambda_min,
+        )
     check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
     variance.check_learned_sigma(c, spec.image_shape[2])  # the channels the model sees
     latent_space.metadata_of(c)  # latent runs: the dataset was encoded by latent.autoencoder

@@ -35,6 +35,8 @@ def spec_label(spec: dict) -> str:
         label += f" seed {spec['seed']}"
     if "num_samples" in spec:
         label += f" N={spec['num_samples']}"
+    if "lambda_min" in spec:
+        return label + f" ({spec['spacing']}, lambda >= {spec['lambda_min']:g})"
     return label + (f" ({spec['spacing']})" if "spacing" in spec else "")
 
 

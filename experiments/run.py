@@ -84,6 +84,7 @@ EVAL_SPEC_KEYS = {
     "num_steps": "sampler.num_steps",
     "eta": "sampler.eta",
     "spacing": "sampler.spacing",
+    "lambda_min": "sampler.lambda_min",
     "guidance_scale": "sampler.guidance_scale",
 }
 

@@ -365,3 +365,17 @@ def test_sample_on_a_workdir_without_checkpoint_writes_nothing(tmp_path):
     r = cli("diffusion_jax.sample", f"--workdir={wd}")
     one_line_error(r, "no checkpoint")
     assert sorted(os.listdir(wd)) == [workdir.CONFIG_FILE]
+
+
+def test_logsnr_lambda_min_that_leaves_too_few_steps_is_refused():
+    # Checked with the config, before any training or sampling: the tiny config's cosine
+    # schedule (T = 100, lambda(0) = 3.68, lambda(99) = -7.6) has 99 indices >= -5.1.
+    c = tiny_config(**{"schedule.name": "cosine", "sampler.spacing": "logsnr"})
+    spec = data.dataset_spec(c.data)
+    workdir.check_config(c, spec)
+    c.sampler.lambda_min = 6.0
+    with pytest.raises(workdir.ConfigError, match="lambda_min=6.0 leaves no step.*lower it"):
+        workdir.check_config(c, spec)
+    c.sampler.lambda_min, c.sampler.num_steps = -5.1, 100
+    with pytest.raises(workdir.ConfigError, match="num_steps=100 needs 100 indices, but only 99"):
+        workdir.check_config(c, spec)

@@ -46,34 +46,45 @@ def test_ddim_timesteps_all_step_counts(spacing):
 
 
 @pytest.mark.parametrize(
-    "name,zero_terminal_snr,steps",
-    [("linear", False, (2, 10, 25, 38)), ("cosine", False, (3, 8)), ("linear", True, (10, 30))],
+    "name,zero_terminal_snr,lambda_min,steps",
+    [
+        ("linear", False, -np.inf, (2, 10, 25, 38)),
+        ("cosine", False, -np.inf, (3, 8)),
+        ("cosine", False, timesteps.LAMBDA_MIN, (3, 10, 19)),
+        ("sigmoid", False, timesteps.LAMBDA_MIN, (3, 20)),
+        ("linear", True, -np.inf, (10, 30)),
+        ("linear", True, timesteps.LAMBDA_MIN, (10, 30)),
+    ],
 )
-def test_logsnr_timesteps_are_uniform_in_lambda(name, zero_terminal_snr, steps):
+def test_logsnr_timesteps_are_uniform_in_lambda(name, zero_terminal_snr, lambda_min, steps):
     """Spacing "logsnr" visits the indices whose lambda = log(alpha_bar / (1 - alpha_bar)) / 2
-    is nearest to n values uniform from lambda(T-1) to lambda(0) (Lu et al. 2022).
+    is nearest to n values uniform from lambda(start) to lambda(0) (Lu et al. 2022), where
+    start is the largest index with lambda >= lambda_min.
 
     Tolerance: the integer grid itself. Each chosen index must be the nearest grid point to
     its target (found here by brute force over all T indices), i.e. within half the local
     lambda gap, the best any integer index can do; a time-uniform grid ("linspace",
     "trailing") misses by 2.5-3.5 in lambda (linear, 10 steps). The step counts are those
     where no two targets share a nearest index (asserted): above them (linear: n >= 39;
-    cosine: n >= 9, as its clipped last beta leaves a gap of 3.5 in lambda between indices
-    998 and 999) targets collide and are pushed apart by one index, which is not a
-    nearest-point property. With zero terminal SNR lambda(T-1) = -inf: the targets span
-    the finite lambdas (indices T-2 .. 0) and index T-1 is visited first instead of T-2.
+    unclipped cosine: n >= 9, as its clipped last beta leaves a gap of 3.5 in lambda
+    between indices 998 and 999) targets collide and are pushed apart by one index, which
+    is not a nearest-point property. With zero terminal SNR lambda(T-1) = -inf: the targets
+    span the finite lambdas >= lambda_min and index T-1 is visited first instead.
     """
     sched = make_schedule(name, T, zero_terminal_snr=zero_terminal_snr)
     lam = 0.5 * np.asarray(sched.log_snr, np.float64)  # the table it spaces by, float64
     assert np.isfinite(lam[-1]) != zero_terminal_snr
-    lo = lam[-2] if zero_terminal_snr else lam[-1]
+    kept = np.flatnonzero(np.isfinite(lam) & (lam >= lambda_min))
+    lo, start = lam[kept[-1]], kept[-1]
+    # The clip matters exactly where the schedule reaches below it (linear: -5.06 > -5.1).
+    assert (start < T - 1 - zero_terminal_snr) == (lam[-1 - zero_terminal_snr] < lambda_min)
     for n in steps:
-        ts = timesteps.ddim_timesteps(T, n, "logsnr", sched.log_snr)
+        ts = timesteps.ddim_timesteps(T, n, "logsnr", sched.log_snr, lambda_min)
         targets = lo + (lam[0] - lo) * np.arange(n) / (n - 1)  # for ts[0], ts[1], ..
         gaps = np.abs(lam[None, :] - targets[:, None])  # [n, T]; -inf gives inf
         nearest = np.argmin(gaps, axis=1)
+        assert nearest[0] == start
         if zero_terminal_snr:
-            assert nearest[0] == T - 2
             nearest[0] = T - 1
         assert len(set(nearest)) == n, (n, nearest)  # no collisions: see docstring
         # No near-ties (float32 table rounding ~1e-6 could flip one): the margin to the
@@ -82,9 +93,20 @@ def test_logsnr_timesteps_are_uniform_in_lambda(name, zero_terminal_snr, steps):
         assert np.all(second - gaps[np.arange(n), np.argmin(gaps, axis=1)] > 1e-4), n
         miss = np.abs(lam[ts] - targets)[int(zero_terminal_snr) :]  # ZT: ts[0] is T-1
         print(
-            f"{name} zt={zero_terminal_snr} n={n}: ts {ts}; max |lambda - target| {miss.max():.3f}"
+            f"{name} zt={zero_terminal_snr} lambda_min={lambda_min} n={n}: ts {ts}; "
+            f"max |lambda - target| {miss.max():.3f}"
         )
         np.testing.assert_array_equal(ts, nearest, err_msg=f"{name} n={n}")
+
+
+def test_logsnr_lambda_min_errors_name_the_fix():
+    cosine = make_schedule("cosine", T).log_snr  # 996 indices have lambda >= -5.1
+    assert len(timesteps.ddim_timesteps(T, 996, "logsnr", cosine)) == 996
+    with pytest.raises(ValueError, match="only 996 have lambda >= sampler.lambda_min"):
+        timesteps.ddim_timesteps(T, 997, "logsnr", cosine)
+    for bad in (5.1, np.nan):
+        with pytest.raises(ValueError, match="leaves no step.*lower it"):
+            timesteps.ddim_timesteps(T, 10, "logsnr", cosine, bad)
 
 
 def test_bad_spacing_and_num_steps_raise():

@@ -113,8 +113,8 @@ def evaluate_samples(
 
 
 def sampler_info(config) -> dict:
-    """What produced the samples, to log with every metric: sampler, steps, eta, spacing,
-    DDPM variance, x0 clipping, guidance scale (DDPM runs all T steps unless respaced)."""
+    """What produced the samples, to log with every metric: sampler, steps, eta, spacing
+    (with a "logsnr" grid's lambda_min), DDPM variance, x0 clipping, guidance scale (DDPM runs all T steps unless respaced)."""
     s = config.sampler
     ddpm = s.name == "ddpm"
     respaced = ddpm and s.respacing not in (0, config.schedule.num_timesteps)
@@ -125,6 +125,9 @@ def sampler_info(config) -> dict:
         else int(s.num_steps),
         "eta": None if ddpm else float(s.eta),
         "spacing": s.spacing if respaced or not ddpm else None,
+        "lambda_min": float(s.lambda_min)
+        if s.spacing == "logsnr" and (respaced or not ddpm)
+        else None,
         "variance": s.variance if ddpm else None,
         "clip_x0": bool(s.clip_x0),
         "guidance_scale": float(s.guidance_scale),
