@@ -73,6 +73,9 @@ def test_eval_spec_seed_is_the_evaluate_seed_flag():
     assert results.spec_label({"sampler": "ddim", "num_steps": 50, "guidance_scale": 2.0}) == (
         "DDIM-50 guidance 2"
     )
+    spec = {"sampler": "dpmpp_2m", "num_steps": 10, "spacing": "logsnr", "lambda_min": -5.1}
+    assert run.eval_command(spec, "/w", 500)[-1] == "--config.sampler.lambda_min=-5.1"
+    assert results.spec_label(spec) == "DPMPP_2M-10 (logsnr, lambda >= -5.1)"
 
 
 def test_arm_axis_expands_into_its_overrides_and_limited_evals_pick_runs():
