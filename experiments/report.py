@@ -28,6 +28,7 @@ from experiments.results import (
     TARGET_FID_RATIO,
     collect,
     eval_by_seed,
+    eval_record,
     final_loss_buckets,
     first_minutes,
     inloop_by_step,
@@ -115,7 +116,7 @@ def build(sweep, root: str, out_dir: str, records: str | None = None) -> str:
     for key, title, digits in METRICS:
         if any(eval_by_seed(runs, s, key) for runs in groups.values() for s in specs):
             lines += [f"## {title}", "", *significance.metric_table(groups, specs, key, digits)]
-    lines += cost_table(groups)
+    lines += cost_table(groups, sweep.all_evals())
     if len(groups) > 1:
         lines += [
             "## Which arm to train with (classifier-FID)",
@@ -216,11 +217,12 @@ def _median_rate(train: list[dict]) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
-def cost_table(groups) -> list[str]:
+def cost_table(groups, specs) -> list[str]:
     """Markdown: what each arm's finished runs cost, measured, as mean [min-max] over
     them: training speed (``_median_rate``) and the minutes it implies for the run's
     steps; the run's own training clock (wall time, so pauses count); the minutes of its
-    evaluate.py records."""
+    evaluate.py records of ``specs``, the latest of each (what the sweep asks for: a
+    superseded or extra record is not counted)."""
 
     def cell(values, digits=1):
         if not values:
@@ -236,7 +238,10 @@ def cost_table(groups) -> list[str]:
         ]
         clocks = [recs[-1]["train_seconds"] / 60 for recs in map(timed_inloop, runs) if recs]
         evals = [
-            sum(r.get("sample_seconds", 0) + r.get("metric_seconds", 0) for r in run["records"])
+            sum(
+                r.get("sample_seconds", 0) + r.get("metric_seconds", 0)
+                for r in filter(None, (eval_record(run, s) for s in specs))
+            )
             / 60
             for run in runs
         ]

@@ -129,13 +129,23 @@ def test_an_interval_through_zero_does_not_stretch_the_log_axis(tmp_path):
 def test_cost_table_uses_the_median_rate_and_only_finished_runs():
     """Arm a: two finished runs at median 2.0 and 1.0 steps/s over 120 steps (1 and 2
     min), one of them paused (its clock reads 30 min, its rate logs barely move), and an
-    unfinished run (no evaluate.py record) that must not count. Arm b: nothing finished."""
+    unfinished run (no evaluate.py record) that must not count. Arm b: nothing finished.
+    Only the latest record of each asked-for spec counts: a superseded one (same spec,
+    earlier) and one the sweep does not ask for add 10 min each if counted."""
+    spec = {"sampler": "ddim", "num_steps": 10}
+    other = {"sampler": "ddim", "num_steps": 20}
 
     def finished(rates, clock_min, eval_seconds, step=120):
+        record = {**spec, "num_samples": 100, "metric_seconds": 30}
         return {
             "train": [{"step": step, "train/steps_per_sec": r} for r in rates],
             "inloop": [{"step": step, "train_seconds": 60 * clock_min, "fid_matched_ratio": 1}],
-            "records": [{"sample_seconds": eval_seconds, "metric_seconds": 30}],
+            "records": [
+                {**record, "sample_seconds": 570},
+                {**record, **other, "sample_seconds": 570},
+                {**record, "sample_seconds": eval_seconds},
+            ],
+            "eval_samples": 100,
         }
 
     groups = {
@@ -146,7 +156,7 @@ def test_cost_table_uses_the_median_rate_and_only_finished_runs():
         ],
         "b": [{"train": [], "inloop": [], "records": []}],
     }
-    rows = [line for line in report.cost_table(groups) if line.startswith("| ")]
+    rows = [line for line in report.cost_table(groups, [spec]) if line.startswith("| ")]
     assert rows[1:] == [
         "| a | 2 | 1.50 [1.00-2.00] | 1.5 [1.0-2.0] | 15.5 [1.0-30.0] | 1.5 [1.0-2.0] |"
     ]
