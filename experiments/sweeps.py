@@ -145,7 +145,7 @@ ARM_EVALS = tuple(
 ) + tuple({"sampler": "dpmpp_2m", "num_steps": n, "spacing": "logsnr"} for n in (10, 20))
 # The digits records above predate sampler.lambda_min: their log-SNR grids span the whole
 # range (lambda_min = -inf), which clip_x0 made harmless on pixels. On Fashion's latents
-# (no clipping) the cosine and sigmoid arms failed that way (FID 100x the floor, seed 0),
+# (no clipping) the cosine and sigmoid arms failed that way (FID 100-119x the floor, seed 0),
 # so its DPM-Solver++ evaluations name the clipped start, the default -5.1.
 FASHION_ARM_EVALS = ARM_EVALS[:-2] + tuple({**spec, "lambda_min": -5.1} for spec in ARM_EVALS[-2:])
 # On the first training seed only: 1,000 steps (at N = 500 they still cost ~3x the rest
