@@ -11,6 +11,7 @@ from diffusion_jax import lora
 from diffusion_jax.models.autoencoder import AUTOENCODER_PRESETS
 from diffusion_jax.models.dit import DIT_PRESETS
 from diffusion_jax.models.unet import UNET_PRESETS
+from diffusion_jax.timesteps import LAMBDA_MIN
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -133,8 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler.spacing = "leading"  # leading | trailing | linspace | logsnr
     # logsnr only: the grid starts where lambda = log(alpha / sigma) >= lambda_min, not at
     # a cosine/sigmoid schedule's clipped last step (lambda -9.9 / -7.5), where an eps
-    # model's x0 amplifies its error 2e4x (timesteps.LAMBDA_MIN); -inf: the whole range
-    c.sampler.lambda_min = -5.1
+    # model's x0 amplifies its error 2e4x (see timesteps.LAMBDA_MIN); -inf: the whole range
+    c.sampler.lambda_min = LAMBDA_MIN
     # ddpm: fixedlarge (beta) | fixedsmall (beta_tilde) | learned (objective.learn_sigma)
     c.sampler.variance = "fixedlarge"
     c.sampler.clip_x0 = True
