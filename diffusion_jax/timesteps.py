@@ -82,6 +82,26 @@ def ddim_timesteps(
     return np.ascontiguousarray(ts, dtype=np.int32)
 
 
+def low_start_warning(ts, log_snr, lambda_min: float = LAMBDA_MIN) -> str:
+    """A warning for a grid ``ts`` whose first index has a finite lambda below
+    ``lambda_min`` (see LAMBDA_MIN), else "". Only an eps-prediction model sampled without
+    x0 clipping (latents) needs it: its x0 there multiplies its eps error by sigma / alpha.
+    Time-uniform grids that visit T-1 do this on the cosine and sigmoid schedules (every
+    "trailing" and "linspace" grid; "leading" from T // n = 1, e.g. 1000 steps of 1000)."""
+    lam = 0.5 * np.asarray(log_snr, np.float64)
+    t0 = int(ts[0])
+    if not (np.isfinite(lam[t0]) and lam[t0] < lambda_min):
+        return ""
+    ok = np.flatnonzero(np.isfinite(lam) & (lam >= lambda_min))
+    return (
+        f"the sampler's first step is schedule index {t0}, where lambda = log(alpha / "
+        f"sigma) = {lam[t0]:.2f} < sampler.lambda_min = {lambda_min}: an eps-prediction "
+        f"model's x0 there multiplies its error by sigma / alpha = {np.exp(-lam[t0]):.1e}, "
+        f"and sampler.clip_x0 is off, so samples may fail. Start at index <= "
+        f"{ok[-1] if ok.size else 0}: sampler.spacing=logsnr, or fewer leading steps"
+    )
+
+
 def _logsnr_timesteps(log_snr, T: int, n: int, lambda_min: float) -> np.ndarray:
     """The (rounded) indices at which lambda, linear between indices, takes n values
     uniform from the start's lambda to lambda(0), made strictly descending: near index 0

@@ -176,15 +176,19 @@ def _check(c, spec: data.DatasetSpec, training: bool) -> None:
             f"sampler.num_steps={c.sampler.num_steps} must be in "
             f"1..schedule.num_timesteps={c.schedule.num_timesteps}"
         )
-    if c.sampler.spacing == "logsnr":  # lambda_min must leave num_steps indices
-        schedule = schedules.build(c.schedule)
-        timesteps.ddim_timesteps(
-            schedule.num_timesteps,
-            c.sampler.num_steps,
-            "logsnr",
-            schedule.log_snr,
-            c.sampler.lambda_min,
-        )
+    s, schedule = c.sampler, schedules.build(c.schedule)
+    ts = samplers.sampler_timesteps(  # a logsnr lambda_min must leave num_steps indices
+        s.name,
+        schedule.num_timesteps,
+        s.num_steps,
+        s.spacing,
+        schedule.log_snr,
+        s.respacing,
+        s.lambda_min,
+    )
+    if c.objective.prediction == "eps" and not s.clip_x0 and s.name != "consistency":
+        if warning := timesteps.low_start_warning(ts, schedule.log_snr, s.lambda_min):
+            log.warning("%s", warning)
     check_input_shape(c.model, spec.image_shape[0], spec.image_shape[2])
     variance.check_learned_sigma(c, spec.image_shape[2])  # the channels the model sees
     latent_space.metadata_of(c)  # latent runs: the dataset was encoded by latent.autoencoder

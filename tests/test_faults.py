@@ -379,3 +379,23 @@ def test_logsnr_lambda_min_that_leaves_too_few_steps_is_refused():
     c.sampler.lambda_min, c.sampler.num_steps = -5.1, 100
     with pytest.raises(workdir.ConfigError, match="num_steps=100 needs 100 indices, but only 99"):
         workdir.check_config(c, spec)
+
+
+def test_eps_grid_that_starts_below_lambda_min_without_clipping_warns(caplog):
+    # The tiny config's cosine schedule (T = 100): a trailing grid starts at index 99
+    # (lambda -7.6). Unclipped (latents), an eps model's x0 there amplifies its error: the
+    # config check warns with the fix; clipped (pixels), or with v-prediction, it does not.
+    c = tiny_config(**{"schedule.name": "cosine", "sampler.spacing": "trailing"})
+    spec = data.dataset_spec(c.data)
+    pattern = r"first step is schedule index 99, where lambda .* = -7.6.*sampler.spacing=logsnr"
+    for clip in (True, False):
+        caplog.clear()
+        c.sampler.clip_x0 = clip
+        workdir.check_config(c, spec)
+        found = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(found) == (not clip), found
+        assert clip or re.search(pattern, found[0]), found
+    c.objective.prediction = "v"
+    caplog.clear()
+    workdir.check_config(c, spec)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

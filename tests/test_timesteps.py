@@ -115,3 +115,34 @@ def test_bad_spacing_and_num_steps_raise():
             timesteps.ddim_timesteps(T, bad, "leading")
     with pytest.raises(ValueError, match="spacing"):
         timesteps.ddim_timesteps(T, 10, "uniform")
+
+
+def test_low_start_warning_flags_exactly_the_grids_that_start_below_lambda_min():
+    """The warning fires iff the grid's first index has a finite lambda < lambda_min:
+    checked for every leading step count on cosine at T = 1000 (index 995 is the last with
+    lambda >= -5.1: leading grids warn from first index 996 on, i.e. n > 200 here, the
+    Fashion sweep's failed DDIM-1000), never on the linear schedule (lambda(999) = -5.06)
+    or at a zero-terminal-SNR step (lambda = -inf, exact with v-prediction). No tolerance:
+    the rule is a comparison of the float64 table with lambda_min."""
+    T = 1000
+    cosine = make_schedule("cosine", T).log_snr
+    lam = 0.5 * np.asarray(cosine, np.float64)
+    assert np.flatnonzero(lam >= timesteps.LAMBDA_MIN)[-1] == 995
+    for n in range(1, T + 1):
+        ts = timesteps.ddim_timesteps(T, n, "leading")
+        assert bool(timesteps.low_start_warning(ts, cosine)) == (ts[0] > 995), n
+    message = timesteps.low_start_warning(timesteps.ddim_timesteps(T, T, "leading"), cosine)
+    assert "index 999" in message and "-9.92" in message and "index <= 995" in message
+    for name, zt in (("linear", False), ("linear", True), ("cosine", True)):
+        log_snr = make_schedule(name, T, zero_terminal_snr=zt).log_snr
+        # leading never visits T-1, so on a zero-terminal-SNR schedule its first index is
+        # an ordinary low-lambda one (linear ZT, 50 steps: 980, lambda -6.6): it warns.
+        for spacing in ("trailing", "linspace", "logsnr") + ("leading",) * (not zt):
+            for n in (10, 50, 1000):
+                ts = timesteps.ddim_timesteps(T, n, spacing, log_snr)
+                assert timesteps.low_start_warning(ts, log_snr) == "", (name, zt, spacing, n)
+    sigmoid = make_schedule("sigmoid", T).log_snr
+    for spacing, expect in (("trailing", True), ("linspace", True), ("logsnr", False)):
+        ts = timesteps.ddim_timesteps(T, 10, spacing, sigmoid)
+        assert bool(timesteps.low_start_warning(ts, sigmoid)) == expect, spacing
+    assert timesteps.low_start_warning(ts, sigmoid, -np.inf) == ""
