@@ -274,10 +274,12 @@ SWEEPS = {
             ),
         ),
         budget=(
-            "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps, "
-            "~12.4 min of training and ~16 min wall each on a 2-core AMD EPYC guest), then 8 "
-            "guided evaluations at N = 1000; on seed 0 DDIM-1000 at eta 0 and 1 at N = 500 "
-            "(~9 min each) and 6 more DDIM-50 evaluations (sampling seeds, N)"
+            "12 runs (4 arms x 3 training seeds) of configs/fashion_ldm.py (2,000 steps at "
+            "batch 128), measured on 2-core AMD EPYC and Intel Xeon guests: 1.4-3.1 steps/s, "
+            "11-13 min of training per run (24 min when sharing the cores), then 8 guided "
+            "evaluations at N = 1000 (1-3 min each); on seed 0 also DDIM-1000 at eta 0 and 1 "
+            "at N = 500 (~24 min each beside a second evaluation) and 6 more DDIM-50 "
+            "evaluations (sampling seeds, N)"
         ),
     ),
     # Issue 20: a main job that ends in <= 10 min on the 2-core CI guest, install included,
