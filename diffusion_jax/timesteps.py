@@ -86,8 +86,9 @@ def low_start_warning(ts, log_snr, lambda_min: float = LAMBDA_MIN) -> str:
     """A warning for a grid ``ts`` whose first index has a finite lambda below
     ``lambda_min`` (see LAMBDA_MIN), else "". Only an eps-prediction model sampled without
     x0 clipping (latents) needs it: its x0 there multiplies its eps error by sigma / alpha.
-    Time-uniform grids that visit T-1 do this on the cosine and sigmoid schedules (every
-    "trailing" and "linspace" grid; "leading" from T // n = 1, e.g. 1000 steps of 1000)."""
+    Time-uniform grids that start above the last index with lambda >= lambda_min do this
+    on the cosine and sigmoid schedules: every "trailing" and "linspace" grid (they start
+    at T-1), and "leading" beyond 200 steps of 1000 on cosine (first index > 995)."""
     lam = 0.5 * np.asarray(log_snr, np.float64)
     t0 = int(ts[0])
     if not (np.isfinite(lam[t0]) and lam[t0] < lambda_min):
